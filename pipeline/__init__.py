@@ -1,0 +1,1 @@
+"""Reproducible UNet / UNet++ segmentation pipeline (DVC stages, MLflow tracking)."""

@@ -1,0 +1,195 @@
+"""params.yaml, validated once into a typed object.
+
+Any unknown key, wrong type or out-of-range value stops the stage with one line that names the
+key, e.g. ``params.yaml: lr: must be > 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline import paths
+from pipeline.common import PipelineError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    # strict: "0.01" (a string) is not a float; extra="forbid": typos are errors, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DatasetParams(Section):
+    name: Literal["synthetic"] = "synthetic"
+    num_images: Annotated[int, Field(ge=3)] = 32
+    image_size: Annotated[int, Field(ge=32, le=4096)] = 128
+    val_count: PositiveInt = 4
+    test_count: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _leaves_training_images(self) -> DatasetParams:
+        if self.val_count + self.test_count >= self.num_images:
+            raise ValueError(
+                f"val_count + test_count ({self.val_count + self.test_count}) must leave "
+                f"training images out of num_images ({self.num_images})"
+            )
+        return self
+
+
+class PreprocessParams(Section):
+    crop_size: Annotated[int, Field(ge=16)] = 64
+    crop_stride: PositiveInt = 32
+
+
+class ModelParams(Section):
+    base_channels: PositiveInt = 16
+    depth: Annotated[int, Field(ge=1, le=6)] = 4
+    upsampling: Literal["transpose", "bilinear"] = "transpose"
+    norm: Literal["batch", "none"] = "batch"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels per level: base doubling at each pooling, e.g. (16, 32, 64, 128, 256)."""
+        return tuple(self.base_channels * 2**i for i in range(self.depth + 1))
+
+
+class UNetPPParams(ModelParams):
+    deep_supervision: bool = True
+
+
+class LossParams(Section):
+    ce_weight: NonNegFloat = 1.0
+    dice_weight: NonNegFloat = 1.0
+    # weight of each UNet++ head, shallowest (L1) first; one per depth
+    ds_weights: list[NonNegFloat] = [0.25, 0.25, 0.25, 0.25]
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossParams:
+        if self.ce_weight + self.dice_weight <= 0:
+            raise ValueError("ce_weight + dice_weight must be > 0")
+        if not self.ds_weights or sum(self.ds_weights) <= 0:
+            raise ValueError("ds_weights must hold at least one positive weight")
+        return self
+
+
+class TrainParams(Section):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: NonNegFloat = 0.0
+    augment: bool = True
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # metric that picks the best checkpoint; "val_loss" is minimised, the others maximised
+    monitor: Literal[
+        "val_loss", "val_miou", "val_dice", "val_global_accuracy", "val_mean_accuracy"
+    ] = "val_miou"
+
+
+class PruningParams(Section):
+    depths: list[Annotated[int, Field(ge=1, le=6)]] = [1, 2, 3, 4]
+    latency_runs: PositiveInt = 20
+    latency_warmup: Annotated[int, Field(ge=0)] = 3
+    # the report's "best depth": the shallowest whose test mIoU is within this of the deepest
+    tolerance: NonNegFloat = 0.01
+
+
+class ReportParams(Section):
+    dpi: Annotated[int, Field(ge=50, le=600)] = 110
+    metric: Literal["miou", "dice", "global_accuracy", "mean_accuracy"] = "miou"
+
+
+class MlflowParams(Section):
+    # empty: sqlite:///<repo root>/mlflow.db; MLFLOW_TRACKING_URI overrides both
+    tracking_uri: str = ""
+    experiment: Annotated[str, Field(min_length=1)] = "unet-pipeline"
+    enabled: bool = True
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)] = 42
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.003
+    epochs: PositiveInt = 12
+    batch_size: PositiveInt = 16
+    dataset: DatasetParams = DatasetParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    unet: ModelParams = ModelParams()
+    unetpp: UNetPPParams = UNetPPParams()
+    loss: LossParams = LossParams()
+    train: TrainParams = TrainParams()
+    pruning: PruningParams = PruningParams()
+    report: ReportParams = ReportParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.preprocess.crop_size > self.dataset.image_size:
+            raise ValueError("preprocess.crop_size must not exceed dataset.image_size")
+        if self.preprocess.crop_size % 2**self.unetpp.depth or (
+            self.preprocess.crop_size % 2**self.unet.depth
+        ):
+            raise ValueError("preprocess.crop_size must be divisible by 2**depth of both models")
+        if len(self.loss.ds_weights) != self.unetpp.depth:
+            raise ValueError(
+                f"loss.ds_weights needs one weight per UNet++ depth ({self.unetpp.depth}), "
+                f"got {len(self.loss.ds_weights)}"
+            )
+        bad = [d for d in self.pruning.depths if d > self.unetpp.depth]
+        if bad:
+            raise ValueError(f"pruning.depths {bad} exceed unetpp.depth ({self.unetpp.depth})")
+        return self
+
+    def model(self, arch: str) -> ModelParams:
+        return {"unet": self.unet, "unetpp": self.unetpp}[arch]
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = f"{source}: {key}" if key else source
+    got = f" (got {err['input']!r})" if err["type"] not in {"extra_forbidden", "missing"} else ""
+    if err["loc"] == () or err["type"] == "value_error":
+        got = ""
+    return f"{where}: {msg}{got}"
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise PipelineError(_one_line(exc, source)) from None
+
+
+def load_params(path: Path | None = None) -> Params:
+    path = Path(path or paths.PARAMS)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_params(data, path.name)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"unet": {"depth": 4}} -> {"unet.depth": 4}; lists become strings (MLflow params)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,59 @@
+"""Every file and folder the pipeline reads or writes, in one place.
+
+Paths are relative to the project root (the folder holding dvc.yaml), which is where DVC
+runs each stage, also inside the temporary copies `dvc exp run --temp/--queue` makes.
+The MLflow store is the exception: it lives in the *real* repository (see `store_root`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params.yaml"
+
+DATA = ROOT / "data"
+RAW = DATA / "raw"
+PROCESSED = DATA / "processed"
+MANIFEST = PROCESSED / "manifest.json"
+SPLITS = ("train", "val", "test")
+
+MODELS = ROOT / "models"
+REPORTS = ROOT / "reports"
+PRUNING_CSV = REPORTS / "pruning.csv"
+PRUNING_JSON = REPORTS / "pruning.json"
+REPORT_MD = REPORTS / "report.md"
+REPORT_XLSX = REPORTS / "report.xlsx"
+LEARNING_CURVES_PNG = REPORTS / "learning_curves.png"
+PRUNING_PNG = REPORTS / "pruning_tradeoff.png"
+
+
+def raw_dir(dataset: str) -> Path:
+    return RAW / dataset
+
+
+def split_dir(split: str, kind: str) -> Path:
+    """`kind` is "images" or "labels"."""
+    return PROCESSED / split / kind
+
+
+def crops_dir(kind: str) -> Path:
+    return PROCESSED / "crops" / kind
+
+
+def checkpoint(arch: str) -> Path:
+    return MODELS / f"{arch}.pt"
+
+
+def arch_reports(arch: str) -> Path:
+    return REPORTS / arch
+
+
+def store_root() -> Path:
+    """Folder of the MLflow sqlite store and artifacts: the real repo, even in DVC's temp copies.
+
+    DVC sets DVC_ROOT to the repository root for every stage it runs, and to the *parent*
+    repository for queued/temp experiments, whose working copy is thrown away afterwards.
+    """
+    return Path(os.environ.get("DVC_ROOT") or ROOT).resolve()
