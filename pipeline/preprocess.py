@@ -30,7 +30,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert(mode))
+            return np.array(img.convert(mode))  # writable copy
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:

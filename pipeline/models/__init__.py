@@ -1,0 +1,49 @@
+"""Model registry: `build_model(arch, in_channels, num_classes, **config)`.
+
+Binary tasks (num_classes == 2) get one output channel read through a sigmoid; multi-class
+tasks get num_classes channels read through a softmax (see `pipeline.losses.probabilities`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from pipeline.models.unet import UNet
+from pipeline.models.unetpp import UNetPlusPlus
+
+
+def out_channels(num_classes: int) -> int:
+    return 1 if num_classes == 2 else num_classes
+
+
+def _channels(base_channels: int, depth: int) -> tuple[int, ...]:
+    return tuple(base_channels * 2**i for i in range(depth + 1))
+
+
+def _unet(in_channels, num_classes, base_channels=64, depth=4, upsampling="transpose",
+          norm="batch", padding=1) -> nn.Module:  # fmt: skip
+    return UNet(in_channels, out_channels(num_classes), _channels(base_channels, depth),
+                upsampling, norm, padding)  # fmt: skip
+
+
+def _unetpp(in_channels, num_classes, base_channels=32, depth=4, upsampling="transpose",
+            norm="batch", deep_supervision=True) -> nn.Module:  # fmt: skip
+    return UNetPlusPlus(in_channels, out_channels(num_classes), _channels(base_channels, depth),
+                        upsampling, norm, deep_supervision)  # fmt: skip
+
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "unetpp": _unetpp}
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, **config: Any) -> nn.Module:
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(sorted(REGISTRY))}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    try:
+        return REGISTRY[arch](in_channels, num_classes, **config)
+    except TypeError as exc:
+        raise ValueError(f"{arch}: {exc}") from None

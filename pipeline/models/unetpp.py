@@ -1,0 +1,84 @@
+"""UNet++ (Zhou et al. 2018): nested dense skips, deep supervision, pruning to depth L1..Lk.
+
+Node X(i,j) sits at level i (resolution 1/2**i) and column j. X(i,0) is the encoder; for
+j >= 1, X(i,j) = Up(X(i+1,j-1), skips=[X(i,0), ..., X(i,j-1)]). Head k reads X(0,k). Head k
+needs only the nodes with i + j <= k, so pruning to depth k is UNet++ of depth k with the
+same weights: `prune(k)` builds exactly that standalone network.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.blocks import OutConv, Up, encoder
+
+
+def node(i: int, j: int) -> str:
+    return f"x{i}_{j}"
+
+
+class UNetPlusPlus(nn.Module):
+    def __init__(
+        self, in_channels: int, out_channels: int, channels: tuple[int, ...],
+        upsampling: str = "transpose", norm: str = "batch", deep_supervision: bool = True,
+        heads: tuple[int, ...] | None = None,
+    ):  # fmt: skip
+        super().__init__()
+        self.depth = len(channels) - 1
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
+            upsampling=upsampling, norm=norm,
+        )  # fmt: skip
+        self.encoder = encoder(in_channels, channels, norm, padding=1)
+        self.nodes = nn.ModuleDict()
+        for j in range(1, self.depth + 1):
+            for i in range(self.depth - j + 1):
+                self.nodes[node(i, j)] = Up(
+                    channels[i + 1], j * channels[i], channels[i], upsampling, norm
+                )
+        if heads is None:
+            heads = tuple(range(1, self.depth + 1)) if deep_supervision else (self.depth,)
+        if not heads or any(not 1 <= k <= self.depth for k in heads):
+            raise ValueError(f"heads must lie in 1..{self.depth}, got {heads}")
+        self.heads = nn.ModuleDict({str(k): OutConv(channels[0], out_channels) for k in heads})
+
+    @property
+    def head_depths(self) -> list[int]:
+        return sorted(int(k) for k in self.heads)
+
+    def forward_heads(self, x: torch.Tensor, depth: int | None = None) -> dict[int, torch.Tensor]:
+        """Logits of every head up to `depth`, computing only the nodes those heads need."""
+        depth = self.depth if depth is None else depth
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must lie in 1..{self.depth}, got {depth}")
+        grid: dict[tuple[int, int], torch.Tensor] = {}
+        for i in range(depth + 1):
+            x = self.encoder[i](x)
+            grid[i, 0] = x
+        for j in range(1, depth + 1):
+            for i in range(depth - j + 1):
+                skips = [grid[i, k] for k in range(j)]
+                grid[i, j] = self.nodes[node(i, j)](grid[i + 1, j - 1], skips)
+        return {k: self.heads[str(k)](grid[0, k]) for k in self.head_depths if k <= depth}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Training with several heads: a list of logits, shallowest first (deep supervision).
+        Otherwise: the deepest head's logits (B, out_channels, H, W)."""
+        outs = self.forward_heads(x)
+        if self.training and len(outs) > 1:
+            return list(outs.values())
+        return outs[max(outs)]
+
+    def prune(self, depth: int) -> UNetPlusPlus:
+        """A standalone UNet++ holding only the nodes head `depth` needs, with their weights.
+
+        Its output equals this model's head `depth`; deeper nodes and other heads are gone.
+        """
+        if str(depth) not in self.heads:
+            raise ValueError(f"no head at depth {depth}; heads: {self.head_depths}")
+        cfg = dict(self.config, channels=self.config["channels"][: depth + 1])
+        pruned = UNetPlusPlus(**cfg, heads=(depth,))
+        own = self.state_dict()
+        pruned.load_state_dict({k: own[k] for k in pruned.state_dict()})
+        return pruned.train(self.training)

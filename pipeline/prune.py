@@ -1,0 +1,105 @@
+"""Stage `prune`: UNet++ cut to each deep-supervision depth L1..Lk and scored on the test split.
+
+Each depth runs as a standalone sub-network (`UNetPlusPlus.prune(k)`) holding only the nodes
+head k needs, so its parameters, FLOPs and latency are those of the pruned model itself.
+Writes reports/pruning.csv and reports/pruning.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import paths
+from pipeline.checkpoint import load_checkpoint
+from pipeline.common import PipelineError, atomic_path, run_cli, write_json
+from pipeline.config import Params, flatten, load_params
+from pipeline.data import load_manifest, split_dataset
+from pipeline.inference import evaluate, pad_to_multiple
+from pipeline.stats import count_params, gflops, latency_ms
+from pipeline.tracking import mlflow_run
+
+log = logging.getLogger(__name__)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def best_depth(rows: list[dict[str, Any]], metric: str, tolerance: float) -> int:
+    """The shallowest depth whose quality is within `tolerance` of the deepest one evaluated."""
+    deepest = max(rows, key=lambda r: r["depth"])[metric]
+    ok = [r["depth"] for r in rows if r[metric] >= deepest - tolerance]
+    return min(ok)
+
+
+def prune(params: Params) -> pd.DataFrame:
+    pp = params.pruning
+    device = torch.device("cpu")  # latency on the CPU, the reference deployment target here
+    model, ckpt = load_checkpoint(paths.checkpoint("unetpp"), device)
+    missing = [k for k in pp.depths if k not in model.head_depths]
+    if missing:
+        raise PipelineError(
+            f"pruning.depths: no head at depth {missing} in {paths.checkpoint('unetpp')} "
+            f"(heads {model.head_depths}; train with unetpp.deep_supervision: true)"
+        )
+    manifest = load_manifest()
+    test_ds = split_dataset(manifest, "test")
+    loader = DataLoader(test_ds, batch_size=params.batch_size)
+    multiple = 2**model.depth
+    padded, _ = pad_to_multiple(test_ds[0][0][None], multiple)
+    shape = (1, *padded.shape[1:])  # (1, C, H, W): one full-size test image
+
+    rows = []
+    for k in sorted(pp.depths):
+        sub = model.prune(k).eval()
+        quality = evaluate(sub, loader, manifest["num_classes"], manifest["class_names"], device,
+                           multiple)  # fmt: skip
+        row = {"depth": k, "params": count_params(sub), "gflops": round(gflops(sub, shape), 4),
+               "latency_ms": round(latency_ms(sub, shape, pp.latency_runs, pp.latency_warmup), 3),
+               "device": device_name(device), "input": "x".join(map(str, shape[1:])), **quality}  # fmt: skip
+        log.info("L%d: %s params, %.3f GFLOPs, %.2f ms, miou %.4f, dice %.4f", k,
+                 f"{row['params']:,}", row["gflops"], row["latency_ms"], row["miou"], row["dice"])  # fmt: skip
+        rows.append(row)
+
+    df = pd.DataFrame(rows)
+    with atomic_path(paths.PRUNING_CSV) as tmp:
+        df.to_csv(tmp, index=False)
+    best = best_depth(rows, "miou", pp.tolerance)
+    summary = {f"L{r['depth']}": {k: v for k, v in r.items() if k not in {"depth", "device",
+               "input"}} for r in rows}  # fmt: skip
+    summary["best_depth"] = best
+    write_json(paths.PRUNING_JSON, summary)
+    log.info("best depth within %.3f mIoU of L%d: L%d", pp.tolerance, max(pp.depths), best)
+
+    with mlflow_run(params, "prune", "prune") as run:
+        if run:
+            import mlflow
+
+            mlflow.log_params(flatten({"pruning": pp}))
+            mlflow.set_tag("unetpp_checkpoint_epoch", ckpt.get("best_epoch"))
+            for r in rows:
+                mlflow.log_metrics({k: r[k] for k in ("miou", "dice", "global_accuracy",
+                                   "mean_accuracy", "gflops", "latency_ms", "params")},
+                                   step=r["depth"])  # fmt: skip
+            mlflow.log_metric("best_depth", best)
+            mlflow.log_artifact(str(paths.PRUNING_CSV))
+            mlflow.log_artifact(str(paths.PRUNING_JSON))
+    return df
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    prune(load_params())
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,44 @@
+"""Model statistics: parameters, FLOPs (torch's flop counter) and latency (median after warm-up)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def gflops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """GFLOPs of one forward pass on an input of `shape` (B, C, H, W), per image."""
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(shape, device=device))
+    return counter.get_total_flops() / shape[0] / 1e9
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, shape: tuple[int, ...], runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass in ms (CUDA synchronised when on a GPU)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.randn(shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

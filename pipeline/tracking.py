@@ -1,0 +1,90 @@
+"""MLflow tracking: where the store is, one run per stage, tags that tie a run to DVC and git.
+
+`import mlflow` takes seconds, so it happens inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri, else the repo's sqlite file.
+
+    The default is an absolute path in the *real* repository (DVC_ROOT), so experiments that
+    DVC runs in temporary copies land in the same store instead of a copy thrown away later.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    return uri or f"sqlite:///{paths.store_root() / 'mlflow.db'}"
+
+
+def artifact_location(params: Params) -> str:
+    return (paths.store_root() / "mlartifacts" / params.mlflow.experiment).as_uri()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.ROOT, capture_output=True,
+                             text=True, timeout=10, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    tags = {"dvc.stage": stage}
+    if commit := git_commit():
+        tags["git.commit"] = tags["mlflow.source.git.commit"] = commit
+    # set by DVC while it runs an experiment
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _experiment_id(name: str, location: str, attempts: int = 8) -> str:
+    """Get or create the experiment, retrying briefly when another process races us (sqlite)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if attempt == attempts - 1:
+                raise
+            log.debug("MLflow store busy (%s), retrying", exc)
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError("unreachable")
+
+
+@contextlib.contextmanager
+def mlflow_run(params: Params, stage: str, run_name: str) -> Iterator[Any]:
+    """An active MLflow run for this stage (None when params disable tracking)."""
+    if not params.mlflow.enabled:
+        yield None
+        return
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import mlflow
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(params.mlflow.experiment, artifact_location(params))
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags(stage)) as run:
+        log.info("MLflow run %s in %s", run.info.run_id, uri)
+        yield run
