@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 def download(params: Params) -> Path:
     ds = params.dataset
     target = paths.raw_dir(ds.name)
-    log.info("generating %d synthetic %dx%d images (seed %d)", ds.num_images, ds.image_size,
-             ds.image_size, params.seed)  # fmt: skip
+    log.info(
+        "generating %d synthetic %dx%d images (seed %d)",
+        ds.num_images,
+        ds.image_size,
+        ds.image_size,
+        params.seed,
+    )
     with atomic_path(target) as tmp:
         for sub in ("images", "manual", "mask"):
             (tmp / sub).mkdir(parents=True)
@@ -36,8 +41,15 @@ def download(params: Params) -> Path:
             Image.fromarray(sample.image).save(tmp / "images" / f"{stem}.png")
             Image.fromarray(sample.vessels).save(tmp / "manual" / f"{stem}.png")
             Image.fromarray(sample.fov).save(tmp / "mask" / f"{stem}.png")
-        write_json(tmp / "source.json", {"dataset": ds.name, "seed": params.seed,
-                                         "num_images": ds.num_images, "size": ds.image_size})  # fmt: skip
+        write_json(
+            tmp / "source.json",
+            {
+                "dataset": ds.name,
+                "seed": params.seed,
+                "num_images": ds.num_images,
+                "size": ds.image_size,
+            },
+        )
     log.info("wrote %s", target.relative_to(paths.ROOT))
     return target
 

@@ -33,9 +33,14 @@ def predict_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> tor
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, num_classes: int, class_names: list[str], device: torch.device,
-    multiple: int, loss_fn: nn.Module | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    class_names: list[str],
+    device: torch.device,
+    multiple: int,
+    loss_fn: nn.Module | None = None,
+) -> dict[str, Any]:
     """Metrics over a whole split (one confusion matrix); `loss` is the pixel-weighted mean."""
     model.eval()
     cm = ConfusionMatrix(num_classes)

@@ -27,8 +27,13 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 
 class CEDiceLoss(nn.Module):
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, ignore_index: int = 255,
-                 smooth: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        ignore_index: int = 255,
+        smooth: float = 1.0,
+    ):
         super().__init__()
         self.ce_weight, self.dice_weight = ce_weight, dice_weight
         self.ignore_index, self.smooth = ignore_index, smooth

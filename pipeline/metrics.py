@@ -25,9 +25,11 @@ class ConfusionMatrix:
         if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
             raise ValueError(f"label value {int(t.max())} outside 0..{self.num_classes - 1}")
         idx = t * self.num_classes + p
-        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes
-        ).numpy()
+        self.matrix += (
+            torch.bincount(idx, minlength=self.num_classes**2)
+            .view(self.num_classes, self.num_classes)
+            .numpy()
+        )
 
     def compute(self, class_names: list[str] | None = None) -> dict[str, float]:
         """global_accuracy, mean_accuracy, miou, dice and per-class iou_<name>.

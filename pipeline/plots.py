@@ -19,8 +19,9 @@ def _save(fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
-def learning_curves(logs: dict[str, pd.DataFrame], path: Path, metric: str = "val_miou",
-                    dpi: int = 110) -> None:  # fmt: skip
+def learning_curves(
+    logs: dict[str, pd.DataFrame], path: Path, metric: str = "val_miou", dpi: int = 110
+) -> None:
     """Loss (train solid, val dashed) and a validation metric per epoch, one colour per arch."""
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, (arch, df) in enumerate(logs.items()):
@@ -39,12 +40,17 @@ def learning_curves(logs: dict[str, pd.DataFrame], path: Path, metric: str = "va
 def pruning_tradeoff(df: pd.DataFrame, path: Path, metric: str = "miou", dpi: int = 110) -> None:
     """Quality against latency and against parameters, one point per depth labelled L1..Lk."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (col, label) in zip(axes, [("latency_ms", "latency (ms / image)"),
-                                       ("params", "parameters")], strict=True):  # fmt: skip
+    for ax, (col, label) in zip(
+        axes, [("latency_ms", "latency (ms / image)"), ("params", "parameters")], strict=True
+    ):
         ax.plot(df[col], df[metric], marker="o", color="C1")
         for _, row in df.iterrows():
-            ax.annotate(f"L{int(row['depth'])}", (row[col], row[metric]),
-                        textcoords="offset points", xytext=(5, -10))  # fmt: skip
+            ax.annotate(
+                f"L{int(row['depth'])}",
+                (row[col], row[metric]),
+                textcoords="offset points",
+                xytext=(5, -10),
+            )
         ax.set(xlabel=label, ylabel=f"test {metric}", title=f"UNet++ pruned: {metric} vs {col}")
         if col == "params":
             ax.set_xscale("log")

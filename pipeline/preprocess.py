@@ -133,9 +133,12 @@ def preprocess(params: Params) -> Path:
                 crops.append(name)
 
         # normalisation statistics from the training split, inside the labelled area only
-        train_px = np.concatenate(
-            [samples[s][0][samples[s][1] != IGNORE_INDEX] for s in splits["train"]]
-        ).astype(np.float64) / 255.0  # (N, 3)
+        train_px = (
+            np.concatenate(
+                [samples[s][0][samples[s][1] != IGNORE_INDEX] for s in splits["train"]]
+            ).astype(np.float64)
+            / 255.0
+        )  # (N, 3)
         counts = np.zeros(len(VESSEL_CLASSES), np.int64)
         for s in splits["train"]:
             lab = samples[s][1]
@@ -157,8 +160,11 @@ def preprocess(params: Params) -> Path:
         write_json(tmp / "manifest.json", manifest)
     log.info(
         "processed %s: %s images, %d training crops of %d px",
-        ds.name, {k: len(v) for k, v in splits.items()}, len(crops), pp.crop_size,
-    )  # fmt: skip
+        ds.name,
+        {k: len(v) for k, v in splits.items()},
+        len(crops),
+        pp.crop_size,
+    )
     return target
 
 

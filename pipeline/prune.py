@@ -27,6 +27,8 @@ from pipeline.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
+SUMMARY_KEYS = ("miou", "dice", "params", "gflops", "latency_ms")
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -61,21 +63,35 @@ def prune(params: Params) -> pd.DataFrame:
     rows = []
     for k in sorted(pp.depths):
         sub = model.prune(k).eval()
-        quality = evaluate(sub, loader, manifest["num_classes"], manifest["class_names"], device,
-                           multiple)  # fmt: skip
-        row = {"depth": k, "params": count_params(sub), "gflops": round(gflops(sub, shape), 4),
-               "latency_ms": round(latency_ms(sub, shape, pp.latency_runs, pp.latency_warmup), 3),
-               "device": device_name(device), "input": "x".join(map(str, shape[1:])), **quality}  # fmt: skip
-        log.info("L%d: %s params, %.3f GFLOPs, %.2f ms, miou %.4f, dice %.4f", k,
-                 f"{row['params']:,}", row["gflops"], row["latency_ms"], row["miou"], row["dice"])  # fmt: skip
+        quality = evaluate(
+            sub, loader, manifest["num_classes"], manifest["class_names"], device, multiple
+        )
+        row = {
+            "depth": k,
+            "params": count_params(sub),
+            "gflops": round(gflops(sub, shape), 4),
+            "latency_ms": round(latency_ms(sub, shape, pp.latency_runs, pp.latency_warmup), 3),
+            "device": device_name(device),
+            "input": "x".join(map(str, shape[1:])),
+            **quality,
+        }
+        log.info(
+            "L%d: %s params, %.3f GFLOPs, %.2f ms, miou %.4f, dice %.4f",
+            k,
+            f"{row['params']:,}",
+            row["gflops"],
+            row["latency_ms"],
+            row["miou"],
+            row["dice"],
+        )
         rows.append(row)
 
     df = pd.DataFrame(rows)
     with atomic_path(paths.PRUNING_CSV) as tmp:
         df.to_csv(tmp, index=False)
     best = best_depth(rows, "miou", pp.tolerance)
-    summary = {f"L{r['depth']}": {k: v for k, v in r.items() if k not in {"depth", "device",
-               "input"}} for r in rows}  # fmt: skip
+    # the headline figures per depth for `dvc metrics/exp show`; pruning.csv has them all
+    summary = {f"L{r['depth']}": {k: r[k] for k in SUMMARY_KEYS} for r in rows}
     summary["best_depth"] = best
     write_json(paths.PRUNING_JSON, summary)
     log.info("best depth within %.3f mIoU of L%d: L%d", pp.tolerance, max(pp.depths), best)
@@ -87,9 +103,21 @@ def prune(params: Params) -> pd.DataFrame:
             mlflow.log_params(flatten({"pruning": pp}))
             mlflow.set_tag("unetpp_checkpoint_epoch", ckpt.get("best_epoch"))
             for r in rows:
-                mlflow.log_metrics({k: r[k] for k in ("miou", "dice", "global_accuracy",
-                                   "mean_accuracy", "gflops", "latency_ms", "params")},
-                                   step=r["depth"])  # fmt: skip
+                mlflow.log_metrics(
+                    {
+                        k: r[k]
+                        for k in (
+                            "miou",
+                            "dice",
+                            "global_accuracy",
+                            "mean_accuracy",
+                            "gflops",
+                            "latency_ms",
+                            "params",
+                        )
+                    },
+                    step=r["depth"],
+                )
             mlflow.log_metric("best_depth", best)
             mlflow.log_artifact(str(paths.PRUNING_CSV))
             mlflow.log_artifact(str(paths.PRUNING_JSON))

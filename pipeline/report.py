@@ -37,8 +37,15 @@ def comparison_table() -> pd.DataFrame:
     rows = []
     for arch, name in ARCH_NAMES.items():
         m = read_json(paths.arch_reports(arch) / "metrics.json", f"{name} test metrics")
-        rows.append({"model": name, "params": m["params"], **{k: m[k] for k in QUALITY},
-                     "best_epoch": m["best_epoch"], "train_seconds": m["train_seconds"]})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "params": m["params"],
+                **{k: m[k] for k in QUALITY},
+                "best_epoch": m["best_epoch"],
+                "train_seconds": m["train_seconds"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -46,13 +53,15 @@ def _md(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".4f", intfmt=",")
 
 
-def render_markdown(manifest: dict, comparison: pd.DataFrame, pruning: pd.DataFrame,
-                    best: int, metric: str) -> str:  # fmt: skip
+def render_markdown(
+    manifest: dict, comparison: pd.DataFrame, pruning: pd.DataFrame, best: int, metric: str
+) -> str:
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
     commit = git_commit() or "unknown"
     prune_view = pruning[["depth", "params", "gflops", "latency_ms", *QUALITY]].copy()
-    prune_view.insert(0, "model", [f"L{d}" + (" (best)" if d == best else "")
-                                   for d in prune_view.pop("depth")])  # fmt: skip
+    prune_view.insert(
+        0, "model", [f"L{d}" + (" (best)" if d == best else "") for d in prune_view.pop("depth")]
+    )
     winner = comparison.loc[comparison[metric].idxmax(), "model"]
     device = pruning["device"].iloc[0]
     return f"""# UNet vs UNet++ on `{manifest["dataset"]}`
@@ -99,8 +108,11 @@ def report(params: Params) -> None:
         pruning.to_excel(xl, sheet_name="pruning", index=False)
         for name, df in logs.items():
             df.to_excel(xl, sheet_name=f"{name} epochs", index=False)
-    log.info("wrote %s, %s", paths.REPORT_MD.relative_to(paths.ROOT),
-             paths.REPORT_XLSX.relative_to(paths.ROOT))  # fmt: skip
+    log.info(
+        "wrote %s, %s",
+        paths.REPORT_MD.relative_to(paths.ROOT),
+        paths.REPORT_XLSX.relative_to(paths.ROOT),
+    )
 
     with mlflow_run(params, "report", "report") as run:
         if run:
@@ -110,8 +122,12 @@ def report(params: Params) -> None:
             for _, row in comparison.iterrows():
                 key = row["model"].lower().replace("+", "p")
                 mlflow.log_metrics({f"{key}_{k}": row[k] for k in QUALITY})
-            for f in (paths.REPORT_MD, paths.REPORT_XLSX, paths.LEARNING_CURVES_PNG,
-                      paths.PRUNING_PNG):  # fmt: skip
+            for f in (
+                paths.REPORT_MD,
+                paths.REPORT_XLSX,
+                paths.LEARNING_CURVES_PNG,
+                paths.PRUNING_PNG,
+            ):
                 mlflow.log_artifact(str(f), artifact_path="report")
 
 

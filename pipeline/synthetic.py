@@ -48,9 +48,16 @@ def _grow_vessel(rng, points, y, x, angle, width, length, level, size):
         if level < 2 and i > 8 and rng.random() < 0.025:
             side = rng.choice([-1.0, 1.0])
             _grow_vessel(
-                rng, points, y, x, angle + side * rng.uniform(0.5, 1.1),
-                width * rng.uniform(0.5, 0.75), length * rng.uniform(0.3, 0.55), level + 1, size,
-            )  # fmt: skip
+                rng,
+                points,
+                y,
+                x,
+                angle + side * rng.uniform(0.5, 1.1),
+                width * rng.uniform(0.5, 0.75),
+                length * rng.uniform(0.3, 0.55),
+                level + 1,
+                size,
+            )
 
 
 def _render(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +73,9 @@ def _render(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     for y, x, r in points:
         iy, ix = int(y), int(x)
         d = np.hypot((iy + off - y)[:, None], (ix + off - x)[None, :])
-        win = np.s_[iy + pad - reach : iy + pad + reach + 1, ix + pad - reach : ix + pad + reach + 1]
+        win = np.s_[
+            iy + pad - reach : iy + pad + reach + 1, ix + pad - reach : ix + pad + reach + 1
+        ]
         np.maximum(cover[win], np.clip(r + 0.5 - d, 0, 1), out=cover[win])
         np.maximum(shade[win], min(1.0, 0.4 + 0.4 * r) * np.clip(r + 0.8 - d, 0, 1), out=shade[win])
     return cover[pad:-pad, pad:-pad], shade[pad:-pad, pad:-pad]
@@ -88,15 +97,24 @@ def make_sample(rng: np.random.Generator, size: int = 128) -> Sample:
     for k in range(rng.integers(4, 7)):
         angle = disc_angle + np.pi + rng.normal(0, 1.0) + (k % 2) * 0.3
         _grow_vessel(
-            rng, points, dy, dx, angle, rng.uniform(2.2, 3.4) * size / 128,
-            size * rng.uniform(0.6, 1.0), 0, size,
-        )  # fmt: skip
+            rng,
+            points,
+            dy,
+            dx,
+            angle,
+            rng.uniform(2.2, 3.4) * size / 128,
+            size * rng.uniform(0.6, 1.0),
+            0,
+            size,
+        )
     cover, shade = _render(np.asarray(points, np.float32).reshape(-1, 3), size)
     vessels = (cover >= 0.5) & fov
 
     # background: uneven illumination, low-frequency texture and fine noise
-    illum = 0.55 + 0.25 * (1 - np.hypot(yy - fy, xx - fx) / fov_r) + 0.08 * _smooth_noise(
-        rng, size, size / 6
+    illum = (
+        0.55
+        + 0.25 * (1 - np.hypot(yy - fy, xx - fx) / fov_r)
+        + 0.08 * _smooth_noise(rng, size, size / 6)
     )
     texture = 0.06 * _smooth_noise(rng, size, 2.0) + 0.05 * _smooth_noise(rng, size, 6.0)
     optic = np.exp(-((yy - dy) ** 2 + (xx - dx) ** 2) / (2 * (fov_r * 0.12) ** 2))
@@ -105,8 +123,10 @@ def make_sample(rng: np.random.Generator, size: int = 128) -> Sample:
     blobs = np.zeros((size, size), np.float32)
     for _ in range(rng.integers(3, 9)):
         by, bx = rng.uniform(0, size, 2)
-        blobs += rng.choice([-1, 1]) * rng.uniform(0.08, 0.2) * np.exp(
-            -((yy - by) ** 2 + (xx - bx) ** 2) / (2 * rng.uniform(1.5, 4.0) ** 2)
+        blobs += (
+            rng.choice([-1, 1])
+            * rng.uniform(0.08, 0.2)
+            * np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * rng.uniform(1.5, 4.0) ** 2))
         )
     contrast = rng.uniform(0.22, 0.32)
     lum = base + blobs - contrast * shade * base

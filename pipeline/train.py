@@ -76,17 +76,24 @@ def train(arch: str, params: Params) -> dict[str, Any]:
 
     mp = params.model(arch)
     options = mp.model_dump()
-    model = build_model(arch, manifest["in_channels"], manifest["num_classes"], **options).to(device)
+    model = build_model(arch, manifest["in_channels"], manifest["num_classes"], **options).to(
+        device
+    )
     multiple = 2**mp.depth  # full images are mirror-padded to this for the forward pass
     n_params = count_params(model)
-    log.info("%s: %s parameters, channels %s, device %s", arch, f"{n_params:,}", mp.channels,
-             device)  # fmt: skip
+    log.info(
+        "%s: %s parameters, channels %s, device %s", arch, f"{n_params:,}", mp.channels, device
+    )
 
     train_ds = crops_dataset(manifest, params.train.augment, params.seed)
     loader = DataLoader(
-        train_ds, batch_size=params.batch_size, shuffle=True, num_workers=params.train.num_workers,
-        generator=torch.Generator().manual_seed(params.seed), pin_memory=device.type == "cuda",
-    )  # fmt: skip
+        train_ds,
+        batch_size=params.batch_size,
+        shuffle=True,
+        num_workers=params.train.num_workers,
+        generator=torch.Generator().manual_seed(params.seed),
+        pin_memory=device.type == "cuda",
+    )
     val_loader = DataLoader(split_dataset(manifest, "val"), batch_size=params.batch_size)
     test_loader = DataLoader(split_dataset(manifest, "test"), batch_size=params.batch_size)
 
@@ -97,9 +104,15 @@ def train(arch: str, params: Params) -> dict[str, Any]:
     classes = manifest["class_names"]
     monitor = params.train.monitor
 
-    stage_params = {"seed": params.seed, "lr": params.lr, "epochs": params.epochs,
-                    "batch_size": params.batch_size, arch: options, "loss": params.loss,
-                    "train": params.train}  # fmt: skip
+    stage_params = {
+        "seed": params.seed,
+        "lr": params.lr,
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        arch: options,
+        "loss": params.loss,
+        "train": params.train,
+    }
     rows: list[dict[str, Any]] = []
     best, best_state, best_row = None, None, None
     t_start = time.perf_counter()
@@ -113,8 +126,13 @@ def train(arch: str, params: Params) -> dict[str, Any]:
             t0 = time.perf_counter()
             model.train()
             loss_sum, n_seen = 0.0, 0
-            bar = tqdm(loader, desc=f"{arch} epoch {epoch}/{params.epochs}", leave=False,
-                       unit="batch", disable=None)  # fmt: skip
+            bar = tqdm(
+                loader,
+                desc=f"{arch} epoch {epoch}/{params.epochs}",
+                leave=False,
+                unit="batch",
+                disable=None,
+            )
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)
                 loss = loss_fn(model(images), labels)
@@ -129,18 +147,31 @@ def train(arch: str, params: Params) -> dict[str, Any]:
                 loss_sum += loss.item() * len(images)
                 n_seen += len(images)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            val = evaluate(model, val_loader, manifest["num_classes"], classes, device, multiple,
-                           base_loss)  # fmt: skip
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": loss_sum / n_seen, **{f"val_{k}": v for k, v in val.items()},
-                   "seconds": time.perf_counter() - t0}  # fmt: skip
+            val = evaluate(
+                model, val_loader, manifest["num_classes"], classes, device, multiple, base_loss
+            )
+            row = {
+                "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / n_seen,
+                **{f"val_{k}": v for k, v in val.items()},
+                "seconds": time.perf_counter() - t0,
+            }
             rows.append(row)
             if is_better(monitor, row[monitor], best):
                 best, best_row = row[monitor], row
                 best_state = copy.deepcopy(model.state_dict())
-            log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f val_miou %.4f val_dice %.4f "
-                     "(%.1fs)", arch, epoch, params.epochs, row["train_loss"], row["val_loss"],
-                     row["val_miou"], row["val_dice"], row["seconds"])  # fmt: skip
+            log.info(
+                "%s epoch %d/%d: train_loss %.4f val_loss %.4f val_miou %.4f val_dice %.4f (%.1fs)",
+                arch,
+                epoch,
+                params.epochs,
+                row["train_loss"],
+                row["val_loss"],
+                row["val_miou"],
+                row["val_dice"],
+                row["seconds"],
+            )
             df = write_epoch_log(rows, arch)
             if run:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -150,22 +181,41 @@ def train(arch: str, params: Params) -> dict[str, Any]:
             raise PipelineError(f"{arch}: {monitor} was NaN at every epoch; nothing to keep")
         model.load_state_dict(best_state)
         test = evaluate(model, test_loader, manifest["num_classes"], classes, device, multiple)
-        metrics = {**test, "best_epoch": best_row["epoch"], f"best_{monitor}": best,
-                   "train_seconds": round(train_seconds, 2), "params": n_params}  # fmt: skip
-        log.info("%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)", arch,
-                 test["miou"], test["dice"], test["global_accuracy"], best_row["epoch"])  # fmt: skip
+        metrics = {
+            **test,
+            "best_epoch": best_row["epoch"],
+            f"best_{monitor}": best,
+            "train_seconds": round(train_seconds, 2),
+            "params": n_params,
+        }
+        log.info(
+            "%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)",
+            arch,
+            test["miou"],
+            test["dice"],
+            test["global_accuracy"],
+            best_row["epoch"],
+        )
 
         out = paths.arch_reports(arch)
         curve_metric = "val_miou" if monitor == "val_loss" else monitor
         plots.learning_curves({arch: df}, out / "curves.png", curve_metric)
         save_checkpoint(
-            paths.checkpoint(arch), model, arch=arch,
-            model_config={"in_channels": manifest["in_channels"],
-                          "num_classes": manifest["num_classes"], "options": options},
-            params=params.model_dump(), metrics=metrics, best_epoch=best_row["epoch"],
-            data={k: manifest[k] for k in ("dataset", "class_names", "mean", "std",
-                                           "ignore_index")},
-        )  # fmt: skip
+            paths.checkpoint(arch),
+            model,
+            arch=arch,
+            model_config={
+                "in_channels": manifest["in_channels"],
+                "num_classes": manifest["num_classes"],
+                "options": options,
+            },
+            params=params.model_dump(),
+            metrics=metrics,
+            best_epoch=best_row["epoch"],
+            data={
+                k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")
+            },
+        )
         write_json(out / "metrics.json", metrics)
         if run:
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})

@@ -23,16 +23,42 @@ def _channels(base_channels: int, depth: int) -> tuple[int, ...]:
     return tuple(base_channels * 2**i for i in range(depth + 1))
 
 
-def _unet(in_channels, num_classes, base_channels=64, depth=4, upsampling="transpose",
-          norm="batch", padding=1) -> nn.Module:  # fmt: skip
-    return UNet(in_channels, out_channels(num_classes), _channels(base_channels, depth),
-                upsampling, norm, padding)  # fmt: skip
+def _unet(
+    in_channels,
+    num_classes,
+    base_channels=64,
+    depth=4,
+    upsampling="transpose",
+    norm="batch",
+    padding=1,
+) -> nn.Module:
+    return UNet(
+        in_channels,
+        out_channels(num_classes),
+        _channels(base_channels, depth),
+        upsampling,
+        norm,
+        padding,
+    )
 
 
-def _unetpp(in_channels, num_classes, base_channels=32, depth=4, upsampling="transpose",
-            norm="batch", deep_supervision=True) -> nn.Module:  # fmt: skip
-    return UNetPlusPlus(in_channels, out_channels(num_classes), _channels(base_channels, depth),
-                        upsampling, norm, deep_supervision)  # fmt: skip
+def _unetpp(
+    in_channels,
+    num_classes,
+    base_channels=32,
+    depth=4,
+    upsampling="transpose",
+    norm="batch",
+    deep_supervision=True,
+) -> nn.Module:
+    return UNetPlusPlus(
+        in_channels,
+        out_channels(num_classes),
+        _channels(base_channels, depth),
+        upsampling,
+        norm,
+        deep_supervision,
+    )
 
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "unetpp": _unetpp}

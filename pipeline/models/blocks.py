@@ -55,9 +55,14 @@ class Up(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, skip_ch: int, out_ch: int, upsampling: str = "transpose",
-        norm: str = "batch", padding: int = 1,
-    ):  # fmt: skip
+        self,
+        in_ch: int,
+        skip_ch: int,
+        out_ch: int,
+        upsampling: str = "transpose",
+        norm: str = "batch",
+        padding: int = 1,
+    ):
         super().__init__()
         if upsampling == "transpose":
             self.up = nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2)

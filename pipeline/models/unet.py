@@ -15,9 +15,14 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, channels: tuple[int, ...],
-        upsampling: str = "transpose", norm: str = "batch", padding: int = 1,
-    ):  # fmt: skip
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: tuple[int, ...],
+        upsampling: str = "transpose",
+        norm: str = "batch",
+        padding: int = 1,
+    ):
         super().__init__()
         self.depth = len(channels) - 1
         self.encoder = encoder(in_channels, channels, norm, padding)

@@ -20,16 +20,24 @@ def node(i: int, j: int) -> str:
 
 class UNetPlusPlus(nn.Module):
     def __init__(
-        self, in_channels: int, out_channels: int, channels: tuple[int, ...],
-        upsampling: str = "transpose", norm: str = "batch", deep_supervision: bool = True,
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: tuple[int, ...],
+        upsampling: str = "transpose",
+        norm: str = "batch",
+        deep_supervision: bool = True,
         heads: tuple[int, ...] | None = None,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.depth = len(channels) - 1
         self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
-            upsampling=upsampling, norm=norm,
-        )  # fmt: skip
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=tuple(channels),
+            upsampling=upsampling,
+            norm=norm,
+        )
         self.encoder = encoder(in_channels, channels, norm, padding=1)
         self.nodes = nn.ModuleDict()
         for j in range(1, self.depth + 1):

@@ -1,0 +1,188 @@
+"""End to end: the real `dvc repro` and `dvc exp run -S lr=...` in a temporary git repository.
+
+Slow (about two minutes on 2 cores): run with `pytest -m slow`, skip with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parent.parent
+EPOCHS = 2
+SMALL = {  # a few seconds per stage, same code paths as the defaults
+    "epochs": EPOCHS,
+    "batch_size": 8,
+    "dataset": {"num_images": 10, "image_size": 64, "val_count": 2, "test_count": 2},
+    "preprocess": {"crop_size": 32, "crop_stride": 32},
+    "unet": {"base_channels": 4},
+    "unetpp": {"base_channels": 4},
+    "pruning": {"latency_runs": 2, "latency_warmup": 1},
+}
+STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _project_files() -> list[str]:
+    """What a clone holds: tracked files plus new, not-ignored ones (a work in progress)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (PROJECT / f).is_file() and not f.startswith("reports/")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for rel in _project_files():
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / rel, dest)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "baseline"],
+    ):
+        subprocess.run(cmd, cwd=root, check=True, env=_env())
+    return root
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+def dvc(repo: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def reproduced(repo: Path) -> str:
+    return dvc(repo, "repro")
+
+
+def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: str):
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in reproduced
+    assert len(list((repo / "data/raw/synthetic/images").glob("*.png"))) == 10
+    manifest = json.loads((repo / "data/processed/manifest.json").read_text())
+    assert {k: len(v) for k, v in manifest["splits"].items()} == {"test": 2, "val": 2, "train": 6}
+    for split, stems in manifest["splits"].items():
+        for stem in stems:
+            assert (repo / f"data/processed/{split}/images/{stem}.png").is_file()
+            assert (repo / f"data/processed/{split}/labels/{stem}.png").is_file()
+    assert len(list((repo / "data/processed/crops/images").glob("*.png"))) == len(manifest["crops"])
+
+    for arch in ("unet", "unetpp"):
+        ckpt = torch.load(repo / f"models/{arch}.pt", weights_only=True)
+        assert ckpt["arch"] == arch and ckpt["state_dict"] and ckpt["params"]["epochs"] == EPOCHS
+        csv = pd.read_csv(repo / f"reports/{arch}/epochs.csv")
+        xlsx = pd.read_excel(repo / f"reports/{arch}/epochs.xlsx")
+        assert list(csv["epoch"]) == list(range(1, EPOCHS + 1))
+        assert {"lr", "train_loss", "val_loss", "val_miou", "val_dice", "seconds"} <= set(csv)
+        pd.testing.assert_frame_equal(csv, xlsx, check_dtype=False)
+        metrics = json.loads((repo / f"reports/{arch}/metrics.json").read_text())
+        for key in ("global_accuracy", "mean_accuracy", "miou", "dice"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert ckpt["metrics"] == metrics
+
+    pruning = pd.read_csv(repo / "reports/pruning.csv")
+    assert list(pruning["depth"]) == [1, 2, 3, 4]
+    assert pruning["params"].is_monotonic_increasing and pruning["gflops"].is_monotonic_increasing
+    assert (pruning["latency_ms"] > 0).all()
+    summary = json.loads((repo / "reports/pruning.json").read_text())
+    assert summary["best_depth"] in (1, 2, 3, 4) and summary["L4"]["miou"] == pytest.approx(
+        pruning["miou"].iloc[-1]
+    )
+
+    report = (repo / "reports/report.md").read_text()
+    assert "UNet++" in report and "| L1" in report and "learning_curves.png" in report
+    assert set(pd.ExcelFile(repo / "reports/report.xlsx").sheet_names) >= {"comparison", "pruning"}
+    for png in ("learning_curves.png", "pruning_tradeoff.png"):
+        assert (repo / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_repro_is_a_no_op(repo: Path, reproduced: str):
+    out = dvc(repo, "repro")
+    assert "Running stage" not in out
+
+
+def test_exp_run_lr_retrains_both_models_only_and_is_tracked(repo: Path, reproduced: str):
+    out = dvc(repo, "exp", "run", "-S", "lr=0.01", "-n", "lr-0.01")
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"train_unet", "train_unetpp", "prune", "report"}, out
+
+    exps = json.loads(dvc(repo, "exp", "show", "--json"))
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") == "lr-0.01" and isinstance(node.get("data"), dict):
+                found.update(node["data"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(exps)
+    assert found, "experiment lr-0.01 not in dvc exp show --json"
+    assert found["params"]["params.yaml"]["data"]["lr"] == 0.01
+    metrics = found["metrics"]
+    for arch in ("unet", "unetpp"):
+        assert 0.0 <= metrics[f"reports/{arch}/metrics.json"]["data"]["miou"] <= 1.0
+
+    # MLflow: the repo's sqlite store holds both archs' runs of both executions
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("unet-pipeline")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("dvc.stage"), []).append(run)
+    for stage in ("train_unet", "train_unetpp"):
+        assert len(by_stage[stage]) == 2, f"{stage}: {len(by_stage.get(stage, []))} runs"
+        lrs = sorted(float(r.data.params["lr"]) for r in by_stage[stage])
+        assert lrs == [0.003, 0.01]
+        for run in by_stage[stage]:
+            history = client.get_metric_history(run.info.run_id, "val_miou")
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+            assert "git.commit" in run.data.tags
+        assert any(r.data.tags.get("dvc.exp_name") == "lr-0.01" for r in by_stage[stage])
+    assert {"prune", "report"} <= set(by_stage)
