@@ -29,7 +29,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
         raise PipelineError(f"{path}: checkpoint not found (run the training stage)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise PipelineError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    cfg = ckpt["model_config"]
-    model = build_model(ckpt["arch"], cfg["in_channels"], cfg["num_classes"], **cfg["options"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        cfg = ckpt["model_config"]
+        model = build_model(ckpt["arch"], cfg["in_channels"], cfg["num_classes"], **cfg["options"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline ({msg})") from None
     return model.to(device).eval(), ckpt

@@ -45,6 +45,15 @@ class PreprocessParams(Section):
     crop_size: Annotated[int, Field(ge=16)] = 64
     crop_stride: PositiveInt = 32
 
+    @model_validator(mode="after")
+    def _covers(self) -> PreprocessParams:
+        if self.crop_stride > self.crop_size:
+            raise ValueError(
+                f"preprocess.crop_stride ({self.crop_stride}) must not exceed "
+                f"preprocess.crop_size ({self.crop_size}): pixels would be skipped"
+            )
+        return self
+
 
 class ModelParams(Section):
     base_channels: PositiveInt = 16
@@ -90,7 +99,7 @@ class TrainParams(Section):
 
 
 class PruningParams(Section):
-    depths: list[Annotated[int, Field(ge=1, le=6)]] = [1, 2, 3, 4]
+    depths: Annotated[list[Annotated[int, Field(ge=1, le=6)]], Field(min_length=1)] = [1, 2, 3, 4]
     latency_runs: PositiveInt = 20
     latency_warmup: Annotated[int, Field(ge=0)] = 3
     # the report's "best depth": the shallowest whose test mIoU is within this of the deepest
@@ -152,7 +161,8 @@ def _one_line(exc: ValidationError, source: str) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    where = f"{source}: {key}" if key else source
+    # model-level checks name their keys themselves
+    where = f"{source}: {key}" if key and not msg.startswith(f"{key}.") else source
     got = f" (got {err['input']!r})" if err["type"] not in {"extra_forbidden", "missing"} else ""
     if err["loc"] == () or err["type"] == "value_error":
         got = ""
@@ -176,18 +186,23 @@ def load_params(path: Path | None = None) -> Params:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: params file not found") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read params file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_params(data, path.name)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{"unet": {"depth": 4}} -> {"unet.depth": 4}; lists become strings (MLflow params)."""
+    """{"unet": {"depth": 4}} -> {"unet.depth": 4}, for MLflow params; sections may be
+    param objects or dicts, at any level."""
     if isinstance(obj, BaseModel):
         obj = obj.model_dump()
     out: dict[str, Any] = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:

@@ -22,8 +22,10 @@ class ConfusionMatrix:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         valid = target != self.ignore_index
         t, p = target[valid].long().cpu(), pred[valid].long().cpu()
-        if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
-            raise ValueError(f"label value {int(t.max())} outside 0..{self.num_classes - 1}")
+        for what, v in (("label", t), ("prediction", p)):
+            bad = v[(v < 0) | (v >= self.num_classes)]
+            if bad.numel():
+                raise ValueError(f"{what} value {int(bad[0])} outside 0..{self.num_classes - 1}")
         idx = t * self.num_classes + p
         self.matrix += (
             torch.bincount(idx, minlength=self.num_classes**2)

@@ -29,7 +29,11 @@ def tracking_uri(params: Params) -> str:
     return uri or f"sqlite:///{paths.store_root() / 'mlflow.db'}"
 
 
-def artifact_location(params: Params) -> str:
+def artifact_location(params: Params) -> str | None:
+    """Local stores keep artifacts in <repo>/mlartifacts (absolute, like the db); a tracking
+    server decides for itself (None)."""
+    if tracking_uri(params).startswith(("http://", "https://", "databricks")):
+        return None
     return (paths.store_root() / "mlartifacts" / params.mlflow.experiment).as_uri()
 
 
@@ -62,7 +66,7 @@ def run_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-def _experiment_id(name: str, location: str, attempts: int = 8) -> str:
+def _experiment_id(name: str, location: str | None, attempts: int = 8) -> str:
     """Get or create the experiment, retrying briefly when another process races us (sqlite)."""
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -1,0 +1,274 @@
+"""params.yaml validation, as a spec: what loads, the defaults, and the one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline import paths
+from pipeline.common import PipelineError
+from pipeline.config import Params, flatten, load_params, parse_params
+
+
+def _error(data) -> str:
+    """The PipelineError message parse_params raises for `data` (fails if none is raised)."""
+    with pytest.raises(PipelineError) as info:
+        parse_params(data)
+    message = str(info.value)
+    assert "\n" not in message, "errors must be one line"
+    assert message.startswith("params.yaml: ")
+    return message
+
+
+# --- what loads ---------------------------------------------------------------------------------
+
+
+def test_shipped_params_yaml_loads_and_matches_the_file():
+    params = load_params(paths.PARAMS)
+    raw = yaml.safe_load(paths.PARAMS.read_text())
+    assert isinstance(params, Params)
+    assert params.model_dump() == parse_params(raw).model_dump()
+    assert params.lr == raw["lr"]
+    assert params.unetpp.depth == raw["unetpp"]["depth"]
+    assert params.loss.ds_weights == raw["loss"]["ds_weights"]
+
+
+def test_load_params_without_argument_reads_the_project_params_yaml():
+    assert load_params() == load_params(paths.PARAMS)
+
+
+def test_empty_mapping_and_empty_file_give_the_defaults(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    assert load_params(empty) == parse_params({}) == parse_params(None) == Params()
+
+
+def test_defaults():
+    p = parse_params({})
+    assert (p.seed, p.lr, p.epochs, p.batch_size) == (42, 0.003, 12, 16)
+    assert p.dataset.name == "synthetic"
+    assert (p.dataset.num_images, p.dataset.image_size) == (32, 128)
+    assert (p.dataset.val_count, p.dataset.test_count) == (4, 8)
+    assert (p.preprocess.crop_size, p.preprocess.crop_stride) == (64, 32)
+    for model in (p.unet, p.unetpp):
+        assert (model.base_channels, model.depth) == (16, 4)
+        assert (model.upsampling, model.norm) == ("transpose", "batch")
+    assert p.unetpp.deep_supervision is True
+    assert p.loss.ds_weights == [0.25] * 4
+    assert p.train.optimizer == "adam" and p.train.monitor == "val_miou"
+    assert p.pruning.depths == [1, 2, 3, 4]
+    assert p.mlflow.tracking_uri == "" and p.mlflow.enabled is True
+
+
+def test_partial_sections_keep_the_other_defaults():
+    p = parse_params({"unet": {"base_channels": 8}, "lr": 1})  # an int is a valid float
+    assert p.unet.base_channels == 8
+    assert p.unet.depth == 4
+    assert p.lr == 1.0
+    assert p.unetpp.base_channels == 16
+
+
+def test_channels_double_at_each_level():
+    p = parse_params({"unet": {"base_channels": 8, "depth": 3}})
+    assert p.unet.channels == (8, 16, 32, 64)
+    assert p.model("unet") is p.unet
+    assert p.model("unetpp") is p.unetpp
+
+
+def test_params_are_frozen():
+    p = parse_params({})
+    with pytest.raises(ValueError):
+        p.lr = 1.0
+
+
+# --- one-line errors that name the key ----------------------------------------------------------
+
+
+def test_unknown_top_level_key():
+    assert _error({"lrr": 0.1}) == "params.yaml: lrr: unknown key"
+
+
+def test_unknown_nested_key():
+    assert _error({"unet": {"bogus": 1}}) == "params.yaml: unet.bogus: unknown key"
+
+
+def test_lr_as_a_string_is_a_type_error():
+    message = _error({"lr": "0.01"})
+    assert message.startswith("params.yaml: lr: ")
+    assert "'0.01'" in message
+
+
+def test_fractional_epochs_is_a_type_error():
+    message = _error({"epochs": 1.5})
+    assert message.startswith("params.yaml: epochs: ")
+    assert "integer" in message and "1.5" in message
+
+
+def test_bool_is_not_an_int():
+    assert _error({"seed": True}).startswith("params.yaml: seed: ")
+
+
+@pytest.mark.parametrize("lr", [0, 0.0, -1, -0.001])
+def test_lr_must_be_positive(lr):
+    message = _error({"lr": lr})
+    assert message.startswith("params.yaml: lr: ")
+    assert "greater than 0" in message
+
+
+@pytest.mark.parametrize("epochs", [0, -3])
+def test_epochs_must_be_at_least_one(epochs):
+    message = _error({"epochs": epochs})
+    assert message.startswith("params.yaml: epochs: ")
+    assert "greater than or equal to 1" in message
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_unknown_upsampling(arch):
+    message = _error({arch: {"upsampling": "nearest"}})
+    assert message.startswith(f"params.yaml: {arch}.upsampling: ")
+    assert "'nearest'" in message
+
+
+def test_unknown_norm():
+    assert _error({"unet": {"norm": "group"}}).startswith("params.yaml: unet.norm: ")
+
+
+def test_a_section_must_be_a_mapping():
+    assert _error({"unet": 5}).startswith("params.yaml: unet: ")
+
+
+def test_top_level_must_be_a_mapping():
+    assert _error([1, 2]) == "params.yaml: expected a mapping of keys at the top level"
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [0.2] * 5])
+def test_ds_weights_need_one_weight_per_unetpp_depth(weights):
+    message = _error({"loss": {"ds_weights": weights}})
+    assert "loss.ds_weights" in message
+    assert f"got {len(weights)}" in message
+
+
+def test_ds_weights_length_follows_unetpp_depth():
+    p = parse_params(
+        {
+            "unetpp": {"depth": 2},
+            "loss": {"ds_weights": [0.5, 0.5]},
+            "pruning": {"depths": [1, 2]},
+        }
+    )
+    assert p.unetpp.depth == 2
+
+
+def test_ds_weights_must_not_be_all_zero():
+    assert "ds_weights" in _error({"loss": {"ds_weights": [0.0] * 4}})
+
+
+def test_negative_loss_weight():
+    assert _error({"loss": {"ce_weight": -1.0}}).startswith("params.yaml: loss.ce_weight: ")
+
+
+@pytest.mark.parametrize("crop_size", [40, 72, 24])
+def test_crop_size_must_be_divisible_by_2_pow_depth(crop_size):
+    message = _error({"preprocess": {"crop_size": crop_size, "crop_stride": 8}})
+    assert "preprocess.crop_size" in message
+    assert "2**depth" in message
+
+
+def test_crop_stride_must_not_exceed_crop_size():
+    message = _error({"preprocess": {"crop_size": 32, "crop_stride": 48}})
+    assert message.startswith("params.yaml: preprocess.crop_stride (48) must not exceed")
+
+
+def test_crop_size_divisibility_checks_the_unet_depth_too():
+    # 48 is divisible by 2**4 (UNet++ default depth) but not by 2**5
+    data = {"preprocess": {"crop_size": 48}, "unet": {"depth": 5}}
+    assert "preprocess.crop_size" in _error(data)
+
+
+def test_crop_size_must_not_exceed_the_image_size():
+    data = {"dataset": {"image_size": 64}, "preprocess": {"crop_size": 128}}
+    assert "preprocess.crop_size" in _error(data)
+
+
+@pytest.mark.parametrize(("val", "test"), [(16, 16), (20, 20), (31, 1)])
+def test_val_and_test_must_leave_training_images(val, test):
+    message = _error({"dataset": {"num_images": 32, "val_count": val, "test_count": test}})
+    assert message.startswith("params.yaml: dataset: ")
+    assert "val_count + test_count" in message
+
+
+def test_one_training_image_is_enough():
+    p = parse_params({"dataset": {"num_images": 32, "val_count": 15, "test_count": 16}})
+    assert p.dataset.val_count + p.dataset.test_count == 31
+
+
+def test_pruning_depth_beyond_unetpp_depth():
+    message = _error({"pruning": {"depths": [1, 5]}})
+    assert "pruning.depths" in message
+    assert "[5]" in message and "unetpp.depth (4)" in message
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("lr: [0.1\nepochs: 3\n")
+    with pytest.raises(PipelineError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML")
+    assert "\n" not in message
+
+
+def test_missing_params_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(PipelineError, match="params file not found") as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_errors_from_a_file_name_that_file(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("epochs: 0\n")
+    with pytest.raises(PipelineError) as info:
+        load_params(path)
+    assert str(info.value).startswith("other.yaml: epochs: ")
+
+
+# --- flatten --------------------------------------------------------------------------------
+
+
+def test_flatten_nested_dicts_to_dotted_keys():
+    flat = flatten({"a": 1, "b": {"c": 2, "d": {"e": "x"}}})
+    assert flat == {"a": 1, "b.c": 2, "b.d.e": "x"}
+
+
+def test_flatten_with_prefix():
+    assert flatten({"depth": 4}, "unet.") == {"unet.depth": 4}
+
+
+def test_flatten_params_model():
+    flat = flatten(parse_params({}))
+    assert flat["lr"] == 0.003
+    assert flat["unet.depth"] == 4
+    assert flat["unetpp.deep_supervision"] is True
+    assert flat["mlflow.experiment"] == "unet-pipeline"
+    assert str(flat["loss.ds_weights"]) == "[0.25, 0.25, 0.25, 0.25]"
+    assert not any(isinstance(v, dict) for v in flat.values())
+    assert len(flat) == len(set(flat))
+
+
+def test_flatten_accepts_sections_inside_a_dict():
+    p = parse_params({})
+    flat = flatten({"pruning": p.pruning.model_dump(), "seed": p.seed})
+    assert flat["pruning.tolerance"] == 0.01
+    assert flat["seed"] == 42
+
+
+def test_flatten_expands_sections_passed_as_models():
+    p = parse_params({})
+    flat = flatten({"pruning": p.pruning, "seed": p.seed})
+    assert flat["pruning.tolerance"] == 0.01
+    assert "pruning" not in flat
+
+
+def test_pruning_depths_must_not_be_empty():
+    assert "pruning.depths" in _error({"pruning": {"depths": []}})
