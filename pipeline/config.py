@@ -19,6 +19,11 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
+def level_channels(base_channels: int, depth: int) -> tuple[int, ...]:
+    """Channels per level, doubling at each pooling: (16, 32, 64, 128, 256) for 16 and 4."""
+    return tuple(base_channels * 2**i for i in range(depth + 1))
+
+
 class Section(BaseModel):
     # strict: "0.01" (a string) is not a float; extra="forbid": typos are errors, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -63,8 +68,7 @@ class ModelParams(Section):
 
     @property
     def channels(self) -> tuple[int, ...]:
-        """Channels per level: base doubling at each pooling, e.g. (16, 32, 64, 128, 256)."""
-        return tuple(self.base_channels * 2**i for i in range(self.depth + 1))
+        return level_channels(self.base_channels, self.depth)
 
 
 class UNetPPParams(ModelParams):

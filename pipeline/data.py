@@ -35,8 +35,7 @@ class SegmentationDataset(Dataset):
     def __init__(self, image_paths: list[Path], label_paths: list[Path], transform: A.Compose):
         if not image_paths:
             raise PipelineError("empty dataset: no images to load")
-        mode = "RGB"
-        self.images = [read_image(p, mode) for p in image_paths]
+        self.images = [read_image(p, "RGB") for p in image_paths]  # (H, W, 3)
         self.labels = [read_image(p, "L") for p in label_paths]
         self.names = [p.stem for p in image_paths]
         self.transform = transform

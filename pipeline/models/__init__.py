@@ -11,16 +11,13 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.config import level_channels
 from pipeline.models.unet import UNet
 from pipeline.models.unetpp import UNetPlusPlus
 
 
 def out_channels(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
-
-
-def _channels(base_channels: int, depth: int) -> tuple[int, ...]:
-    return tuple(base_channels * 2**i for i in range(depth + 1))
 
 
 def _unet(
@@ -35,7 +32,7 @@ def _unet(
     return UNet(
         in_channels,
         out_channels(num_classes),
-        _channels(base_channels, depth),
+        level_channels(base_channels, depth),
         upsampling,
         norm,
         padding,
@@ -54,7 +51,7 @@ def _unetpp(
     return UNetPlusPlus(
         in_channels,
         out_channels(num_classes),
-        _channels(base_channels, depth),
+        level_channels(base_channels, depth),
         upsampling,
         norm,
         deep_supervision,
