@@ -67,6 +67,28 @@ def is_better(monitor: str, value: float, best: float | None) -> bool:
     return value < best if monitor == "val_loss" else value > best
 
 
+def train_epoch(model, loader, loss_fn, optimizer, device: torch.device, desc: str) -> float:
+    """One pass over the training crops; returns the mean loss per image."""
+    model.train()
+    loss_sum, n_seen = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None)  # quiet if no TTY
+    for images, labels in bar:
+        images, labels = images.to(device), labels.to(device)
+        loss = loss_fn(model(images), labels)
+        if not torch.isfinite(loss):
+            raise PipelineError(
+                f"{desc}: loss became {loss.item()}; try a lower lr. "
+                "Earlier outputs are left untouched."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(images)
+        n_seen += len(images)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return loss_sum / n_seen
+
+
 def train(arch: str, params: Params) -> dict[str, Any]:
     if arch not in ARCHS:
         raise PipelineError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
@@ -110,7 +132,7 @@ def train(arch: str, params: Params) -> dict[str, Any]:
         "epochs": params.epochs,
         "batch_size": params.batch_size,
         arch: options,
-        "loss": params.loss,
+        "loss": params.loss.model_dump(include=None if deep else {"ce_weight", "dice_weight"}),
         "train": params.train,
     }
     rows: list[dict[str, Any]] = []
@@ -124,36 +146,15 @@ def train(arch: str, params: Params) -> dict[str, Any]:
             mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
         for epoch in range(1, params.epochs + 1):
             t0 = time.perf_counter()
-            model.train()
-            loss_sum, n_seen = 0.0, 0
-            bar = tqdm(
-                loader,
-                desc=f"{arch} epoch {epoch}/{params.epochs}",
-                leave=False,
-                unit="batch",
-                disable=None,
-            )
-            for images, labels in bar:
-                images, labels = images.to(device), labels.to(device)
-                loss = loss_fn(model(images), labels)
-                if not torch.isfinite(loss):
-                    raise PipelineError(
-                        f"{arch}: loss became {loss.item()} at epoch {epoch}; lower lr "
-                        f"(now {params.lr}). The last good checkpoint is left untouched."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(images)
-                n_seen += len(images)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            desc = f"{arch} epoch {epoch}/{params.epochs}"
+            train_loss = train_epoch(model, loader, loss_fn, optimizer, device, desc)
             val = evaluate(
                 model, val_loader, manifest["num_classes"], classes, device, multiple, base_loss
             )
             row = {
                 "epoch": epoch,
                 "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum / n_seen,
+                "train_loss": train_loss,
                 **{f"val_{k}": v for k, v in val.items()},
                 "seconds": time.perf_counter() - t0,
             }
