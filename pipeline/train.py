@@ -173,7 +173,6 @@ def train(arch: str, params: Params) -> dict[str, Any]:
                 row["val_dice"],
                 row["seconds"],
             )
-            df = write_epoch_log(rows, arch)
             if run:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         train_seconds = time.perf_counter() - t_start
@@ -198,6 +197,8 @@ def train(arch: str, params: Params) -> dict[str, Any]:
             best_row["epoch"],
         )
 
+        # every output is written only now, so a failed run leaves the previous ones intact
+        df = write_epoch_log(rows, arch)
         out = paths.arch_reports(arch)
         curve_metric = "val_miou" if monitor == "val_loss" else monitor
         plots.learning_curves({arch: df}, out / "curves.png", curve_metric)

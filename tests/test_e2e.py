@@ -186,3 +186,31 @@ def test_exp_run_lr_retrains_both_models_only_and_is_tracked(repo: Path, reprodu
             assert "git.commit" in run.data.tags
         assert any(r.data.tags.get("dvc.exp_name") == "lr-0.01" for r in by_stage[stage])
     assert {"prune", "report"} <= set(by_stage)
+
+
+def test_bad_param_stops_with_one_line_and_keeps_earlier_outputs(repo: Path, reproduced: str):
+    kept = [
+        "models/unet.pt",
+        "models/unetpp.pt",
+        "reports/unet/metrics.json",
+        "reports/unet/epochs.csv",
+        "reports/report.md",
+    ]
+    before = {rel: (repo / rel).read_bytes() for rel in kept}
+    proc = subprocess.run(
+        ["dvc", "exp", "run", "-S", "lr=-1"],
+        cwd=repo,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR pipeline" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "params.yaml: lr: Input should be greater than 0 (got -1)"
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr
+    for rel, content in before.items():
+        assert (repo / rel).read_bytes() == content, f"{rel} changed after a failed stage"
