@@ -37,7 +37,6 @@ class SegmentationDataset(Dataset):
             raise PipelineError("empty dataset: no images to load")
         self.images = [read_image(p, "RGB") for p in image_paths]  # (H, W, 3)
         self.labels = [read_image(p, "L") for p in label_paths]
-        self.names = [p.stem for p in image_paths]
         self.transform = transform
 
     def __len__(self) -> int:

@@ -17,7 +17,6 @@ DATA = ROOT / "data"
 RAW = DATA / "raw"
 PROCESSED = DATA / "processed"
 MANIFEST = PROCESSED / "manifest.json"
-SPLITS = ("train", "val", "test")
 
 MODELS = ROOT / "models"
 REPORTS = ROOT / "reports"
@@ -33,13 +32,14 @@ def raw_dir(dataset: str) -> Path:
     return RAW / dataset
 
 
-def split_dir(split: str, kind: str) -> Path:
-    """`kind` is "images" or "labels"."""
-    return PROCESSED / split / kind
+def split_dir(split: str, kind: str, processed: Path | None = None) -> Path:
+    """`kind` is "images" or "labels"; `processed` defaults to PROCESSED (preprocess passes the
+    temporary folder it builds before renaming it into place)."""
+    return (processed or PROCESSED) / split / kind
 
 
-def crops_dir(kind: str) -> Path:
-    return PROCESSED / "crops" / kind
+def crops_dir(kind: str, processed: Path | None = None) -> Path:
+    return (processed or PROCESSED) / "crops" / kind
 
 
 def checkpoint(arch: str) -> Path:

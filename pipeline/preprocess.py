@@ -80,6 +80,15 @@ def make_crops(image: np.ndarray, label: np.ndarray, size: int, stride: int):
                 yield y, x, image[y : y + size, x : x + size], lab
 
 
+def save_pair(
+    image_dir: Path, label_dir: Path, name: str, image: np.ndarray, label: np.ndarray
+) -> None:
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(image_dir / f"{name}.png")
+    Image.fromarray(label).save(label_dir / f"{name}.png")
+
+
 def load_synthetic(raw: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """stem -> (image (H, W, 3), label (H, W)) for the DRIVE-like layout."""
     images = sorted((raw / "images").glob("*.png"))
@@ -114,22 +123,25 @@ def preprocess(params: Params) -> Path:
     target = paths.PROCESSED
     with atomic_path(target) as tmp:
         for split, stems in splits.items():
-            for kind in ("images", "labels"):
-                (tmp / split / kind).mkdir(parents=True)
             for stem in stems:
-                image, label = samples[stem]
-                Image.fromarray(image).save(tmp / split / "images" / f"{stem}.png")
-                Image.fromarray(label).save(tmp / split / "labels" / f"{stem}.png")
-
+                save_pair(
+                    paths.split_dir(split, "images", tmp),
+                    paths.split_dir(split, "labels", tmp),
+                    stem,
+                    *samples[stem],
+                )
         crops = []
-        for kind in ("images", "labels"):
-            (tmp / "crops" / kind).mkdir(parents=True)
         for stem in splits["train"]:
             image, label = samples[stem]
             for y, x, img_c, lab_c in make_crops(image, label, pp.crop_size, pp.crop_stride):
                 name = f"{stem}_y{y:04d}_x{x:04d}"
-                Image.fromarray(img_c).save(tmp / "crops" / "images" / f"{name}.png")
-                Image.fromarray(lab_c).save(tmp / "crops" / "labels" / f"{name}.png")
+                save_pair(
+                    paths.crops_dir("images", tmp),
+                    paths.crops_dir("labels", tmp),
+                    name,
+                    img_c,
+                    lab_c,
+                )
                 crops.append(name)
 
         # normalisation statistics from the training split, inside the labelled area only
@@ -157,7 +169,7 @@ def preprocess(params: Params) -> Path:
             "splits": splits,
             "crops": crops,
         }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / paths.MANIFEST.name, manifest)
     log.info(
         "processed %s: %s images, %d training crops of %d px",
         ds.name,
