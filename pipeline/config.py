@@ -16,6 +16,8 @@ from pipeline import paths
 from pipeline.common import PipelineError
 
 PositiveInt = Annotated[int, Field(ge=1)]
+IGNORE_INDEX = 255  # label value ignored by losses and metrics
+DRIVE_TRAIN_IMAGES = 20
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
@@ -29,19 +31,81 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class DatasetParams(Section):
-    name: Literal["synthetic"] = "synthetic"
-    num_images: Annotated[int, Field(ge=3)] = 32
-    image_size: Annotated[int, Field(ge=32, le=4096)] = 128
-    val_count: PositiveInt = 4
-    test_count: PositiveInt = 8
+DATASETS = ("synthetic", "drive", "camvid", "folder")
+
+
+class FolderParams(Section):
+    """`dataset.name: folder`: your own images and label masks (folders relative to the
+    downloaded source's root)."""
+
+    images: Annotated[str, Field(min_length=1)] = "images"
+    labels: Annotated[str, Field(min_length=1)] = "labels"
+    masks: str = ""  # optional FOV/ignore masks: 0 = ignore, anything else = keep
+    # raw label pixel value -> class index (255 = ignore); a value not listed is an error
+    mapping: dict[Annotated[int, Field(ge=0, le=65535)], Annotated[int, Field(ge=0, le=255)]] = {
+        0: 0,
+        255: 1,
+    }
+    class_names: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)] = [
+        "background",
+        "foreground",
+    ]
+    split: Literal["fractions", "folders"] = "fractions"  # folders: <images>/{train,val,test}
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
     @model_validator(mode="after")
-    def _leaves_training_images(self) -> DatasetParams:
-        if self.val_count + self.test_count >= self.num_images:
+    def _consistent(self) -> FolderParams:
+        n = len(self.class_names)
+        bad = sorted({c for c in self.mapping.values() if c >= n and c != IGNORE_INDEX})
+        if bad:
             raise ValueError(
-                f"val_count + test_count ({self.val_count + self.test_count}) must leave "
-                f"training images out of num_images ({self.num_images})"
+                f"dataset.folder.mapping: class indices {bad} have no name in "
+                f"dataset.folder.class_names ({n} classes; 255 = ignore)"
+            )
+        if len(set(self.class_names)) != n:
+            raise ValueError("dataset.folder.class_names: names must be unique")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "dataset.folder.val_fraction + test_fraction must leave training images (< 1)"
+            )
+        return self
+
+
+class DatasetParams(Section):
+    name: Literal["synthetic", "drive", "camvid", "folder"] = "synthetic"
+    # drive | camvid | folder: an http(s) URL, a local archive (.zip, .tar, .tar.gz) or folder;
+    # a relative path is relative to the repository root
+    source: str = ""
+    sha256: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{64})?$")] = ""  # "" = not checked
+    num_images: Annotated[int, Field(ge=3)] = 32  # synthetic
+    image_size: Annotated[int, Field(ge=32, le=4096)] = 128  # synthetic
+    val_count: PositiveInt = 4  # synthetic and drive (out of DRIVE's 20 training images)
+    test_count: PositiveInt = 8  # synthetic
+    folder: FolderParams = FolderParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetParams:
+        if self.name == "synthetic":
+            if self.source:
+                raise ValueError(
+                    "dataset.source is set but dataset.name is synthetic (generated offline): "
+                    "set dataset.name to drive, camvid or folder"
+                )
+            if self.val_count + self.test_count >= self.num_images:
+                raise ValueError(
+                    f"val_count + test_count ({self.val_count + self.test_count}) must leave "
+                    f"training images out of num_images ({self.num_images})"
+                )
+        elif not self.source:
+            raise ValueError(
+                f"dataset.source is required for dataset.name={self.name}: "
+                "an http(s) URL, a local archive or a local folder"
+            )
+        if self.name == "drive" and self.val_count >= DRIVE_TRAIN_IMAGES:
+            raise ValueError(
+                f"dataset.val_count ({self.val_count}) must leave training images out of "
+                f"DRIVE's {DRIVE_TRAIN_IMAGES}"
             )
         return self
 
@@ -49,6 +113,8 @@ class DatasetParams(Section):
 class PreprocessParams(Section):
     crop_size: Annotated[int, Field(ge=16)] = 64
     crop_stride: PositiveInt = 32
+    # 0: crops on a grid every crop_stride px; N > 0: N random crops per training image (seeded)
+    crops_per_image: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _covers(self) -> PreprocessParams:
@@ -139,7 +205,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        if self.preprocess.crop_size > self.dataset.image_size:
+        if self.dataset.name == "synthetic" and self.preprocess.crop_size > self.dataset.image_size:
             raise ValueError("preprocess.crop_size must not exceed dataset.image_size")
         if self.preprocess.crop_size % 2**self.unetpp.depth or (
             self.preprocess.crop_size % 2**self.unet.depth

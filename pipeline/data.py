@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from pipeline import paths
 from pipeline.common import PipelineError, read_json
-from pipeline.preprocess import read_image
+from pipeline.datasets import read_image
 
 
 def load_manifest() -> dict[str, Any]:
@@ -29,13 +29,25 @@ def transforms(manifest: dict[str, Any], augment: bool, seed: int | None = None)
     return A.Compose(ops, strict=True, seed=seed)
 
 
+def _hwc(image: np.ndarray) -> np.ndarray:
+    """Grayscale (H, W) -> (H, W, 1), so every image has a channel axis."""
+    return image[..., None] if image.ndim == 2 else image
+
+
 class SegmentationDataset(Dataset):
     """Image/label PNG pairs, held in memory: (C, H, W) float32 image, (H, W) int64 label."""
 
-    def __init__(self, image_paths: list[Path], label_paths: list[Path], transform: A.Compose):
+    def __init__(
+        self,
+        image_paths: list[Path],
+        label_paths: list[Path],
+        transform: A.Compose,
+        in_channels: int = 3,
+    ):
         if not image_paths:
             raise PipelineError("empty dataset: no images to load")
-        self.images = [read_image(p, "RGB") for p in image_paths]  # (H, W, 3)
+        mode = "L" if in_channels == 1 else "RGB"
+        self.images = [_hwc(read_image(p, mode)) for p in image_paths]  # (H, W, C)
         self.labels = [read_image(p, "L") for p in label_paths]
         self.transform = transform
 
@@ -54,6 +66,7 @@ def crops_dataset(manifest: dict[str, Any], augment: bool, seed: int) -> Segment
         [paths.crops_dir("images") / f"{n}.png" for n in names],
         [paths.crops_dir("labels") / f"{n}.png" for n in names],
         transforms(manifest, augment, seed),
+        manifest["in_channels"],
     )
 
 
@@ -66,4 +79,5 @@ def split_dataset(manifest: dict[str, Any], split: str) -> SegmentationDataset:
         [paths.split_dir(split, "images") / f"{s}.png" for s in stems],
         [paths.split_dir(split, "labels") / f"{s}.png" for s in stems],
         transforms(manifest, augment=False),
+        manifest["in_channels"],
     )

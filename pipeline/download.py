@@ -1,30 +1,46 @@
-"""Stage `download`: put the raw dataset under data/raw/<name>/.
+"""Stage `download`: put the raw dataset named in params under data/raw/<name>/.
 
-The default dataset, `synthetic`, is generated offline and deterministically from the seed, in
-DRIVE's three-file layout: images/<stem>.png (RGB), manual/<stem>.png (vessel tracing, 0/255)
-and mask/<stem>.png (field of view, 0/255).
+- `synthetic` (the default) is generated offline and deterministically from the seed, in
+  DRIVE's three-file layout: images/<stem>.png (RGB), manual/<stem>.png (vessel tracing,
+  0/255) and mask/<stem>.png (field of view, 0/255).
+- `drive`, `camvid` and `folder` come from `dataset.source`: an http(s) URL (streamed to
+  data/downloads/, verified, then reused), a local .zip/.tar/.tar.gz archive, or a local
+  folder. `dataset.sha256`, when set, is checked before anything is extracted; archive members
+  that would land outside the target are refused. The folder holding the dataset's layout
+  (e.g. DRIVE/ inside DRIVE.zip) becomes data/raw/<name>/.
+
+data/raw/ is replaced only once the new raw data is complete: a failure leaves it as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.common import atomic_path, run_cli, write_json
+from pipeline.archives import (
+    copy_folder,
+    fetch_url,
+    find_root,
+    is_url,
+    safe_extract,
+    verify_sha256,
+)
+from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, load_params
+from pipeline.datasets import ROOT_MARKERS
 from pipeline.synthetic import generate
 
 log = logging.getLogger(__name__)
 
 
-def download(params: Params) -> Path:
+def write_synthetic(params: Params, target: Path) -> dict:
     ds = params.dataset
-    target = paths.raw_dir(ds.name)
     log.info(
         "generating %d synthetic %dx%d images (seed %d)",
         ds.num_images,
@@ -32,25 +48,58 @@ def download(params: Params) -> Path:
         ds.image_size,
         params.seed,
     )
-    with atomic_path(target) as tmp:
-        for sub in ("images", "manual", "mask"):
-            (tmp / sub).mkdir(parents=True)
-        samples = generate(params.seed, ds.num_images, ds.image_size)
-        for i, sample in enumerate(tqdm(samples, desc="synthetic", unit="img", delay=2)):
-            stem = f"{i:03d}"
-            Image.fromarray(sample.image).save(tmp / "images" / f"{stem}.png")
-            Image.fromarray(sample.vessels).save(tmp / "manual" / f"{stem}.png")
-            Image.fromarray(sample.fov).save(tmp / "mask" / f"{stem}.png")
-        write_json(
-            tmp / "source.json",
-            {
-                "dataset": ds.name,
-                "seed": params.seed,
-                "num_images": ds.num_images,
-                "size": ds.image_size,
-            },
-        )
-    log.info("wrote %s", target.relative_to(paths.ROOT))
+    for sub in ("images", "manual", "mask"):
+        (target / sub).mkdir(parents=True)
+    samples = generate(params.seed, ds.num_images, ds.image_size)
+    for i, sample in enumerate(tqdm(samples, desc="synthetic", unit="img", delay=2)):
+        stem = f"{i:03d}"
+        Image.fromarray(sample.image).save(target / "images" / f"{stem}.png")
+        Image.fromarray(sample.vessels).save(target / "manual" / f"{stem}.png")
+        Image.fromarray(sample.fov).save(target / "mask" / f"{stem}.png")
+    return {"seed": params.seed, "num_images": ds.num_images, "size": ds.image_size}
+
+
+def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
+    """URL, archive or folder -> the dataset's layout at `target`; returns provenance."""
+    ds = params.dataset
+    sha256 = ""
+    if is_url(ds.source):
+        local = fetch_url(ds.source, paths.downloads(), ds.sha256)
+    else:
+        local = paths.resolve_source(ds.source)
+        if not local.exists():
+            raise PipelineError(f"dataset.source: {local} not found (a URL, archive or folder)")
+    if local.is_dir():
+        if ds.sha256:
+            raise PipelineError(
+                f"dataset.sha256: checks an archive or a download, but {local} is a folder"
+            )
+        log.info("copying %s", local)
+        copy_folder(local, scratch)
+    else:
+        sha256 = verify_sha256(local, ds.sha256)
+        log.info("extracting %s (sha256 %s)", local, sha256[:12])
+        safe_extract(local, scratch)
+    root = find_root(scratch, ROOT_MARKERS[ds.name](params), ds.source)
+    root.rename(target)
+    return {"source": ds.source, "sha256": sha256}
+
+
+def download(params: Params) -> Path:
+    name = params.dataset.name
+    target = paths.raw_dir(name)
+    with atomic_path(paths.RAW) as tmp:
+        tmp.mkdir()
+        dest = tmp / target.name
+        if name == "synthetic":
+            info = write_synthetic(params, dest)
+        else:
+            scratch = tmp / ".extract"
+            info = fetch_source(params, scratch, dest)
+            shutil.rmtree(scratch, ignore_errors=True)
+        files = sum(1 for p in dest.rglob("*") if p.is_file())
+        write_json(dest / "source.json", {"dataset": name, **info, "files": files})
+    log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
     return target
 
 

@@ -17,6 +17,7 @@ DATA = ROOT / "data"
 RAW = DATA / "raw"
 PROCESSED = DATA / "processed"
 MANIFEST = PROCESSED / "manifest.json"
+CLASS_PIXELS = PROCESSED / "class_pixels.csv"
 
 MODELS = ROOT / "models"
 REPORTS = ROOT / "reports"
@@ -33,8 +34,9 @@ def raw_dir(dataset: str) -> Path:
 
 
 def split_dir(split: str, kind: str, processed: Path | None = None) -> Path:
-    """`kind` is "images" or "labels"; `processed` defaults to PROCESSED (preprocess passes the
-    temporary folder it builds before renaming it into place)."""
+    """`kind` is "images", "labels" or "second" (a second observer's labels, DRIVE test);
+    `processed` defaults to PROCESSED (preprocess passes the temporary folder it builds
+    before renaming it into place)."""
     return (processed or PROCESSED) / split / kind
 
 
@@ -48,6 +50,19 @@ def checkpoint(arch: str) -> Path:
 
 def arch_reports(arch: str) -> Path:
     return REPORTS / arch
+
+
+def downloads() -> Path:
+    """Verified URL downloads, kept between runs (and shared by DVC's temporary copies) so a
+    dataset is fetched once."""
+    return store_root() / "data" / "downloads"
+
+
+def resolve_source(source: str) -> Path:
+    """A local dataset.source: relative paths are relative to the repository root (the real
+    one, also inside DVC's temporary experiment copies)."""
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else store_root() / path
 
 
 def store_root() -> Path:

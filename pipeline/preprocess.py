@@ -1,58 +1,30 @@
 """Stage `preprocess`: raw dataset -> data/processed/{train,val,test}/{images,labels} + crops.
 
-Labels are uint8 class indices with 255 = ignore. For vessel data (DRIVE-like) the manual
-tracing and the field-of-view mask merge into one label: 1 vessel, 0 background, 255 outside
-the FOV. Training crops (size and stride from params) go to data/processed/crops/, and
-data/processed/manifest.json describes it all (classes, splits, crops, per-channel mean/std).
+Labels are uint8 class indices with 255 = ignore (see pipeline/datasets.py for how each dataset's
+raw labels map to them). Training crops (a grid of crop_size every crop_stride px, or
+crops_per_image random ones) go to data/processed/crops/; images smaller than a crop are
+mirror-padded and their labels padded with 255. data/processed/manifest.json describes it all
+(classes, splits, crops, per-channel mean/std of the training pixels), and class_pixels.csv
+holds the per-class pixel histogram of every split.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
-from pipeline.config import Params, load_params
+from pipeline.config import IGNORE_INDEX, Params, load_params
+from pipeline.datasets import RawDataset, open_dataset, read_image
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
-VESSEL_CLASSES = ["background", "vessel"]
-
-
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.array(img.convert(mode))  # writable copy
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise PipelineError(f"{path}: unreadable or corrupt image ({exc})") from None
-
-
-def merge_vessel_label(manual: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """(H, W) manual tracing + FOV mask -> label: 1 vessel, 0 background, 255 outside the FOV."""
-    label = (manual > 127).astype(np.uint8)
-    label[fov <= 127] = IGNORE_INDEX
-    return label
-
-
-def split_stems(stems: list[str], val: int, test: int, seed: int) -> dict[str, list[str]]:
-    """Seeded random split; each list sorted so the manifest is stable and readable."""
-    order = np.random.default_rng(seed).permutation(len(stems))
-    shuffled = [stems[i] for i in order]
-    return {
-        "test": sorted(shuffled[:test]),
-        "val": sorted(shuffled[test : test + val]),
-        "train": sorted(shuffled[test + val :]),
-    }
 
 
 def crop_origins(length: int, size: int, stride: int) -> list[int]:
@@ -65,115 +37,182 @@ def crop_origins(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
-def make_crops(image: np.ndarray, label: np.ndarray, size: int, stride: int):
-    """Yield (y, x, image_crop, label_crop); images smaller than a crop are mirror-padded
-    (labels padded with 255) and crops that hold only ignored pixels are skipped."""
+def pad_to_crop(image: np.ndarray, label: np.ndarray, size: int):
+    """Mirror-pad an image smaller than a crop (labels padded with 255: ignored)."""
     h, w = label.shape
     ph, pw = max(size - h, 0), max(size - w, 0)
     if ph or pw:
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        pad = ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2)
+        image = np.pad(image, pad, mode="reflect" if min(h, w) > 1 else "edge")
         label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-    for y in crop_origins(label.shape[0], size, stride):
-        for x in crop_origins(label.shape[1], size, stride):
-            lab = label[y : y + size, x : x + size]
-            if (lab != IGNORE_INDEX).any():
-                yield y, x, image[y : y + size, x : x + size], lab
+    return image, label
+
+
+def make_crops(
+    image: np.ndarray,
+    label: np.ndarray,
+    size: int,
+    stride: int,
+    count: int = 0,
+    rng: np.random.Generator | None = None,
+):
+    """Yield (y, x, image_crop, label_crop): a grid every `stride` px (count == 0) or `count`
+    random windows (seeded by `rng`). Crops that hold only ignored pixels are skipped."""
+    image, label = pad_to_crop(image, label, size)
+    h, w = label.shape
+    if count:
+        rng = rng or np.random.default_rng(0)
+        origins = sorted(
+            {
+                (int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)))
+                for _ in range(count)
+            }
+        )
+    else:
+        origins = [
+            (y, x) for y in crop_origins(h, size, stride) for x in crop_origins(w, size, stride)
+        ]
+    for y, x in origins:
+        lab = label[y : y + size, x : x + size]
+        if (lab != IGNORE_INDEX).any():
+            yield y, x, image[y : y + size, x : x + size], lab
+
+
+def save_png(folder: Path, name: str, array: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    # fast compression: these are intermediate files, written by the thousand
+    Image.fromarray(array).save(folder / f"{name}.png", compress_level=1)
 
 
 def save_pair(
     image_dir: Path, label_dir: Path, name: str, image: np.ndarray, label: np.ndarray
 ) -> None:
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(image_dir / f"{name}.png")
-    Image.fromarray(label).save(label_dir / f"{name}.png")
+    save_png(image_dir, name, image)
+    save_png(label_dir, name, label)
 
 
-def load_synthetic(raw: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """stem -> (image (H, W, 3), label (H, W)) for the DRIVE-like layout."""
-    images = sorted((raw / "images").glob("*.png"))
-    if not images:
-        raise PipelineError(f"{raw / 'images'}: no images found (run the download stage)")
-    out = {}
-    for img_path in images:
-        stem = img_path.stem
-        image = read_image(img_path, "RGB")
-        manual = read_image(raw / "manual" / f"{stem}.png", "L")
-        fov = read_image(raw / "mask" / f"{stem}.png", "L")
-        if manual.shape != image.shape[:2] or fov.shape != image.shape[:2]:
-            raise PipelineError(
-                f"{img_path}: image is {image.shape[1]}x{image.shape[0]} but its label or mask "
-                f"is {manual.shape[1]}x{manual.shape[0]}"
-            )
-        out[stem] = (image, merge_vessel_label(manual, fov))
-    return out
+class Stats:
+    """Per-channel mean/std of the labelled training pixels and per-split class histograms,
+    accumulated image by image (a dataset never has to fit in memory)."""
+
+    def __init__(self, num_classes: int, channels: int):
+        self.num_classes = num_classes
+        self.sum = np.zeros(channels)
+        self.sq = np.zeros(channels)
+        self.n = 0
+        self.hist: dict[str, np.ndarray] = {}
+
+    def add(self, split: str, image: np.ndarray, label: np.ndarray) -> None:
+        counts = np.bincount(label.ravel(), minlength=256)
+        hist = self.hist.setdefault(split, np.zeros(self.num_classes + 1, np.int64))
+        hist[: self.num_classes] += counts[: self.num_classes]
+        hist[-1] += counts[IGNORE_INDEX]
+        if split == "train":
+            px = image[label != IGNORE_INDEX].reshape(-1, len(self.sum)).astype(np.float64) / 255
+            self.sum += px.sum(0)
+            self.sq += (px**2).sum(0)
+            self.n += len(px)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if self.n == 0:
+            raise PipelineError("the training split has no labelled pixels")
+        mean = self.sum / self.n
+        std = np.sqrt(np.maximum(self.sq / self.n - mean**2, 0)) + 1e-6
+        return mean.round(6).tolist(), std.round(6).tolist()
+
+    def write_csv(self, path: Path, class_names: list[str]) -> None:
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["split", "class_index", "class_name", "pixels", "fraction"])
+            for split, hist in self.hist.items():
+                labelled = hist[:-1].sum()
+                for c, name in enumerate(class_names):
+                    frac = hist[c] / labelled if labelled else 0.0
+                    out.writerow([split, c, name, int(hist[c]), f"{frac:.6f}"])
+                out.writerow([split, IGNORE_INDEX, "ignore", int(hist[-1]), ""])
+
+
+def observer_metrics(processed: Path, ds: RawDataset) -> dict[str, float]:
+    """The second observer's tracings scored against the reference labels like a model."""
+    import torch
+
+    from pipeline.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(len(ds.class_names), IGNORE_INDEX)
+    for item in ds.splits["test"]:
+        label = read_image(paths.split_dir("test", "labels", processed) / f"{item.stem}.png", "L")
+        second = read_image(paths.split_dir("test", "second", processed) / f"{item.stem}.png", "L")
+        second[second == IGNORE_INDEX] = 0  # outside the FOV: ignored through the label anyway
+        cm.update(torch.from_numpy(second), torch.from_numpy(label))
+    return {k: round(v, 6) for k, v in cm.compute(ds.class_names).items()}
 
 
 def preprocess(params: Params) -> Path:
-    ds, pp = params.dataset, params.preprocess
-    samples = load_synthetic(paths.raw_dir(ds.name))
-    need = ds.val_count + ds.test_count + 1
-    if len(samples) < need:
-        raise PipelineError(
-            f"{paths.raw_dir(ds.name)}: {len(samples)} images, but dataset.val_count + "
-            f"dataset.test_count + 1 training image need {need}"
-        )
-    splits = split_stems(sorted(samples), ds.val_count, ds.test_count, params.seed)
-
+    pp = params.preprocess
+    ds = open_dataset(params)
+    stats = Stats(len(ds.class_names), ds.in_channels)
+    rng = np.random.default_rng(params.seed)
+    crops: list[str] = []
+    has_second = False
     target = paths.PROCESSED
     with atomic_path(target) as tmp:
-        for split, stems in splits.items():
-            for stem in stems:
-                save_pair(
-                    paths.split_dir(split, "images", tmp),
-                    paths.split_dir(split, "labels", tmp),
-                    stem,
-                    *samples[stem],
-                )
-        crops = []
-        for stem in splits["train"]:
-            image, label = samples[stem]
-            for y, x, img_c, lab_c in make_crops(image, label, pp.crop_size, pp.crop_stride):
-                name = f"{stem}_y{y:04d}_x{x:04d}"
-                save_pair(
-                    paths.crops_dir("images", tmp),
-                    paths.crops_dir("labels", tmp),
-                    name,
-                    img_c,
-                    lab_c,
-                )
-                crops.append(name)
-
-        # normalisation statistics from the training split, inside the labelled area only
-        train_px = (
-            np.concatenate(
-                [samples[s][0][samples[s][1] != IGNORE_INDEX] for s in splits["train"]]
-            ).astype(np.float64)
-            / 255.0
-        )  # (N, 3)
-        counts = np.zeros(len(VESSEL_CLASSES), np.int64)
-        for s in splits["train"]:
-            lab = samples[s][1]
-            counts += np.bincount(lab[lab != IGNORE_INDEX], minlength=len(VESSEL_CLASSES))
+        for split, items in ds.splits.items():
+            images, labels = (
+                paths.split_dir(split, "images", tmp),
+                paths.split_dir(split, "labels", tmp),
+            )
+            for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2):
+                sample = ds.read(item)
+                save_pair(images, labels, item.stem, sample.image, sample.label)
+                if sample.second is not None:
+                    save_png(paths.split_dir(split, "second", tmp), item.stem, sample.second)
+                    has_second = True
+                stats.add(split, sample.image, sample.label)
+                if split != "train":
+                    continue
+                for y, x, img_c, lab_c in make_crops(
+                    sample.image,
+                    sample.label,
+                    pp.crop_size,
+                    pp.crop_stride,
+                    pp.crops_per_image,
+                    rng,
+                ):
+                    name = f"{item.stem}_y{y:04d}_x{x:04d}"
+                    save_pair(
+                        paths.crops_dir("images", tmp),
+                        paths.crops_dir("labels", tmp),
+                        name,
+                        img_c,
+                        lab_c,
+                    )
+                    crops.append(name)
+        if not crops:
+            raise PipelineError(f"{ds.root}: no training crop holds a labelled pixel")
+        mean, std = stats.mean_std()
+        stats.write_csv(tmp / paths.CLASS_PIXELS.name, ds.class_names)
         manifest = {
             "dataset": ds.name,
-            "num_classes": len(VESSEL_CLASSES),
-            "class_names": VESSEL_CLASSES,
-            "in_channels": 3,
+            "num_classes": len(ds.class_names),
+            "class_names": ds.class_names,
+            "in_channels": ds.in_channels,
             "ignore_index": IGNORE_INDEX,
-            "mean": train_px.mean(0).round(6).tolist(),
-            "std": train_px.std(0).round(6).tolist(),
-            "train_class_pixels": counts.tolist(),
+            "mean": mean,
+            "std": std,
+            "train_class_pixels": stats.hist["train"][:-1].tolist(),
             "crop_size": pp.crop_size,
             "crop_stride": pp.crop_stride,
-            "splits": splits,
+            "crops_per_image": pp.crops_per_image,
+            "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},
             "crops": crops,
+            # DRIVE: a second human's tracing of the test images, scored like a model
+            "second_observer": observer_metrics(tmp, ds) if has_second else None,
         }
         write_json(tmp / paths.MANIFEST.name, manifest)
     log.info(
         "processed %s: %s images, %d training crops of %d px",
         ds.name,
-        {k: len(v) for k, v in splits.items()},
+        {k: len(v) for k, v in ds.splits.items()},
         len(crops),
         pp.crop_size,
     )

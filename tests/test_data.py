@@ -15,16 +15,10 @@ from PIL import Image
 from pipeline import data, paths
 from pipeline import preprocess as pre
 from pipeline.common import PipelineError
-from pipeline.config import Params, parse_params
+from pipeline.config import IGNORE_INDEX, Params, parse_params
+from pipeline.datasets import merge_vessel_label, read_image, split_stems
 from pipeline.download import download
-from pipeline.preprocess import (
-    IGNORE_INDEX,
-    crop_origins,
-    make_crops,
-    merge_vessel_label,
-    read_image,
-    split_stems,
-)
+from pipeline.preprocess import crop_origins, make_crops
 from pipeline.synthetic import generate
 
 TINY = {
@@ -292,7 +286,7 @@ def test_download_writes_the_drive_layout(project, tiny):
     for sub in ("images", "manual", "mask"):
         assert sorted(p.stem for p in (raw / sub).glob("*.png")) == stems
     source = json.loads((raw / "source.json").read_text())
-    assert source == {"dataset": "synthetic", "seed": 3, "num_images": 6, "size": 64}
+    assert source == {"dataset": "synthetic", "seed": 3, "num_images": 6, "size": 64, "files": 18}
     image = read_image(raw / "images" / "000.png", "RGB")
     assert image.shape == (64, 64, 3)
     assert set(np.unique(read_image(raw / "manual" / "000.png", "L"))) <= {0, 255}
@@ -324,8 +318,10 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "train_class_pixels",
         "crop_size",
         "crop_stride",
+        "crops_per_image",
         "splits",
         "crops",
+        "second_observer",
     }
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["background", "vessel"]
     assert manifest["in_channels"] == 3 and manifest["ignore_index"] == 255
