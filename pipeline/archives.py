@@ -76,7 +76,9 @@ def fetch_url(url: str, dest_dir: Path, sha256: str = "", timeout: float = 30.0)
         h = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
             total = int(resp.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=name, delay=1) as bar:
+            with tqdm(
+                total=total or None, unit="B", unit_scale=True, desc=name, delay=1, disable=None
+            ) as bar:
                 while chunk := resp.read(CHUNK):
                     f.write(chunk)
                     h.update(chunk)
@@ -155,7 +157,7 @@ def _extract_zip(archive: Path, target: Path) -> None:
             if stat.S_ISLNK(info.external_attr >> 16):
                 link = zf.read(info).decode("utf-8", "replace")
                 _check_link(archive, info.filename, link, dest.parent, target)
-        for info in tqdm(infos, desc=archive.name, unit="file", delay=2):
+        for info in tqdm(infos, desc=archive.name, unit="file", delay=2, disable=None):
             zf.extract(info, target)  # CRC-checked: a damaged member raises BadZipFile
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from pipeline import paths
 from pipeline.common import PipelineError
@@ -42,7 +42,10 @@ class FolderParams(Section):
     labels: Annotated[str, Field(min_length=1)] = "labels"
     masks: str = ""  # optional FOV/ignore masks: 0 = ignore, anything else = keep
     # raw label pixel value -> class index (255 = ignore); a value not listed is an error
-    mapping: dict[Annotated[int, Field(ge=0, le=65535)], Annotated[int, Field(ge=0, le=255)]] = {
+    # keys may also be digit strings ("255"), as `dvc exp run -S` or JSON would write them
+    mapping: dict[
+        Annotated[int, Strict(False), Field(ge=0, le=65535)], Annotated[int, Field(ge=0, le=255)]
+    ] = {
         0: 0,
         255: 1,
     }
@@ -227,7 +230,7 @@ class Params(Section):
 
 def _one_line(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+    key = ".".join(str(p) for p in err["loc"] if p != "[key]")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"

@@ -51,7 +51,7 @@ def write_synthetic(params: Params, target: Path) -> dict:
     for sub in ("images", "manual", "mask"):
         (target / sub).mkdir(parents=True)
     samples = generate(params.seed, ds.num_images, ds.image_size)
-    for i, sample in enumerate(tqdm(samples, desc="synthetic", unit="img", delay=2)):
+    for i, sample in enumerate(tqdm(samples, desc="synthetic", unit="img", delay=2, disable=None)):
         stem = f"{i:03d}"
         Image.fromarray(sample.image).save(target / "images" / f"{stem}.png")
         Image.fromarray(sample.vessels).save(target / "manual" / f"{stem}.png")

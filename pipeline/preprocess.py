@@ -161,7 +161,7 @@ def preprocess(params: Params) -> Path:
                 paths.split_dir(split, "images", tmp),
                 paths.split_dir(split, "labels", tmp),
             )
-            for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2):
+            for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2, disable=None):
                 sample = ds.read(item)
                 save_pair(images, labels, item.stem, sample.image, sample.label)
                 if sample.second is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data, paths
+from pipeline import data
 from pipeline import preprocess as pre
 from pipeline.common import PipelineError
 from pipeline.config import IGNORE_INDEX, Params, parse_params
@@ -243,26 +243,6 @@ def test_read_image_missing_file(tmp_path):
 
 
 # --- the download and preprocess stages in a temporary project ------------------------------
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """Point every path constant at an empty temporary project root."""
-    root = tmp_path / "project"
-    root.mkdir()
-    patched = {
-        "ROOT": root,
-        "PARAMS": root / "params.yaml",
-        "DATA": root / "data",
-        "RAW": root / "data" / "raw",
-        "PROCESSED": root / "data" / "processed",
-        "MANIFEST": root / "data" / "processed" / "manifest.json",
-        "MODELS": root / "models",
-        "REPORTS": root / "reports",
-    }
-    for name, value in patched.items():
-        monkeypatch.setattr(paths, name, value)
-    return root
 
 
 @pytest.fixture
