@@ -1,0 +1,373 @@
+"""Real dataset layouts (DRIVE, CamVid, a folder of your own) through download + preprocess, on
+tiny fakes built in the test, and every kind of bad input naming its culprit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data
+from pipeline.common import PipelineError
+from pipeline.config import parse_params
+from pipeline.datasets import CAMVID_CLASSES, map_labels, read_label
+from pipeline.download import download
+from pipeline.preprocess import make_crops, preprocess
+
+RNG = np.random.default_rng(0)
+SIZE = (40, 36)  # (H, W): not a multiple of anything, smaller than some crops
+
+
+def _image(h=SIZE[0], w=SIZE[1], gray=False) -> np.ndarray:
+    shape = (h, w) if gray else (h, w, 3)
+    return RNG.integers(0, 256, shape, dtype=np.uint8)
+
+
+def _save(path: Path, array: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def _fov(h=SIZE[0], w=SIZE[1]) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2.2) ** 2).astype(np.uint8) * 255
+
+
+def make_drive(root: Path, train: int = 5, test: int = 3) -> Path:
+    """DRIVE's original layout: tif images, gif tracings and FOV masks, 2nd_manual for test."""
+    top = root / "DRIVE"
+    fov = _fov()
+    for split, numbers in (("training", range(21, 21 + train)), ("test", range(1, 1 + test))):
+        for n in numbers:
+            kind = "training" if split == "training" else "test"
+            _save(top / split / "images" / f"{n:02d}_{kind}.tif", _image())
+            manual = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
+            _save(top / split / "1st_manual" / f"{n:02d}_manual1.gif", manual)
+            _save(top / split / "mask" / f"{n:02d}_{kind}_mask.gif", fov)
+            if split == "test":
+                second = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
+                _save(top / split / "2nd_manual" / f"{n:02d}_manual2.gif", second)
+    return top
+
+
+def make_camvid(root: Path, counts=(4, 2, 2)) -> Path:
+    """SegNet's CamVid layout: jpg images, png annotations with 0..10 and 11 = void."""
+    top = root / "CamVid"
+    for split, count in zip(("train", "val", "test"), counts, strict=True):
+        (top / split).mkdir(parents=True, exist_ok=True)
+        (top / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            stem = f"0001TP_{split}_{i:03d}"
+            ext = ".png" if i == 0 else ".jpg"  # extensions vary; pairing is by stem
+            _save(top / split / f"{stem}{ext}", _image())
+            _save(top / f"{split}annot" / f"{stem}.png", RNG.integers(0, 12, SIZE, dtype=np.uint8))
+    return top
+
+
+def make_folder(root: Path, count=10, gray=False, masks=False, splits=False) -> Path:
+    """Your own data: images/ and labels/ (0/255 masks), optional masks/ and split folders."""
+    top = root / "mydata"
+    groups = {"train": count, "val": 2, "test": 2} if splits else {"": count}
+    for split, n in groups.items():
+        for i in range(n):
+            stem = f"{split or 'img'}{i:02d}"
+            _save(top / "images" / split / f"{stem}.png", _image(gray=gray))
+            label = (RNG.random(SIZE) < 0.3).astype(np.uint8) * 255
+            _save(top / "labels" / split / f"{stem}.png", label)
+            if masks:
+                _save(top / "masks" / split / f"{stem}.png", _fov())
+    return top
+
+
+def zip_dir(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(folder.parent))
+    return archive
+
+
+def params(name: str, source: Path, **dataset):
+    folder = dataset.pop("folder", {})
+    return parse_params(
+        {
+            "seed": 1,
+            "dataset": {"name": name, "source": str(source), "val_count": 1, **dataset}
+            | ({"folder": folder} if folder else {}),
+            "preprocess": {"crop_size": 32, "crop_stride": 16},
+        }
+    )
+
+
+def run(p) -> dict:
+    download(p)
+    processed = preprocess(p)
+    return json.loads((processed / "manifest.json").read_text())
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def png(path: Path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+# --- DRIVE -----------------------------------------------------------------------------------
+
+
+def test_drive_from_its_zip(project, tmp_path):
+    archive = zip_dir(make_drive(tmp_path / "src"), tmp_path / "DRIVE.zip")
+    manifest = run(params("drive", archive))
+    processed = project / "data" / "processed"
+    assert manifest["class_names"] == ["background", "vessel"] and manifest["in_channels"] == 3
+    assert {k: len(v) for k, v in manifest["splits"].items()} == {"train": 4, "val": 1, "test": 3}
+    assert manifest["splits"]["test"] == ["01_test", "02_test", "03_test"]
+    raw = project / "data" / "raw" / "drive"
+    for stem in manifest["splits"]["test"]:
+        n = stem[:2]
+        label = png(processed / "test" / "labels" / f"{stem}.png")
+        fov = png(raw / "test" / "mask" / f"{n}_test_mask.gif")
+        manual = np.array(Image.open(raw / "test" / "1st_manual" / f"{n}_manual1.gif").convert("L"))
+        assert set(np.unique(label)) <= {0, 1, 255}
+        assert np.array_equal(label == 255, fov == 0)  # ignored exactly outside the FOV
+        assert np.array_equal(label == 1, (manual > 127) & (fov > 0))
+        second = png(processed / "test" / "second" / f"{stem}.png")
+        assert np.array_equal(second == 255, fov == 0)
+    assert not (processed / "train" / "second").exists()
+    observer = manifest["second_observer"]
+    assert 0 < observer["dice"] < 1 and 0 < observer["global_accuracy"] < 1
+
+
+def test_drive_validation_images_are_drawn_from_training_by_seed(project, tmp_path):
+    archive = zip_dir(make_drive(tmp_path / "src", train=8), tmp_path / "DRIVE.zip")
+    a = run(params("drive", archive, val_count=3))["splits"]
+    b = run(params("drive", archive, val_count=3))["splits"]
+    assert a == b and len(a["val"]) == 3 and not set(a["val"]) & set(a["train"])
+    assert all(s.endswith("_training") for s in a["train"] + a["val"])
+
+
+def test_drive_image_without_its_tracing_is_named(project, tmp_path):
+    top = make_drive(tmp_path / "src")
+    (top / "training" / "1st_manual" / "22_manual1.gif").unlink()
+    download(params("drive", top))
+    with pytest.raises(PipelineError, match=r"22_training\.tif: no label for this image"):
+        preprocess(params("drive", top))
+
+
+# --- CamVid ----------------------------------------------------------------------------------
+
+
+def test_camvid_pairs_by_stem_and_maps_void_to_ignore(project, tmp_path):
+    top = make_camvid(tmp_path / "src")
+    manifest = run(params("camvid", zip_dir(top, tmp_path / "CamVid.zip")))
+    assert manifest["class_names"] == CAMVID_CLASSES and manifest["num_classes"] == 11
+    assert {k: len(v) for k, v in manifest["splits"].items()} == {"train": 4, "val": 2, "test": 2}
+    processed = project / "data" / "processed"
+    for split, stems in manifest["splits"].items():
+        for stem in stems:
+            raw = png(top / f"{split}annot" / f"{stem}.png")
+            label = png(processed / split / "labels" / f"{stem}.png")
+            assert np.array_equal(label == 255, raw == 11)
+            assert np.array_equal(label[raw != 11], raw[raw != 11])
+            assert png(processed / split / "images" / f"{stem}.png").shape == (*SIZE, 3)
+
+
+def test_class_histogram_is_written_with_the_processed_data(project, tmp_path):
+    top = make_camvid(tmp_path / "src")
+    manifest = run(params("camvid", top))
+    with open(project / "data" / "processed" / "class_pixels.csv") as f:
+        rows = list(csv.DictReader(f))
+    for split, stems in manifest["splits"].items():
+        raw = np.concatenate([png(top / f"{split}annot" / f"{s}.png").ravel() for s in stems])
+        mine = {int(r["class_index"]): int(r["pixels"]) for r in rows if r["split"] == split}
+        assert mine == {
+            **{c: int((raw == c).sum()) for c in range(11)},
+            255: int((raw == 11).sum()),
+        }
+        names = [r["class_name"] for r in rows if r["split"] == split]
+        assert names == [*CAMVID_CLASSES, "ignore"]
+    train = {int(r["class_index"]): int(r["pixels"]) for r in rows if r["split"] == "train"}
+    assert manifest["train_class_pixels"] == [train[c] for c in range(11)]
+
+
+def test_camvid_label_value_outside_its_classes_is_named(project, tmp_path):
+    top = make_camvid(tmp_path / "src")
+    bad = top / "valannot" / "0001TP_val_001.png"
+    _save(bad, np.full(SIZE, 12, np.uint8))
+    download(params("camvid", top))
+    with pytest.raises(PipelineError, match=r"0001TP_val_001\.png: label value 12 is not in"):
+        preprocess(params("camvid", top))
+
+
+def test_camvid_empty_split_is_named(project, tmp_path):
+    top = make_camvid(tmp_path / "src")
+    for p in (top / "test").iterdir():
+        p.unlink()
+    download(params("camvid", top))
+    with pytest.raises(PipelineError, match=r"camvid/test: no images \(empty split\)"):
+        preprocess(params("camvid", top))
+
+
+# --- a folder of your own ----------------------------------------------------------------------
+
+
+def test_folder_with_mapping_fractions_and_ignore_masks(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=10, masks=True)
+    p = params(
+        "folder",
+        top,
+        folder={"masks": "masks", "class_names": ["bg", "cell"], "mapping": {0: 0, 255: 1}},
+    )
+    manifest = run(p)
+    assert {k: len(v) for k, v in manifest["splits"].items()} == {"train": 7, "val": 1, "test": 2}
+    assert manifest["class_names"] == ["bg", "cell"] and manifest["num_classes"] == 2
+    processed = project / "data" / "processed"
+    stem = manifest["splits"]["val"][0]
+    label = png(processed / "val" / "labels" / f"{stem}.png")
+    raw = png(top / "labels" / f"{stem}.png")
+    assert np.array_equal(label == 255, _fov() == 0)
+    assert np.array_equal(label[_fov() > 0], (raw[_fov() > 0] == 255).astype(np.uint8))
+
+
+def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=3, gray=True, splits=True)
+    manifest = run(params("folder", top, folder={"split": "folders"}))
+    assert manifest["in_channels"] == 1 and len(manifest["mean"]) == 1
+    assert manifest["splits"]["train"] == ["train00", "train01", "train02"]
+    assert manifest["splits"]["val"] == ["val00", "val01"]
+    image, label = data.crops_dataset(manifest, augment=True, seed=0)[0]
+    assert image.shape == (1, 32, 32) and label.shape == (32, 32)
+    image, _ = data.split_dataset(manifest, "test")[0]
+    assert image.shape == (1, *SIZE)
+
+
+def test_folder_label_value_missing_from_the_mapping_is_named(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    _save(top / "labels" / "img03.png", np.full(SIZE, 128, np.uint8))
+    download(params("folder", top))
+    with pytest.raises(PipelineError) as err:
+        preprocess(params("folder", top))
+    assert "img03.png: label value 128 is not in dataset.folder.mapping {0: 0, 255: 1}" in str(
+        err.value
+    )
+
+
+def test_folder_image_and_label_of_different_sizes_are_named(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    _save(top / "labels" / "img04.png", np.zeros((20, 20), np.uint8))
+    download(params("folder", top))
+    with pytest.raises(PipelineError, match=r"img04\.png: image is 36x40 but img04\.png is 20x20"):
+        preprocess(params("folder", top))
+
+
+def test_folder_image_without_a_label_is_named(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    (top / "labels" / "img05.png").unlink()
+    download(params("folder", top))
+    with pytest.raises(PipelineError, match=r"images/img05\.png: no label for this image"):
+        preprocess(params("folder", top))
+
+
+def test_folder_corrupt_and_truncated_images_are_named(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    (top / "images" / "img01.png").write_bytes(b"not an image at all")
+    good = (top / "images" / "img02.png").read_bytes()
+    (top / "images" / "img02.png").write_bytes(good[: len(good) // 2])
+    download(params("folder", top))
+    with pytest.raises(PipelineError, match=r"img0[12]\.png: unreadable or corrupt image"):
+        preprocess(params("folder", top))
+    (top / "images" / "img01.png").write_bytes(good)
+    download(params("folder", top))
+    with pytest.raises(PipelineError, match=r"img02\.png: unreadable or corrupt image"):
+        preprocess(params("folder", top))
+
+
+@pytest.mark.parametrize(
+    ("fractions", "key"),
+    [((0.01, 0.2), "val_fraction"), ((0.25, 0.0), "test_fraction"), ((0.5, 0.49), "val_fraction")],
+)
+def test_folder_empty_split_from_fractions_is_named(project, tmp_path, fractions, key):
+    top = make_folder(tmp_path / "src", count=4)
+    p = params("folder", top, folder={"val_fraction": fractions[0], "test_fraction": fractions[1]})
+    download(p)
+    with pytest.raises(PipelineError, match=rf"dataset\.folder\.{key}"):
+        preprocess(p)
+
+
+def test_folder_empty_split_folder_is_named(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=3, splits=True)
+    for p in (top / "images" / "val").iterdir():
+        p.unlink()
+    download(params("folder", top, folder={"split": "folders"}))
+    with pytest.raises(PipelineError, match=r"images/val: no images \(empty split\)"):
+        preprocess(params("folder", top, folder={"split": "folders"}))
+
+
+def test_failed_preprocess_leaves_raw_and_previous_processed_data_intact(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    run(params("folder", top))
+    raw, processed = project / "data" / "raw", project / "data" / "processed"
+    before_raw, before_processed = snapshot(raw), snapshot(processed)
+    shutil.copy(raw / "folder" / "labels" / "img00.png", tmp_path / "keep.png")
+    _save(raw / "folder" / "labels" / "img06.png", np.full(SIZE, 7, np.uint8))
+    with pytest.raises(PipelineError, match="label value 7"):
+        preprocess(params("folder", top))
+    assert snapshot(processed) == before_processed
+    changed = {k for k in snapshot(raw) if snapshot(raw)[k] != before_raw[k]}
+    assert changed == {"folder/labels/img06.png"}  # only what the test itself damaged
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["processed", "raw"]
+
+
+# --- labels and crops ----------------------------------------------------------------------------
+
+
+def test_read_label_keeps_palette_indices_and_refuses_colour(tmp_path):
+    pal = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    assert read_label(tmp_path / "pal.png").tolist() == [[0, 1], [2, 1]]
+    grey_rgb = np.stack([np.array([[0, 255]], np.uint8)] * 3, -1)
+    _save(tmp_path / "grey.png", grey_rgb)
+    assert read_label(tmp_path / "grey.png").tolist() == [[0, 255]]
+    colour = np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)
+    _save(tmp_path / "colour.png", colour)
+    with pytest.raises(PipelineError, match="colour.png: colour label image"):
+        read_label(tmp_path / "colour.png")
+
+
+def test_map_labels_handles_16_bit_values(tmp_path):
+    raw = np.array([[0, 1000], [65535, 1000]], np.uint16)
+    out = map_labels(raw, {0: 0, 1000: 1, 65535: 255}, tmp_path / "x.png", "key")
+    assert out.dtype == np.uint8 and out.tolist() == [[0, 1], [255, 1]]
+
+
+def test_random_crops_are_seeded_inside_and_padded_when_the_image_is_small():
+    image, label = _image(), np.zeros(SIZE, np.uint8)
+    a = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
+    b = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
+    assert [(y, x) for y, x, *_ in a] == [(y, x) for y, x, *_ in b] and 1 <= len(a) <= 5
+    for y, x, img_c, _ in a:
+        assert img_c.shape == (32, 32, 3) and np.array_equal(img_c, image[y : y + 32, x : x + 32])
+    big = list(make_crops(image, label, 48, 16, count=3, rng=np.random.default_rng(0)))
+    (y, x, img_c, lab_c) = big[0]
+    assert (y, x) == (0, 0) and img_c.shape == (48, 48, 3)
+    assert (lab_c[40:] == 255).all() and (lab_c[:, 36:] == 255).all()
+    assert np.array_equal(img_c[40:44, :36], image[38:34:-1])  # mirrored, not repeated
+
+
+def test_preprocess_random_crops_per_image(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    p = params("folder", top)
+    p = p.model_copy(update={"preprocess": p.preprocess.model_copy(update={"crops_per_image": 2})})
+    manifest = run(p)
+    per_image = {}
+    for name in manifest["crops"]:
+        per_image[name.split("_y")[0]] = per_image.get(name.split("_y")[0], 0) + 1
+    assert set(per_image) == set(manifest["splits"]["train"]) and max(per_image.values()) <= 2
