@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,78 +18,16 @@ from pipeline.config import parse_params
 from pipeline.datasets import CAMVID_CLASSES, map_labels, read_label
 from pipeline.download import download
 from pipeline.preprocess import make_crops, preprocess
-
-RNG = np.random.default_rng(0)
-SIZE = (40, 36)  # (H, W): not a multiple of anything, smaller than some crops
-
-
-def _image(h=SIZE[0], w=SIZE[1], gray=False) -> np.ndarray:
-    shape = (h, w) if gray else (h, w, 3)
-    return RNG.integers(0, 256, shape, dtype=np.uint8)
-
-
-def _save(path: Path, array: np.ndarray, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, **kw)
-    return path
-
-
-def _fov(h=SIZE[0], w=SIZE[1]) -> np.ndarray:
-    yy, xx = np.mgrid[:h, :w]
-    return (((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2.2) ** 2).astype(np.uint8) * 255
-
-
-def make_drive(root: Path, train: int = 5, test: int = 3) -> Path:
-    """DRIVE's original layout: tif images, gif tracings and FOV masks, 2nd_manual for test."""
-    top = root / "DRIVE"
-    fov = _fov()
-    for split, numbers in (("training", range(21, 21 + train)), ("test", range(1, 1 + test))):
-        for n in numbers:
-            kind = "training" if split == "training" else "test"
-            _save(top / split / "images" / f"{n:02d}_{kind}.tif", _image())
-            manual = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
-            _save(top / split / "1st_manual" / f"{n:02d}_manual1.gif", manual)
-            _save(top / split / "mask" / f"{n:02d}_{kind}_mask.gif", fov)
-            if split == "test":
-                second = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
-                _save(top / split / "2nd_manual" / f"{n:02d}_manual2.gif", second)
-    return top
-
-
-def make_camvid(root: Path, counts=(4, 2, 2)) -> Path:
-    """SegNet's CamVid layout: jpg images, png annotations with 0..10 and 11 = void."""
-    top = root / "CamVid"
-    for split, count in zip(("train", "val", "test"), counts, strict=True):
-        (top / split).mkdir(parents=True, exist_ok=True)
-        (top / f"{split}annot").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            stem = f"0001TP_{split}_{i:03d}"
-            ext = ".png" if i == 0 else ".jpg"  # extensions vary; pairing is by stem
-            _save(top / split / f"{stem}{ext}", _image())
-            _save(top / f"{split}annot" / f"{stem}.png", RNG.integers(0, 12, SIZE, dtype=np.uint8))
-    return top
-
-
-def make_folder(root: Path, count=10, gray=False, masks=False, splits=False) -> Path:
-    """Your own data: images/ and labels/ (0/255 masks), optional masks/ and split folders."""
-    top = root / "mydata"
-    groups = {"train": count, "val": 2, "test": 2} if splits else {"": count}
-    for split, n in groups.items():
-        for i in range(n):
-            stem = f"{split or 'img'}{i:02d}"
-            _save(top / "images" / split / f"{stem}.png", _image(gray=gray))
-            label = (RNG.random(SIZE) < 0.3).astype(np.uint8) * 255
-            _save(top / "labels" / split / f"{stem}.png", label)
-            if masks:
-                _save(top / "masks" / split / f"{stem}.png", _fov())
-    return top
-
-
-def zip_dir(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in sorted(folder.rglob("*")):
-            zf.write(p, p.relative_to(folder.parent))
-    return archive
+from tests.fakes import (
+    SIZE,
+    fov_mask,
+    make_camvid,
+    make_drive,
+    make_folder,
+    random_image,
+    save_image,
+    zip_dir,
+)
 
 
 def params(name: str, source: Path, **dataset):
@@ -200,7 +137,7 @@ def test_class_histogram_is_written_with_the_processed_data(project, tmp_path):
 def test_camvid_label_value_outside_its_classes_is_named(project, tmp_path):
     top = make_camvid(tmp_path / "src")
     bad = top / "valannot" / "0001TP_val_001.png"
-    _save(bad, np.full(SIZE, 12, np.uint8))
+    save_image(bad, np.full(SIZE, 12, np.uint8))
     download(params("camvid", top))
     with pytest.raises(PipelineError, match=r"0001TP_val_001\.png: label value 12 is not in"):
         preprocess(params("camvid", top))
@@ -232,8 +169,8 @@ def test_folder_with_mapping_fractions_and_ignore_masks(project, tmp_path):
     stem = manifest["splits"]["val"][0]
     label = png(processed / "val" / "labels" / f"{stem}.png")
     raw = png(top / "labels" / f"{stem}.png")
-    assert np.array_equal(label == 255, _fov() == 0)
-    assert np.array_equal(label[_fov() > 0], (raw[_fov() > 0] == 255).astype(np.uint8))
+    assert np.array_equal(label == 255, fov_mask() == 0)
+    assert np.array_equal(label[fov_mask() > 0], (raw[fov_mask() > 0] == 255).astype(np.uint8))
 
 
 def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
@@ -250,7 +187,7 @@ def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
 
 def test_folder_label_value_missing_from_the_mapping_is_named(project, tmp_path):
     top = make_folder(tmp_path / "src")
-    _save(top / "labels" / "img03.png", np.full(SIZE, 128, np.uint8))
+    save_image(top / "labels" / "img03.png", np.full(SIZE, 128, np.uint8))
     download(params("folder", top))
     with pytest.raises(PipelineError) as err:
         preprocess(params("folder", top))
@@ -261,7 +198,7 @@ def test_folder_label_value_missing_from_the_mapping_is_named(project, tmp_path)
 
 def test_folder_image_and_label_of_different_sizes_are_named(project, tmp_path):
     top = make_folder(tmp_path / "src")
-    _save(top / "labels" / "img04.png", np.zeros((20, 20), np.uint8))
+    save_image(top / "labels" / "img04.png", np.zeros((20, 20), np.uint8))
     download(params("folder", top))
     with pytest.raises(PipelineError, match=r"img04\.png: image is 36x40 but img04\.png is 20x20"):
         preprocess(params("folder", top))
@@ -316,7 +253,7 @@ def test_failed_preprocess_leaves_raw_and_previous_processed_data_intact(project
     raw, processed = project / "data" / "raw", project / "data" / "processed"
     before_raw, before_processed = snapshot(raw), snapshot(processed)
     shutil.copy(raw / "folder" / "labels" / "img00.png", tmp_path / "keep.png")
-    _save(raw / "folder" / "labels" / "img06.png", np.full(SIZE, 7, np.uint8))
+    save_image(raw / "folder" / "labels" / "img06.png", np.full(SIZE, 7, np.uint8))
     with pytest.raises(PipelineError, match="label value 7"):
         preprocess(params("folder", top))
     assert snapshot(processed) == before_processed
@@ -334,10 +271,10 @@ def test_read_label_keeps_palette_indices_and_refuses_colour(tmp_path):
     pal.save(tmp_path / "pal.png")
     assert read_label(tmp_path / "pal.png").tolist() == [[0, 1], [2, 1]]
     grey_rgb = np.stack([np.array([[0, 255]], np.uint8)] * 3, -1)
-    _save(tmp_path / "grey.png", grey_rgb)
+    save_image(tmp_path / "grey.png", grey_rgb)
     assert read_label(tmp_path / "grey.png").tolist() == [[0, 255]]
     colour = np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)
-    _save(tmp_path / "colour.png", colour)
+    save_image(tmp_path / "colour.png", colour)
     with pytest.raises(PipelineError, match="colour.png: colour label image"):
         read_label(tmp_path / "colour.png")
 
@@ -349,7 +286,7 @@ def test_map_labels_handles_16_bit_values(tmp_path):
 
 
 def test_random_crops_are_seeded_inside_and_padded_when_the_image_is_small():
-    image, label = _image(), np.zeros(SIZE, np.uint8)
+    image, label = random_image(), np.zeros(SIZE, np.uint8)
     a = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
     b = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
     assert [(y, x) for y, x, *_ in a] == [(y, x) for y, x, *_ in b] and 1 <= len(a) <= 5

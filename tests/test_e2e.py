@@ -6,20 +6,17 @@ Slow (about two minutes on 2 cores): run with `pytest -m slow`, skip with `-m "n
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
+
+from tests.project import dvc, env, make_repo
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parent.parent
 EPOCHS = 2
 SMALL = {  # a few seconds per stage, same code paths as the defaults
     "epochs": EPOCHS,
@@ -33,62 +30,9 @@ SMALL = {  # a few seconds per stage, same code paths as the defaults
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
-    return out
-
-
-def _project_files() -> list[str]:
-    """What a clone holds: tracked files plus new, not-ignored ones (a work in progress)."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return [f for f in out if (PROJECT / f).is_file() and not f.startswith("reports/")]
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for rel in _project_files():
-        dest = root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT / rel, dest)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q", "-b", "main"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-q", "-m", "baseline"],
-    ):
-        subprocess.run(cmd, cwd=root, check=True, env=_env())
-    return root
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-    )
-    return env
-
-
-def dvc(repo: Path, *args: str) -> str:
-    proc = subprocess.run(
-        ["dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return make_repo(tmp_path_factory.mktemp("project"), SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +144,7 @@ def test_bad_param_stops_with_one_line_and_keeps_earlier_outputs(repo: Path, rep
     proc = subprocess.run(
         ["dvc", "exp", "run", "-S", "lr=-1"],
         cwd=repo,
-        env=_env(),
+        env=env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,0 +1,83 @@
+"""Tiny fakes of the real dataset layouts (DRIVE, CamVid, a folder of your own), for tests."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RNG = np.random.default_rng(0)
+SIZE = (40, 36)  # (H, W): not a multiple of anything, smaller than some crops
+
+
+def random_image(h=SIZE[0], w=SIZE[1], gray=False) -> np.ndarray:
+    shape = (h, w) if gray else (h, w, 3)
+    return RNG.integers(0, 256, shape, dtype=np.uint8)
+
+
+def save_image(path: Path, array: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def fov_mask(h=SIZE[0], w=SIZE[1]) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2.2) ** 2).astype(np.uint8) * 255
+
+
+def make_drive(root: Path, train: int = 5, test: int = 3) -> Path:
+    """DRIVE's original layout: tif images, gif tracings and FOV masks, 2nd_manual for test."""
+    top = root / "DRIVE"
+    fov = fov_mask()
+    for split, numbers in (("training", range(21, 21 + train)), ("test", range(1, 1 + test))):
+        for n in numbers:
+            kind = "training" if split == "training" else "test"
+            save_image(top / split / "images" / f"{n:02d}_{kind}.tif", random_image())
+            manual = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
+            save_image(top / split / "1st_manual" / f"{n:02d}_manual1.gif", manual)
+            save_image(top / split / "mask" / f"{n:02d}_{kind}_mask.gif", fov)
+            if split == "test":
+                second = (RNG.random(SIZE) < 0.15).astype(np.uint8) * 255
+                save_image(top / split / "2nd_manual" / f"{n:02d}_manual2.gif", second)
+    return top
+
+
+def make_camvid(root: Path, counts=(4, 2, 2)) -> Path:
+    """SegNet's CamVid layout: jpg images, png annotations with 0..10 and 11 = void."""
+    top = root / "CamVid"
+    for split, count in zip(("train", "val", "test"), counts, strict=True):
+        (top / split).mkdir(parents=True, exist_ok=True)
+        (top / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            stem = f"0001TP_{split}_{i:03d}"
+            ext = ".png" if i == 0 else ".jpg"  # extensions vary; pairing is by stem
+            save_image(top / split / f"{stem}{ext}", random_image())
+            save_image(
+                top / f"{split}annot" / f"{stem}.png", RNG.integers(0, 12, SIZE, dtype=np.uint8)
+            )
+    return top
+
+
+def make_folder(root: Path, count=10, gray=False, masks=False, splits=False) -> Path:
+    """Your own data: images/ and labels/ (0/255 masks), optional masks/ and split folders."""
+    top = root / "mydata"
+    groups = {"train": count, "val": 2, "test": 2} if splits else {"": count}
+    for split, n in groups.items():
+        for i in range(n):
+            stem = f"{split or 'img'}{i:02d}"
+            save_image(top / "images" / split / f"{stem}.png", random_image(gray=gray))
+            label = (RNG.random(SIZE) < 0.3).astype(np.uint8) * 255
+            save_image(top / "labels" / split / f"{stem}.png", label)
+            if masks:
+                save_image(top / "masks" / split / f"{stem}.png", fov_mask())
+    return top
+
+
+def zip_dir(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(folder.parent))
+    return archive

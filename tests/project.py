@@ -1,0 +1,70 @@
+"""End-to-end test support: this project copied into a temporary git repo, and DVC run in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _project_files() -> list[str]:
+    """What a clone holds: tracked files plus new, not-ignored ones (a work in progress)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (PROJECT / f).is_file() and not f.startswith("reports/")]
+
+
+def make_repo(root: Path, overrides: dict) -> Path:
+    """Copy the project into `root` with params.yaml overridden, as a fresh git repo."""
+    for rel in _project_files():
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / rel, dest)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, overrides), sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "baseline"],
+    ):
+        subprocess.run(cmd, cwd=root, check=True, env=env())
+    return root
+
+
+def env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+def dvc(repo: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["dvc", *args], cwd=repo, env=env(), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
