@@ -63,6 +63,16 @@ def render_markdown(
         0, "model", [f"L{d}" + (" (best)" if d == best else "") for d in prune_view.pop("depth")]
     )
     winner = comparison.loc[comparison[metric].idxmax(), "model"]
+    observer = manifest.get("second_observer")
+    human = ""
+    if observer:  # DRIVE: the inter-observer level, a reference no model is expected to pass
+        row = pd.DataFrame(
+            [{"reference": "2nd human observer", **{k: observer[k] for k in QUALITY}}]
+        )
+        human = (
+            "\n\nThe second human observer's tracings, scored against the reference the same "
+            f"way:\n\n{_md(row)}"
+        )
     device = pruning["device"].iloc[0]
     return f"""# UNet vs UNet++ on `{manifest["dataset"]}`
 
@@ -75,7 +85,7 @@ all non-ignored test pixels (one confusion matrix per split, never averaged per 
 
 {_md(comparison)}
 
-Best test {metric}: **{winner}**.
+Best test {metric}: **{winner}**.{human}
 
 ![Learning curves](learning_curves.png)
 

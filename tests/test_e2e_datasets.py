@@ -70,4 +70,4 @@ def test_dataset_by_params_alone(repo, sources, name, extra, classes, channels):
     report = (repo / "reports" / "report.md").read_text()
     assert f"on `{name}`" in report
     if name == "drive":
-        assert manifest["second_observer"]["dice"] > 0
+        assert manifest["second_observer"]["dice"] > 0 and "2nd human observer" in report
