@@ -14,13 +14,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, flatten, load_params
-from pipeline.data import load_manifest, split_dataset
+from pipeline.data import eval_loader, load_manifest, split_dataset
 from pipeline.inference import evaluate, pad_to_multiple
 from pipeline.stats import count_params, gflops, latency_ms
 from pipeline.tracking import mlflow_run
@@ -55,7 +54,7 @@ def prune(params: Params) -> pd.DataFrame:
         )
     manifest = load_manifest()
     test_ds = split_dataset(manifest, "test")
-    loader = DataLoader(test_ds, batch_size=params.batch_size)
+    loader = eval_loader(test_ds, params.batch_size)
     multiple = 2**model.depth
     padded, _ = pad_to_multiple(test_ds[0][0][None], multiple)
     shape = (1, *padded.shape[1:])  # (1, C, H, W): one full-size test image

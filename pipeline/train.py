@@ -23,7 +23,7 @@ from pipeline import paths, plots
 from pipeline.checkpoint import save_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, seed_everything, write_json
 from pipeline.config import Params, flatten, load_params
-from pipeline.data import crops_dataset, load_manifest, split_dataset
+from pipeline.data import crops_dataset, eval_loader, load_manifest, split_dataset
 from pipeline.inference import evaluate
 from pipeline.losses import CEDiceLoss, DeepSupervisionLoss
 from pipeline.models import REGISTRY, build_model
@@ -116,8 +116,8 @@ def train(arch: str, params: Params) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(params.seed),
         pin_memory=device.type == "cuda",
     )
-    val_loader = DataLoader(split_dataset(manifest, "val"), batch_size=params.batch_size)
-    test_loader = DataLoader(split_dataset(manifest, "test"), batch_size=params.batch_size)
+    val_loader = eval_loader(split_dataset(manifest, "val"), params.batch_size)
+    test_loader = eval_loader(split_dataset(manifest, "test"), params.batch_size)
 
     base_loss = CEDiceLoss(params.loss.ce_weight, params.loss.dice_weight, manifest["ignore_index"])
     deep = arch == "unetpp" and params.unetpp.deep_supervision

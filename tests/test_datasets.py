@@ -308,3 +308,22 @@ def test_preprocess_random_crops_per_image(project, tmp_path):
     for name in manifest["crops"]:
         per_image[name.split("_y")[0]] = per_image.get(name.split("_y")[0], 0) + 1
     assert set(per_image) == set(manifest["splits"]["train"]) and max(per_image.values()) <= 2
+
+
+def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=10)
+    for i, stem in enumerate(["img00", "img01", "img02"]):
+        h, w = 30 + 7 * i, 50 - 5 * i
+        save_image(top / "images" / f"{stem}.png", random_image(h, w))
+        save_image(top / "labels" / f"{stem}.png", np.zeros((h, w), np.uint8))
+    manifest = run(params("folder", top))
+    sizes = set()
+    for split in ("train", "val", "test"):
+        ds = data.split_dataset(manifest, split)
+        sizes |= {img.shape[:2] for img in ds.images}
+        loader = data.eval_loader(ds, batch_size=4)
+        same = len({img.shape[:2] for img in ds.images}) == 1
+        assert loader.batch_size == (4 if same else 1)
+        for image, label in loader:  # collates without error
+            assert image.shape[-2:] == label.shape[-2:]
+    assert len(sizes) > 1
