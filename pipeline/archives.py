@@ -7,6 +7,7 @@ Every failure is a PipelineError whose one line names the URL, file or archive m
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -99,6 +100,8 @@ def fetch_url(url: str, dest_dir: Path, sha256: str = "", timeout: float = 30.0)
         raise PipelineError(f"{url}: unreachable ({exc.reason}); offline? {hint}") from None
     except (TimeoutError, ConnectionError) as exc:
         raise PipelineError(f"{url}: unreachable ({exc}); offline? {hint}") from None
+    except http.client.HTTPException as exc:  # cut-off chunked body, not an HTTP server, ...
+        raise PipelineError(f"{url}: broken HTTP response ({exc!r}); {hint}") from None
     finally:
         part.unlink(missing_ok=True)
     log.info("downloaded %s (%.1f MB)", dest, dest.stat().st_size / 1e6)
@@ -164,8 +167,18 @@ def _extract_zip(archive: Path, target: Path) -> None:
 def _extract_tar(archive: Path, target: Path) -> None:
     with tarfile.open(archive) as tf:
         members = tf.getmembers()  # reads the whole archive: a truncated one fails here
+        _check_end_of_archive(tf)
+        links: set[PurePosixPath] = set()
         for m in members:
             dest = _member_path(archive, m.name, target)
+            # a member under an earlier link member would be written wherever that link points
+            parts = PurePosixPath(m.name.replace("\\", "/")).parts
+            if any(PurePosixPath(*parts[:i]) in links for i in range(1, len(parts))):
+                raise PipelineError(
+                    f"{archive}: member {m.name!r} lies under a link member; refusing to extract"
+                )
+            if m.issym() or m.islnk():
+                links.add(PurePosixPath(*parts))
             if m.issym():
                 _check_link(archive, m.name, m.linkname, dest.parent, target)
             elif m.islnk():
@@ -182,6 +195,17 @@ def _extract_tar(archive: Path, target: Path) -> None:
             raise PipelineError(
                 f"{archive}: member {name!r} refused ({exc}); refusing to extract"
             ) from None
+
+
+def _check_end_of_archive(tf: tarfile.TarFile) -> None:
+    """tarfile takes end-of-file as the end of the archive, so a plain .tar cut at a member
+    boundary would read as a shorter, complete one: require the zero end-of-archive block."""
+    if tf.fileobj is None or not hasattr(tf.fileobj, "seek"):
+        return
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("no end-of-archive marker")
 
 
 def safe_extract(archive: Path, target: Path) -> None:
@@ -225,6 +249,7 @@ def find_root(top: Path, marker: str, source: str) -> Path:
             child
             for folder in level
             for child in sorted(folder.iterdir())
-            if child.is_dir() and child.name != "__MACOSX"
+            # real folders only: a symlinked alias would be moved as a link and dangle
+            if child.is_dir() and not child.is_symlink() and child.name != "__MACOSX"
         ]
     raise PipelineError(f"{source}: no {marker}/ folder inside; is it the right dataset?")
