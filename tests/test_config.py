@@ -272,3 +272,73 @@ def test_flatten_expands_sections_passed_as_models():
 
 def test_pruning_depths_must_not_be_empty():
     assert "pruning.depths" in _error({"pruning": {"depths": []}})
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_name_lists_the_valid_ones():
+    assert _error({"dataset": {"name": "kitti"}}) == (
+        "params.yaml: dataset.name: Input should be 'synthetic', 'drive', 'camvid' or 'folder' "
+        "(got 'kitti')"
+    )
+
+
+@pytest.mark.parametrize("name", ["drive", "camvid", "folder"])
+def test_real_datasets_need_a_source(name):
+    message = _error({"dataset": {"name": name}})
+    assert message.startswith(f"params.yaml: dataset.source is required for dataset.name={name}")
+
+
+def test_a_source_with_the_synthetic_dataset_is_a_mistake():
+    assert "dataset.source is set but dataset.name is synthetic" in _error(
+        {"dataset": {"source": "/data/DRIVE.zip"}}
+    )
+
+
+def test_sha256_must_be_64_hex_digits_or_empty():
+    assert "dataset.sha256" in _error({"dataset": {"sha256": "abc123"}})
+    ok = {"name": "drive", "source": "x.zip", "sha256": "A" * 64}
+    assert parse_params({"dataset": ok}).dataset.sha256 == "A" * 64
+
+
+def test_drive_validation_count_must_leave_training_images():
+    data = {"dataset": {"name": "drive", "source": "x.zip", "val_count": 20}}
+    assert "dataset.val_count (20)" in _error(data)
+
+
+def test_crop_size_is_not_bounded_by_the_synthetic_image_size_for_real_data():
+    data = {
+        "dataset": {"name": "camvid", "source": "c.zip", "image_size": 64},
+        "preprocess": {"crop_size": 256, "crop_stride": 224},
+    }
+    assert parse_params(data).preprocess.crop_size == 256
+
+
+def test_folder_mapping_keys_may_be_digit_strings_as_dvc_writes_them():
+    data = {"dataset": {"folder": {"mapping": {"0": 0, "255": 1, 128: 255}}}}
+    assert parse_params(data).dataset.folder.mapping == {0: 0, 255: 1, 128: 255}
+
+
+def test_folder_mapping_key_that_is_not_a_number_is_named():
+    message = _error({"dataset": {"folder": {"mapping": {"white": 1}}}})
+    assert message.startswith("params.yaml: dataset.folder.mapping.white: ")
+
+
+def test_folder_mapping_to_a_class_without_a_name_is_refused():
+    message = _error({"dataset": {"folder": {"mapping": {0: 0, 255: 2}}}})
+    assert "dataset.folder.mapping: class indices [2] have no name" in message
+
+
+def test_folder_mapping_to_255_means_ignore():
+    data = {"dataset": {"folder": {"mapping": {0: 0, 255: 1, 128: 255}}}}
+    assert parse_params(data).dataset.folder.mapping[128] == 255
+
+
+def test_folder_fractions_must_leave_training_images():
+    message = _error({"dataset": {"folder": {"val_fraction": 0.5, "test_fraction": 0.5}}})
+    assert "dataset.folder.val_fraction + test_fraction" in message
+
+
+def test_crops_per_image_is_a_count():
+    assert "preprocess.crops_per_image" in _error({"preprocess": {"crops_per_image": -1}})
