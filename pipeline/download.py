@@ -4,7 +4,7 @@
   DRIVE's three-file layout: images/<stem>.png (RGB), manual/<stem>.png (vessel tracing,
   0/255) and mask/<stem>.png (field of view, 0/255).
 - `drive`, `camvid` and `folder` come from `dataset.source`: an http(s) URL (streamed to
-  data/downloads/, verified, then reused), a local .zip/.tar/.tar.gz archive, or a local
+  data/downloads/<name>/, verified, then reused), a local .zip/.tar/.tar.gz archive, or a local
   folder. `dataset.sha256`, when set, is checked before anything is extracted; archive members
   that would land outside the target are refused. The folder holding the dataset's layout
   (e.g. DRIVE/ inside DRIVE.zip) becomes data/raw/<name>/.
@@ -64,7 +64,7 @@ def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
     ds = params.dataset
     sha256 = ""
     if is_url(ds.source):
-        local = fetch_url(ds.source, paths.downloads(), ds.sha256)
+        local = fetch_url(ds.source, paths.downloads() / ds.name, ds.sha256)
     else:
         local = paths.resolve_source(ds.source)
         if not local.exists():

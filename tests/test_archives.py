@@ -391,7 +391,7 @@ def test_download_from_a_url_extracts_drive_and_keeps_the_verified_zip(project, 
     assert target == raw
     assert (raw / "training" / "images" / "21_training.tif").is_file()
     assert snapshot(raw).keys() == {*DRIVE_FILES, "source.json"}
-    downloads = project / "data" / "downloads"
+    downloads = project / "data" / "downloads" / "drive"
     assert sorted(p.name for p in downloads.iterdir()) == ["DRIVE.zip"]  # no .DRIVE.zip.part
     assert (downloads / "DRIVE.zip").read_bytes() == drive_zip.read_bytes()
     source = json.loads((raw / "source.json").read_text())
@@ -415,7 +415,7 @@ def test_url_checksum_mismatch_keeps_the_earlier_raw_and_no_download(
     url = www.url("DRIVE.zip")
     message = error_of(lambda: download(drive_params(url, WRONG_SHA)))
     assert url in message and WRONG_SHA in message and sha256_file(drive_zip) in message
-    assert list((project / "data" / "downloads").iterdir()) == []
+    assert list((project / "data" / "downloads" / "drive").iterdir()) == []
     assert snapshot(project / "data" / "raw") == earlier_raw
     assert leftovers(project) == []
 
@@ -711,7 +711,7 @@ def test_url_downloads_are_kept_under_dvc_root(project, tmp_path, www, drive_zip
     real_repo.mkdir()
     monkeypatch.setenv("DVC_ROOT", str(real_repo))
     download(drive_params(www.url("DRIVE.zip"), sha256_file(drive_zip)))
-    kept = real_repo / "data" / "downloads" / "DRIVE.zip"
+    kept = real_repo / "data" / "downloads" / "drive" / "DRIVE.zip"
     assert kept.read_bytes() == drive_zip.read_bytes()
     assert not (project / "data" / "downloads").exists()
     assert (project / "data" / "raw" / "drive" / "training" / "images").is_dir()
