@@ -134,10 +134,19 @@ class ModelParams(Section):
     depth: Annotated[int, Field(ge=1, le=6)] = 4
     upsampling: Literal["transpose", "bilinear"] = "transpose"
     norm: Literal["batch", "none"] = "batch"
+    # "none": the classic conv encoder; else an smp encoder name (resnet34, efficientnet-b0, ...)
+    encoder: Annotated[str, Field(min_length=1)] = "none"
+    # None: random init (offline); "imagenet" downloads pretrained weights (needs internet)
+    encoder_weights: Literal["imagenet"] | None = None
 
     @property
     def channels(self) -> tuple[int, ...]:
         return level_channels(self.base_channels, self.depth)
+
+    def size_multiple(self, arch: str) -> int:
+        """Input sides must divide by this (UNet++ on an smp encoder has one more level)."""
+        extra = arch == "unetpp" and self.encoder != "none"
+        return 2 ** (self.depth + extra)
 
 
 class UNetPPParams(ModelParams):
@@ -210,10 +219,16 @@ class Params(Section):
     def _consistent(self) -> Params:
         if self.dataset.name == "synthetic" and self.preprocess.crop_size > self.dataset.image_size:
             raise ValueError("preprocess.crop_size must not exceed dataset.image_size")
-        if self.preprocess.crop_size % 2**self.unetpp.depth or (
-            self.preprocess.crop_size % 2**self.unet.depth
-        ):
-            raise ValueError("preprocess.crop_size must be divisible by 2**depth of both models")
+        for arch in ("unet", "unetpp"):
+            mp, multiple = self.model(arch), self.model(arch).size_multiple(arch)
+            if self.preprocess.crop_size % multiple:
+                raise ValueError(
+                    f"preprocess.crop_size ({self.preprocess.crop_size}) must be divisible by "
+                    f"{multiple} for {arch} (depth {mp.depth}, encoder {mp.encoder})"
+                )
+            limit = 4 if arch == "unetpp" else 5
+            if mp.encoder != "none" and mp.depth > limit:
+                raise ValueError(f"{arch}.depth: at most {limit} on an smp encoder")
         if len(self.loss.ds_weights) != self.unetpp.depth:
             raise ValueError(
                 f"loss.ds_weights needs one weight per UNet++ depth ({self.unetpp.depth}), "

@@ -55,7 +55,7 @@ def prune(params: Params) -> pd.DataFrame:
     manifest = load_manifest()
     test_ds = split_dataset(manifest, "test")
     loader = eval_loader(test_ds, params.batch_size)
-    multiple = 2**model.depth
+    multiple = model.size_multiple
     padded, _ = pad_to_multiple(test_ds[0][0][None], multiple)
     shape = (1, *padded.shape[1:])  # (1, C, H, W): one full-size test image
 

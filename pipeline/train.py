@@ -101,7 +101,7 @@ def train(arch: str, params: Params) -> dict[str, Any]:
     model = build_model(arch, manifest["in_channels"], manifest["num_classes"], **options).to(
         device
     )
-    multiple = 2**mp.depth  # full images are mirror-padded to this for the forward pass
+    multiple = model.size_multiple  # full images are mirror-padded to this for the forward
     n_params = count_params(model)
     log.info(
         "%s: %s parameters, channels %s, device %s", arch, f"{n_params:,}", mp.channels, device

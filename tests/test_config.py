@@ -171,7 +171,7 @@ def test_negative_loss_weight():
 def test_crop_size_must_be_divisible_by_2_pow_depth(crop_size):
     message = _error({"preprocess": {"crop_size": crop_size, "crop_stride": 8}})
     assert "preprocess.crop_size" in message
-    assert "2**depth" in message
+    assert "must be divisible by 16 for unet (depth 4, encoder none)" in message
 
 
 def test_crop_stride_must_not_exceed_crop_size():

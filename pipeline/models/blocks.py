@@ -96,9 +96,97 @@ class OutConv(nn.Module):
         return self.conv(x)
 
 
-def encoder(in_ch: int, channels: tuple[int, ...], norm: str, padding: int) -> nn.ModuleList:
-    """X(0,0) = DoubleConv, X(i,0) = Down: one module per level, channels[i] each."""
-    return nn.ModuleList(
-        [DoubleConv(in_ch, channels[0], norm, padding)]
-        + [Down(channels[i - 1], channels[i], norm, padding) for i in range(1, len(channels))]
-    )
+class ConvEncoder(nn.ModuleList):
+    """The classic encoder: X(0,0) = DoubleConv, X(i,0) = Down, channels[i] at level i
+    (resolution 1/2**i)."""
+
+    scale = 1  # level 0 is at full resolution
+
+    def __init__(self, in_ch: int, channels: tuple[int, ...], norm: str, padding: int):
+        super().__init__(
+            [DoubleConv(in_ch, channels[0], norm, padding)]
+            + [Down(channels[i - 1], channels[i], norm, padding) for i in range(1, len(channels))]
+        )
+        self.channels = tuple(channels)
+        self.size_multiple = 2 ** (len(channels) - 1)
+
+    def features(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """Levels 0..depth, only those computed."""
+        feats = []
+        for i in range(depth + 1):
+            x = self[i](x)
+            feats.append(x)  # level i: (B, channels[i], H / 2**i, W / 2**i)
+        return feats
+
+
+class SmpEncoder(nn.Module):
+    """A segmentation-models-pytorch encoder (resnet34, efficientnet-b0, ...) as levels
+    0..depth. smp's first "feature" is the input itself, so level i is its stride 2**(i+1) map
+    and decoders on it end at half resolution (`scale` = 2)."""
+
+    scale = 2
+
+    def __init__(self, name: str, in_ch: int, depth: int, weights: str | None = None):
+        super().__init__()
+        from segmentation_models_pytorch.encoders import encoders, get_encoder
+
+        if name not in encoders:
+            raise ValueError(
+                f"unknown encoder {name!r}; use 'none' (the classic one) or an smp encoder, "
+                f"e.g. {', '.join(sorted(encoders)[:6])}, ... ({len(encoders)} in all)"
+            )
+        if not 1 <= depth <= 4:
+            raise ValueError(f"depth {depth}: an smp encoder gives levels for depth 1..4")
+        self.body = get_encoder(name, in_channels=in_ch, depth=depth + 1, weights=weights)
+        self.channels = tuple(self.body.out_channels[1 : depth + 2])
+        self.size_multiple = 2 ** (depth + 1)
+
+    def features(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        return list(self.body(x)[1 : depth + 2])
+
+
+def check_input_size(x: torch.Tensor, multiple: int, what: str) -> None:
+    """Refuse a size the network cannot take, naming the nearest valid (padded) size."""
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        raise ValueError(
+            f"input {h}x{w}: {what} takes sizes divisible by {multiple}; pad to {ph}x{pw} "
+            "(pipeline.inference.pad_to_multiple mirror-pads)"
+        )
+
+
+def drop_unused_modules(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Replace the sub-modules a forward pass on `x` never calls by empty ones.
+
+    A truncated smp encoder stops its forward early but keeps its deeper stages' weights; this
+    makes a pruned model really smaller. Outputs are unchanged (what is dropped never ran).
+    """
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _: called.add(id(m))) for m in module.modules()]
+    mode = module.training
+    try:
+        with torch.no_grad():
+            module.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        module.train(mode)
+    # containers (ModuleList, ...) are never called themselves: a module is used if it or
+    # anything below it ran
+    used: set[int] = set()
+
+    def mark(m: nn.Module) -> bool:
+        below = [mark(c) for c in m.children()]  # visit every child
+        if id(m) in called or any(below):
+            used.add(id(m))
+        return id(m) in used
+
+    mark(module)
+    for parent in list(module.modules()):
+        if id(parent) not in used:
+            continue
+        for name, child in list(parent.named_children()):
+            if id(child) not in used:
+                setattr(parent, name, nn.Identity())
+    return module

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.blocks import OutConv, Up, encoder
+from pipeline.models.blocks import ConvEncoder, OutConv, Up
 
 
 class UNet(nn.Module):
@@ -25,7 +25,11 @@ class UNet(nn.Module):
     ):
         super().__init__()
         self.depth = len(channels) - 1
-        self.encoder = encoder(in_channels, channels, norm, padding)
+        self.encoder = ConvEncoder(in_channels, channels, norm, padding)
+        # same padding takes any size (odd ones are padded inside Up; full images are best
+        # mirror-padded to this multiple first); valid convolutions take only the sizes whose
+        # every pooled map is even (checked in forward)
+        self.size_multiple = self.encoder.size_multiple if padding else None
         self.decoder = nn.ModuleList(
             Up(channels[i + 1], channels[i], channels[i], upsampling, norm, padding)
             for i in reversed(range(self.depth))
@@ -33,11 +37,38 @@ class UNet(nn.Module):
         self.head = OutConv(channels[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = []
-        for block in self.encoder:
-            x = block(x)
-            feats.append(x)  # level i: (B, channels[i], H / 2**i, W / 2**i)
+        if self.size_multiple is None:
+            check_valid_size(x, self.depth)
+        feats = self.encoder.features(x, self.depth)
         x = feats.pop()
         for up in self.decoder:
             x = up(x, [feats.pop()])
         return self.head(x)  # (B, out_channels, H, W)
+
+
+def valid_output_size(size: int, depth: int) -> int | None:
+    """Output side of the valid-convolution UNet for an input side, or None if it cannot take
+    it (a pooled map of odd size or a map that vanishes): 572 -> 388 for depth 4."""
+    for _ in range(depth):
+        size -= 4
+        if size <= 0 or size % 2:
+            return None
+        size //= 2
+    size -= 4
+    for _ in range(depth):
+        size = size * 2 - 4
+    return size if size > 0 else None
+
+
+def check_valid_size(x: torch.Tensor, depth: int) -> None:
+    h, w = x.shape[-2:]
+    if valid_output_size(h, depth) and valid_output_size(w, depth):
+        return
+    ph, pw = (
+        next(s for s in range(n, n + 2 ** (depth + 3)) if valid_output_size(s, depth))
+        for n in (h, w)
+    )
+    raise ValueError(
+        f"input {h}x{w}: the valid-convolution UNet of depth {depth} cannot take it; "
+        f"nearest valid padded size {ph}x{pw}"
+    )

@@ -4,14 +4,25 @@ Node X(i,j) sits at level i (resolution 1/2**i) and column j. X(i,0) is the enco
 j >= 1, X(i,j) = Up(X(i+1,j-1), skips=[X(i,0), ..., X(i,j-1)]). Head k reads X(0,k). Head k
 needs only the nodes with i + j <= k, so pruning to depth k is UNet++ of depth k with the
 same weights: `prune(k)` builds exactly that standalone network.
+
+The encoder is the classic one (`encoder="none"`) or any smp encoder; on an smp encoder the
+nodes take its widths, start at half resolution, and the heads' logits are upsampled by 2.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.blocks import OutConv, Up, encoder
+from pipeline.models.blocks import (
+    ConvEncoder,
+    OutConv,
+    SmpEncoder,
+    Up,
+    check_input_size,
+    drop_unused_modules,
+)
 
 
 def node(i: int, j: int) -> str:
@@ -28,6 +39,8 @@ class UNetPlusPlus(nn.Module):
         norm: str = "batch",
         deep_supervision: bool = True,
         heads: tuple[int, ...] | None = None,
+        encoder: str = "none",
+        encoder_weights: str | None = None,
     ):
         super().__init__()
         self.depth = len(channels) - 1
@@ -37,8 +50,14 @@ class UNetPlusPlus(nn.Module):
             channels=tuple(channels),
             upsampling=upsampling,
             norm=norm,
+            encoder=encoder,
         )
-        self.encoder = encoder(in_channels, channels, norm, padding=1)
+        if encoder == "none":
+            self.encoder = ConvEncoder(in_channels, channels, norm, padding=1)
+        else:
+            self.encoder = SmpEncoder(encoder, in_channels, self.depth, encoder_weights)
+        channels = self.encoder.channels
+        self.size_multiple = self.encoder.size_multiple
         self.nodes = nn.ModuleDict()
         for j in range(1, self.depth + 1):
             for i in range(self.depth - j + 1):
@@ -60,15 +79,18 @@ class UNetPlusPlus(nn.Module):
         depth = self.depth if depth is None else depth
         if not 1 <= depth <= self.depth:
             raise ValueError(f"depth must lie in 1..{self.depth}, got {depth}")
-        grid: dict[tuple[int, int], torch.Tensor] = {}
-        for i in range(depth + 1):
-            x = self.encoder[i](x)
-            grid[i, 0] = x
+        if isinstance(self.encoder, SmpEncoder):
+            check_input_size(x, self.size_multiple, f"UNet++ on {self.config['encoder']}")
+        size = x.shape[-2:]
+        grid = {(i, 0): f for i, f in enumerate(self.encoder.features(x, depth))}
         for j in range(1, depth + 1):
             for i in range(depth - j + 1):
                 skips = [grid[i, k] for k in range(j)]
                 grid[i, j] = self.nodes[node(i, j)](grid[i + 1, j - 1], skips)
-        return {k: self.heads[str(k)](grid[0, k]) for k in self.head_depths if k <= depth}
+        outs = {k: self.heads[str(k)](grid[0, k]) for k in self.head_depths if k <= depth}
+        if self.encoder.scale != 1:  # smp encoders: level 0 is at half resolution
+            outs = {k: F.interpolate(v, size=size, mode="bilinear") for k, v in outs.items()}
+        return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Training with several heads: a list of logits, shallowest first (deep supervision).
@@ -89,4 +111,9 @@ class UNetPlusPlus(nn.Module):
         pruned = UNetPlusPlus(**cfg, heads=(depth,))
         own = self.state_dict()
         pruned.load_state_dict({k: own[k] for k in pruned.state_dict()})
+        if isinstance(pruned.encoder, SmpEncoder):
+            # the truncated smp encoder still holds its deeper stages: drop what never runs
+            side = 2 * pruned.size_multiple
+            probe = torch.zeros(1, self.config["in_channels"], side, side)
+            drop_unused_modules(pruned.encoder.body, probe)
         return pruned.train(self.training)
