@@ -143,10 +143,9 @@ class ModelParams(Section):
     def channels(self) -> tuple[int, ...]:
         return level_channels(self.base_channels, self.depth)
 
-    def size_multiple(self, arch: str) -> int:
-        """Input sides must divide by this (UNet++ on an smp encoder has one more level)."""
-        extra = arch == "unetpp" and self.encoder != "none"
-        return 2 ** (self.depth + extra)
+    def size_multiple(self) -> int:
+        """Input sides must divide by this (an smp encoder starts at stride 2: one more)."""
+        return 2 ** (self.depth + (self.encoder != "none"))
 
 
 class UNetPPParams(ModelParams):
@@ -220,15 +219,15 @@ class Params(Section):
         if self.dataset.name == "synthetic" and self.preprocess.crop_size > self.dataset.image_size:
             raise ValueError("preprocess.crop_size must not exceed dataset.image_size")
         for arch in ("unet", "unetpp"):
-            mp, multiple = self.model(arch), self.model(arch).size_multiple(arch)
+            mp = self.model(arch)
+            multiple = mp.size_multiple()
             if self.preprocess.crop_size % multiple:
                 raise ValueError(
                     f"preprocess.crop_size ({self.preprocess.crop_size}) must be divisible by "
                     f"{multiple} for {arch} (depth {mp.depth}, encoder {mp.encoder})"
                 )
-            limit = 4 if arch == "unetpp" else 5
-            if mp.encoder != "none" and mp.depth > limit:
-                raise ValueError(f"{arch}.depth: at most {limit} on an smp encoder")
+            if mp.encoder != "none" and mp.depth > 4:
+                raise ValueError(f"{arch}.depth: at most 4 on an smp encoder")
         if len(self.loss.ds_weights) != self.unetpp.depth:
             raise ValueError(
                 f"loss.ds_weights needs one weight per UNet++ depth ({self.unetpp.depth}), "

@@ -31,10 +31,6 @@ def _unet(
     encoder="none",
     encoder_weights=None,
 ) -> nn.Module:
-    if encoder != "none":
-        return _smp_unet(
-            in_channels, num_classes, base_channels, depth, norm, encoder, encoder_weights
-        )
     return UNet(
         in_channels,
         out_channels(num_classes),
@@ -42,6 +38,8 @@ def _unet(
         upsampling,
         norm,
         padding,
+        encoder,
+        encoder_weights,
     )
 
 
@@ -66,30 +64,6 @@ def _unetpp(
         encoder=encoder,
         encoder_weights=encoder_weights,
     )
-
-
-def _smp_unet(in_channels, num_classes, base_channels, depth, norm, encoder, weights) -> nn.Module:
-    """UNet on an smp encoder: smp.Unet itself, decoder widths from the same channel rule
-    (deepest first), nearest-neighbour upsampling as smp does it."""
-    import segmentation_models_pytorch as smp
-    from segmentation_models_pytorch.encoders import encoders
-
-    if encoder not in encoders:
-        raise ValueError(f"unknown encoder {encoder!r}; use 'none' or an smp encoder name")
-    if not 1 <= depth <= 5:
-        raise ValueError(f"depth {depth}: UNet on an smp encoder takes depth 1..5")
-    model = smp.Unet(
-        encoder_name=encoder,
-        encoder_depth=depth,
-        encoder_weights=weights,
-        decoder_use_norm="batchnorm" if norm == "batch" else False,
-        decoder_channels=level_channels(base_channels, depth - 1)[::-1],
-        in_channels=in_channels,
-        classes=out_channels(num_classes),
-    )
-    model.size_multiple = 2**depth  # smp checks divisibility itself, naming the padded size
-    model.depth = depth
-    return model
 
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "unetpp": _unetpp}

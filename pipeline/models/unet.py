@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.blocks import ConvEncoder, OutConv, Up
+from pipeline.models.blocks import ConvEncoder, OutConv, SmpEncoder, Up, check_input_size
 
 
 class UNet(nn.Module):
@@ -22,10 +23,18 @@ class UNet(nn.Module):
         upsampling: str = "transpose",
         norm: str = "batch",
         padding: int = 1,
+        encoder: str = "none",
+        encoder_weights: str | None = None,
     ):
         super().__init__()
         self.depth = len(channels) - 1
-        self.encoder = ConvEncoder(in_channels, channels, norm, padding)
+        if encoder == "none":
+            self.encoder = ConvEncoder(in_channels, channels, norm, padding)
+        elif padding == 0:
+            raise ValueError("valid convolutions (padding=0) need the classic encoder")
+        else:  # on an smp encoder the decoder takes the encoder's widths
+            self.encoder = SmpEncoder(encoder, in_channels, self.depth, encoder_weights)
+            channels = self.encoder.channels
         # same padding takes any size (odd ones are padded inside Up; full images are best
         # mirror-padded to this multiple first); valid convolutions take only the sizes whose
         # every pooled map is even (checked in forward)
@@ -39,11 +48,17 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_multiple is None:
             check_valid_size(x, self.depth)
+        elif isinstance(self.encoder, SmpEncoder):
+            check_input_size(x, self.size_multiple, "UNet on an smp encoder")
+        size = x.shape[-2:]
         feats = self.encoder.features(x, self.depth)
         x = feats.pop()
         for up in self.decoder:
             x = up(x, [feats.pop()])
-        return self.head(x)  # (B, out_channels, H, W)
+        x = self.head(x)
+        if self.encoder.scale != 1:  # smp encoders: level 0 is at half resolution
+            x = F.interpolate(x, size=size, mode="bilinear")
+        return x  # (B, out_channels, H, W), or smaller for valid convolutions
 
 
 def valid_output_size(size: int, depth: int) -> int | None:
