@@ -289,12 +289,16 @@ def _millions(model: nn.Module) -> float:
 
 def test_paper_configuration_parameter_counts():
     """UNet++ paper (Zhou et al. 2018), one input and one output channel: UNet 7.76M,
-    UNet++ 9.04M; pruned to L1..L4: 0.10M, 0.51M, 2.20M, 9.04M."""
+    UNet++ 9.04M; pruned to L1..L4: 0.10M, 0.51M, 2.21M, 9.04M. Ours, exactly: 7,759,521 and
+    100,961 / 511,105 / 2,204,961 / 9,041,601 (L3 = 2.2050M: the paper rounds it up)."""
     unet = build_model("unet", 1, 2, **PAPER)
     unetpp = build_model("unetpp", 1, 2, **PAPER)
-    assert _millions(unet) == 7.76
-    assert _millions(unetpp) == 9.04
-    assert [_millions(unetpp.prune(k)) for k in (1, 2, 3, 4)] == [0.10, 0.51, 2.20, 9.04]
+    assert count_params(unet) == 7_759_521 and _millions(unet) == 7.76
+    assert count_params(unetpp) == 9_041_601 and _millions(unetpp) == 9.04
+    pruned = [count_params(unetpp.prune(k)) for k in (1, 2, 3, 4)]
+    assert pruned == [100_961, 511_105, 2_204_961, 9_041_601]
+    for mine, paper in zip(pruned, [0.10, 0.51, 2.21, 9.04], strict=True):
+        assert abs(mine / 1e6 - paper) <= 0.005 + 1e-9
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -329,3 +333,77 @@ def test_load_checkpoint_of_a_foreign_torch_file_is_one_line(tmp_path):
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(PipelineError, match="weights.pt"):
         load_checkpoint(path)
+
+
+# --- the option grid, smp encoders and input sizes ------------------------------------------
+
+SMP = "mobilenet_v2"  # a light smp encoder: random init, no download
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+@pytest.mark.parametrize("encoder", ["none", SMP])
+def test_every_option_combination_builds_keeps_the_size_and_trains(
+    arch, depth, norm, upsampling, encoder
+):
+    model = build_model(
+        arch, 3, 4, base_channels=4, depth=depth, norm=norm, upsampling=upsampling, encoder=encoder
+    )
+    x = torch.randn(2, 3, 64, 64)
+    out = model.train()(x)
+    outs = out if isinstance(out, list) else [out]
+    assert all(o.shape == (2, 4, 64, 64) for o in outs)
+    sum(o.square().mean() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing[:5]
+
+
+@pytest.mark.parametrize("encoder", ["mobilenet_v2", "resnet18", "efficientnet-b0"])
+def test_prune_on_an_smp_encoder_reproduces_every_head_and_sheds_weights(encoder):
+    model = _unetpp(depth=3, encoder=encoder).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        heads = model.forward_heads(x)
+        sizes = []
+        for k in (1, 2, 3):
+            sub = model.prune(k).eval()
+            assert torch.equal(sub(x), heads[k]), f"L{k}"
+            sizes.append(count_params(sub))
+    assert sizes == sorted(sizes) and sizes[-1] < count_params(model)
+    assert sizes[0] < count_params(model) / 5  # the unused encoder stages are really gone
+
+
+def test_smp_encoder_weights_default_to_none_and_unknown_encoders_are_listed():
+    model = build_model("unet", 3, 2, base_channels=4, depth=2, encoder=SMP)
+    assert model.encoder.channels == (16, 24, 32)  # the encoder's widths, not base * 2**i
+    with pytest.raises(ValueError, match=r"unknown encoder 'resnet9000'.*e\.g\."):
+        build_model("unetpp", 3, 2, base_channels=4, depth=2, encoder="resnet9000")
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_smp_encoder_input_not_divisible_names_the_padded_size(arch):
+    model = build_model(arch, 3, 2, base_channels=4, depth=3, encoder=SMP).eval()
+    assert model.size_multiple == 16
+    with pytest.raises(ValueError, match=r"input 50x70: .* divisible by 16; pad to 64x80"):
+        model(torch.zeros(1, 3, 50, 70))
+
+
+def test_valid_convolution_unet_names_the_nearest_size_it_takes():
+    model = build_model("unet", 1, 2, base_channels=2, depth=2, norm="none", padding=0)
+    with pytest.raises(ValueError, match=r"input 61x61: .* nearest valid padded size 64x64"):
+        model(torch.zeros(1, 1, 61, 61))
+    assert model.size_multiple is None
+
+
+def test_classic_same_padding_models_take_any_size_and_suggest_a_multiple():
+    for arch in ("unet", "unetpp"):
+        model = build_model(arch, 3, 2, base_channels=4, depth=3).eval()
+        assert model.size_multiple == 8
+        assert model(torch.zeros(1, 3, 37, 29)).shape == (1, 1, 37, 29)
+
+
+def test_valid_convolutions_need_the_classic_encoder():
+    with pytest.raises(ValueError, match="classic encoder"):
+        build_model("unet", 3, 2, base_channels=4, depth=2, padding=0, encoder=SMP)

@@ -140,6 +140,10 @@ class SmpEncoder(nn.Module):
         self.body = get_encoder(name, in_channels=in_ch, depth=depth + 1, weights=weights)
         self.channels = tuple(self.body.out_channels[1 : depth + 2])
         self.size_multiple = 2 ** (depth + 1)
+        # smp stops a shallower encoder's forward early but keeps its deeper stages' weights:
+        # drop them, so a depth-k model (and UNet++ pruned to k) holds only what runs
+        side = 2 * self.size_multiple
+        drop_unused_modules(self.body, torch.zeros(1, in_ch, side, side))
 
     def features(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         return list(self.body(x)[1 : depth + 2])
@@ -156,37 +160,39 @@ def check_input_size(x: torch.Tensor, multiple: int, what: str) -> None:
         )
 
 
-def drop_unused_modules(module: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Replace the sub-modules a forward pass on `x` never calls by empty ones.
+class Dropped(nn.Module):
+    """Stands in for a dropped sub-module that its parent may still call (past its last used
+    output): passes the input through, whatever the call's signature."""
 
-    A truncated smp encoder stops its forward early but keeps its deeper stages' weights; this
-    makes a pruned model really smaller. Outputs are unchanged (what is dropped never ran).
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
+def drop_unused_modules(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Replace the sub-modules whose weights cannot reach the output by empty ones.
+
+    A truncated smp encoder stops its forward early (some one stage late) but keeps its deeper
+    stages' weights; this makes a shallow model really smaller. "Used" is decided by autograd
+    on one forward pass, so outputs are unchanged: what is dropped never reached them.
     """
-    called: set[int] = set()
-    hooks = [m.register_forward_pre_hook(lambda m, _: called.add(id(m))) for m in module.modules()]
     mode = module.training
     try:
-        with torch.no_grad():
-            module.eval()(x)
+        with torch.enable_grad():  # also when built inside a caller's no_grad block
+            out = module.eval()(x)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            sum(o.sum() for o in outs if o.requires_grad).backward()
     finally:
-        for h in hooks:
-            h.remove()
         module.train(mode)
-    # containers (ModuleList, ...) are never called themselves: a module is used if it or
-    # anything below it ran
-    used: set[int] = set()
+    used = {id(p) for p in module.parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
 
-    def mark(m: nn.Module) -> bool:
-        below = [mark(c) for c in m.children()]  # visit every child
-        if id(m) in called or any(below):
-            used.add(id(m))
-        return id(m) in used
-
-    mark(module)
-    for parent in list(module.modules()):
-        if id(parent) not in used:
-            continue
+    def prune(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
-            if id(child) not in used:
-                setattr(parent, name, nn.Identity())
+            params = list(child.parameters())
+            if params and not any(id(p) in used for p in params):
+                setattr(parent, name, Dropped())
+            else:
+                prune(child)
+
+    prune(module)
     return module

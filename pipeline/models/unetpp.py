@@ -21,7 +21,6 @@ from pipeline.models.blocks import (
     SmpEncoder,
     Up,
     check_input_size,
-    drop_unused_modules,
 )
 
 
@@ -111,9 +110,4 @@ class UNetPlusPlus(nn.Module):
         pruned = UNetPlusPlus(**cfg, heads=(depth,))
         own = self.state_dict()
         pruned.load_state_dict({k: own[k] for k in pruned.state_dict()})
-        if isinstance(pruned.encoder, SmpEncoder):
-            # the truncated smp encoder still holds its deeper stages: drop what never runs
-            side = 2 * pruned.size_multiple
-            probe = torch.zeros(1, self.config["in_channels"], side, side)
-            drop_unused_modules(pruned.encoder.body, probe)
         return pruned.train(self.training)
