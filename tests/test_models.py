@@ -289,17 +289,26 @@ def _millions(model: nn.Module) -> float:
 
 def test_paper_configuration_parameter_counts():
     """UNet++ paper (Zhou et al. 2018), one input and one output channel: UNet 7.76M,
-    UNet++ 9.04M; pruned to L1..L4: 0.10M, 0.51M, 2.21M, 9.04M. Ours, exactly: 7,759,521 and
-    100,961 / 511,105 / 2,204,961 / 9,041,601 (L3 = 2.2050M: the paper rounds it up; the full
-    deep-supervised model has three more 1x1 heads, 9,041,700)."""
+    UNet++ 9.04M; pruned to L1..L4: 0.10M, 0.51M, 2.21M, 9.04M, counted as the paper does, with
+    the pruned model's supervision heads (a 1x1 conv each). Standalone, with head k only:
+    100,961 / 511,105 / 2,204,961 / 9,041,601."""
     unet = build_model("unet", 1, 2, **PAPER)
     unetpp = build_model("unetpp", 1, 2, **PAPER)
     assert count_params(unet) == 7_759_521 and _millions(unet) == 7.76
-    assert count_params(unetpp) == 9_041_700 and _millions(unetpp) == 9.04  # 4 heads
-    pruned = [count_params(unetpp.prune(k)) for k in (1, 2, 3, 4)]
-    assert pruned == [100_961, 511_105, 2_204_961, 9_041_601]
-    for mine, paper in zip(pruned, [0.10, 0.51, 2.21, 9.04], strict=True):
-        assert abs(mine / 1e6 - paper) <= 0.005 + 1e-9
+    assert count_params(unetpp) == 9_041_700 and _millions(unetpp) == 9.04
+    paper = [_millions(unetpp.prune(k, keep_heads=True)) for k in (1, 2, 3, 4)]
+    assert paper == [0.10, 0.51, 2.21, 9.04]
+    alone = [count_params(unetpp.prune(k)) for k in (1, 2, 3, 4)]
+    assert alone == [100_961, 511_105, 2_204_961, 9_041_601]
+
+
+def test_prune_keeping_heads_still_outputs_head_k():
+    model = _unetpp(depth=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        sub = model.prune(2, keep_heads=True).eval()
+        assert sub.head_depths == [1, 2]
+        assert torch.equal(sub(x), model.forward_heads(x)[2])
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -99,15 +99,18 @@ class UNetPlusPlus(nn.Module):
             return list(outs.values())
         return outs[max(outs)]
 
-    def prune(self, depth: int) -> UNetPlusPlus:
+    def prune(self, depth: int, keep_heads: bool = False) -> UNetPlusPlus:
         """A standalone UNet++ holding only the nodes head `depth` needs, with their weights.
 
-        Its output equals this model's head `depth`; deeper nodes and other heads are gone.
+        Its output equals this model's head `depth`; deeper nodes are gone, and so are the
+        shallower heads unless `keep_heads` (the UNet++ paper counts its pruned models' params
+        with them: a 1x1 conv each).
         """
         if str(depth) not in self.heads:
             raise ValueError(f"no head at depth {depth}; heads: {self.head_depths}")
+        heads = tuple(k for k in self.head_depths if k <= depth) if keep_heads else (depth,)
         cfg = dict(self.config, channels=self.config["channels"][: depth + 1])
-        pruned = UNetPlusPlus(**cfg, heads=(depth,))
+        pruned = UNetPlusPlus(**cfg, heads=heads)
         own = self.state_dict()
         pruned.load_state_dict({k: own[k] for k in pruned.state_dict()})
         return pruned.train(self.training)
