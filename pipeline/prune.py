@@ -71,6 +71,7 @@ def prune(params: Params) -> pd.DataFrame:
             "gflops": round(gflops(sub, shape), 4),
             "latency_ms": round(latency_ms(sub, shape, pp.latency_runs, pp.latency_warmup), 3),
             "device": device_name(device),
+            "batch": shape[0],
             "input": "x".join(map(str, shape[1:])),
             **quality,
         }

@@ -342,3 +342,20 @@ def test_folder_fractions_must_leave_training_images():
 
 def test_crops_per_image_is_a_count():
     assert "preprocess.crops_per_image" in _error({"preprocess": {"crops_per_image": -1}})
+
+
+def test_smp_encoders_give_at_most_four_levels():
+    assert "unetpp.depth: at most 4 on an smp encoder" in _error(
+        {"unetpp": {"encoder": "resnet34", "depth": 5}, "loss": {"ds_weights": [1.0] * 5}}
+    )
+
+
+def test_smp_encoders_need_crops_divisible_by_one_more_power_of_two():
+    data = {"unet": {"encoder": "resnet34", "depth": 4}, "preprocess": {"crop_size": 48}}
+    assert "must be divisible by 32 for unet (depth 4, encoder resnet34)" in _error(data)
+
+
+def test_encoder_weights_are_none_or_imagenet():
+    assert parse_params({}).unet.encoder_weights is None
+    assert parse_params({"unet": {"encoder_weights": "imagenet"}}).unet.encoder_weights
+    assert "unet.encoder_weights" in _error({"unet": {"encoder_weights": "coco"}})

@@ -52,7 +52,7 @@ def _exp_run(repo: Path, name: str, *sets: str) -> dict:
     ("name", "extra", "classes", "channels"),
     [
         ("drive", ["dataset.val_count=1"], ["background", "vessel"], 3),
-        ("camvid", [], 11, 3),
+        ("camvid", ["unet.encoder=mobilenet_v2", "unetpp.encoder=mobilenet_v2"], 11, 3),
         ("folder", ["dataset.folder.class_names=[bg, fg]"], ["bg", "fg"], 1),
     ],
 )

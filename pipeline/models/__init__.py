@@ -6,6 +6,7 @@ tasks get num_classes channels read through a softmax (see `pipeline.losses.prob
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,8 @@ def build_model(arch: str, in_channels: int, num_classes: int, **config: Any) ->
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(sorted(REGISTRY))}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    try:
-        return REGISTRY[arch](in_channels, num_classes, **config)
-    except TypeError as exc:
-        raise ValueError(f"{arch}: {exc}") from None
+    valid = list(inspect.signature(REGISTRY[arch]).parameters)[2:]
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise ValueError(f"{arch}: unknown option {unknown[0]!r}; valid: {', '.join(valid)}")
+    return REGISTRY[arch](in_channels, num_classes, **config)
