@@ -185,6 +185,7 @@ class PruningParams(Section):
     latency_warmup: Annotated[int, Field(ge=0)] = 3
     # the report's "best depth": the shallowest whose test mIoU is within this of the deepest
     tolerance: NonNegFloat = 0.01
+    onnx: bool = True  # export the full UNet++ and every pruned depth to models/onnx/
 
 
 class ReportParams(Section):

@@ -48,6 +48,9 @@ def checkpoint(arch: str) -> Path:
     return MODELS / f"{arch}.pt"
 
 
+ONNX = MODELS / "onnx"  # the prune stage's exports: unetpp.onnx and unetpp_L<k>.onnx
+
+
 def arch_reports(arch: str) -> Path:
     return REPORTS / arch
 

@@ -42,6 +42,18 @@ def best_depth(rows: list[dict[str, Any]], metric: str, tolerance: float) -> int
     return min(ok)
 
 
+def export_all(model, depths: list[int], in_channels: int, size: tuple[int, int]) -> None:
+    """models/onnx/: the full UNet++ and each pruned depth, replaced as a whole."""
+    from pipeline.export import export_onnx  # onnx/onnxruntime imports take seconds
+
+    with atomic_path(paths.ONNX) as tmp:
+        tmp.mkdir()
+        export_onnx(model, tmp / "unetpp.onnx", in_channels, size)
+        for k in sorted(depths):
+            export_onnx(model.prune(k), tmp / f"unetpp_L{k}.onnx", in_channels, size)
+    log.info("exported UNet++ and L%s to %s", sorted(depths), paths.ONNX.relative_to(paths.ROOT))
+
+
 def prune(params: Params) -> pd.DataFrame:
     pp = params.pruning
     device = torch.device("cpu")  # latency on the CPU, the reference deployment target here
@@ -85,6 +97,9 @@ def prune(params: Params) -> pd.DataFrame:
             row["dice"],
         )
         rows.append(row)
+
+    if pp.onnx:
+        export_all(model, pp.depths, manifest["in_channels"], shape[-2:])
 
     df = pd.DataFrame(rows)
     with atomic_path(paths.PRUNING_CSV) as tmp:

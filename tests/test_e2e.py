@@ -9,6 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,6 +65,14 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
         for key in ("global_accuracy", "mean_accuracy", "miou", "dice"):
             assert 0.0 <= metrics[key] <= 1.0
         assert ckpt["metrics"] == metrics
+
+    onnx = sorted(p.name for p in (repo / "models/onnx").iterdir())
+    assert onnx == ["unetpp.onnx", *(f"unetpp_L{k}.onnx" for k in (1, 2, 3, 4))]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(repo / "models/onnx/unetpp_L2.onnx")
+    (logits,) = session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})
+    assert logits.shape == (2, 1, 64, 64)
 
     pruning = pd.read_csv(repo / "reports/pruning.csv")
     assert list(pruning["depth"]) == [1, 2, 3, 4]

@@ -21,7 +21,7 @@ TINY = {
     "unet": {"base_channels": 4, "depth": 2},
     "unetpp": {"base_channels": 4, "depth": 2},
     "loss": {"ds_weights": [0.5, 0.5]},
-    "pruning": {"depths": [1, 2], "latency_runs": 2, "latency_warmup": 0},
+    "pruning": {"depths": [1, 2], "latency_runs": 2, "latency_warmup": 0, "onnx": False},
     "mlflow": {"enabled": False},
 }
 
