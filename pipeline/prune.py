@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 from typing import Any
 
 import pandas as pd
@@ -21,18 +20,12 @@ from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, flatten, load_params
 from pipeline.data import eval_loader, load_manifest, split_dataset
 from pipeline.inference import evaluate, pad_to_multiple
-from pipeline.stats import count_params, gflops, latency_ms
+from pipeline.stats import model_stats
 from pipeline.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("miou", "dice", "params", "gflops", "latency_ms")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def best_depth(rows: list[dict[str, Any]], metric: str, tolerance: float) -> int:
@@ -79,12 +72,7 @@ def prune(params: Params) -> pd.DataFrame:
         )
         row = {
             "depth": k,
-            "params": count_params(sub),
-            "gflops": round(gflops(sub, shape), 4),
-            "latency_ms": round(latency_ms(sub, shape, pp.latency_runs, pp.latency_warmup), 3),
-            "device": device_name(device),
-            "batch": shape[0],
-            "input": "x".join(map(str, shape[1:])),
+            **model_stats(sub, shape, pp.latency_runs, pp.latency_warmup),
             **quality,
         }
         log.info(

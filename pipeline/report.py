@@ -41,6 +41,8 @@ def comparison_table() -> pd.DataFrame:
             {
                 "model": name,
                 "params": m["params"],
+                "gflops": m["gflops"],
+                "latency_ms": m["latency_ms"],
                 **{k: m[k] for k in QUALITY},
                 "best_epoch": m["best_epoch"],
                 "train_seconds": m["train_seconds"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
@@ -42,3 +43,23 @@ def latency_ms(model: nn.Module, shape: tuple[int, ...], runs: int = 20, warmup:
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def model_stats(model: nn.Module, shape: tuple[int, ...], runs: int, warmup: int) -> dict:
+    """params, GFLOPs per image and median latency on `shape` (B, C, H, W), with the device,
+    batch and input size they were measured at."""
+    device = next(model.parameters()).device
+    return {
+        "params": count_params(model),
+        "gflops": round(gflops(model, shape), 4),
+        "latency_ms": round(latency_ms(model, shape, runs, warmup), 3),
+        "device": device_name(device),
+        "batch": shape[0],
+        "input": "x".join(map(str, shape[1:])),
+    }

@@ -24,10 +24,10 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, seed_everything, write_json
 from pipeline.config import Params, flatten, load_params
 from pipeline.data import crops_dataset, eval_loader, load_manifest, split_dataset
-from pipeline.inference import evaluate
+from pipeline.inference import evaluate, pad_to_multiple
 from pipeline.losses import CEDiceLoss, DeepSupervisionLoss
 from pipeline.models import REGISTRY, build_model
-from pipeline.stats import count_params
+from pipeline.stats import count_params, model_stats
 from pipeline.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,12 @@ def train_epoch(model, loader, loss_fn, optimizer, device: torch.device, desc: s
         n_seen += len(images)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return loss_sum / n_seen
+
+
+def stats_shape(loader: DataLoader, multiple: int) -> tuple[int, ...]:
+    """(1, C, H, W) of the first image of `loader`'s dataset, mirror-padded as for inference."""
+    padded, _ = pad_to_multiple(loader.dataset[0][0][None], multiple)
+    return (1, *padded.shape[1:])
 
 
 def train(arch: str, params: Params) -> dict[str, Any]:
@@ -180,13 +186,17 @@ def train(arch: str, params: Params) -> dict[str, Any]:
         if best_state is None:
             raise PipelineError(f"{arch}: {monitor} was NaN at every epoch; nothing to keep")
         model.load_state_dict(best_state)
+        lat = params.pruning  # latency_runs / latency_warmup: one setting for every model
         test = evaluate(model, test_loader, manifest["num_classes"], classes, device, multiple)
         metrics = {
             **test,
             "best_epoch": best_row["epoch"],
             f"best_{monitor}": best,
             "train_seconds": round(train_seconds, 2),
-            "params": n_params,
+            # params, GFLOPs and latency on one full-size test image, on the training device
+            **model_stats(
+                model, stats_shape(test_loader, multiple), lat.latency_runs, lat.latency_warmup
+            ),
         }
         log.info(
             "%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)",
@@ -220,7 +230,8 @@ def train(arch: str, params: Params) -> dict[str, Any]:
         )
         write_json(out / "metrics.json", metrics)
         if run:
-            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            mlflow.log_metrics({f"test_{k}": v for k, v in numbers.items()})
             for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
                 mlflow.log_artifact(str(out / f), artifact_path="reports")
             mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="model")

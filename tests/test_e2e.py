@@ -65,6 +65,7 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
         for key in ("global_accuracy", "mean_accuracy", "miou", "dice"):
             assert 0.0 <= metrics[key] <= 1.0
         assert ckpt["metrics"] == metrics
+        assert metrics["gflops"] > 0 and metrics["latency_ms"] > 0 and metrics["batch"] == 1
 
     onnx = sorted(p.name for p in (repo / "models/onnx").iterdir())
     assert onnx == ["unetpp.onnx", *(f"unetpp_L{k}.onnx" for k in (1, 2, 3, 4))]

@@ -417,3 +417,15 @@ def test_classic_same_padding_models_take_any_size_and_suggest_a_multiple():
 def test_valid_convolutions_need_the_classic_encoder():
     with pytest.raises(ValueError, match="classic encoder"):
         build_model("unet", 3, 2, base_channels=4, depth=2, padding=0, encoder=SMP)
+
+
+def test_model_stats_record_what_they_measured():
+    from pipeline.stats import model_stats
+
+    model = build_model("unet", 3, 2, base_channels=4, depth=2)
+    stats = model_stats(model, (2, 3, 32, 48), runs=3, warmup=1)
+    assert stats["params"] == count_params(model) and stats["gflops"] > 0
+    assert stats["latency_ms"] > 0 and stats["device"].startswith("cpu")
+    assert (stats["batch"], stats["input"]) == (2, "3x32x48")
+    # FLOPs per image: the same for a batch of one
+    assert model_stats(model, (1, 3, 32, 48), 1, 0)["gflops"] == stats["gflops"]
