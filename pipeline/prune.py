@@ -35,12 +35,16 @@ def best_depth(rows: list[dict[str, Any]], metric: str, tolerance: float) -> int
     return min(ok)
 
 
-def export_all(model, depths: list[int], in_channels: int, size: tuple[int, int]) -> None:
-    """models/onnx/: the full UNet++ and each pruned depth, replaced as a whole."""
-    from pipeline.export import export_onnx  # onnx/onnxruntime imports take seconds
-
+def export_all(model, depths: list[int], in_channels: int, size, enabled: bool = True) -> None:
+    """models/onnx/: the full UNet++ and each pruned depth, replaced as a whole (a DVC output:
+    with pruning.onnx off it holds only a note, so no stale export outlives its params)."""
     with atomic_path(paths.ONNX) as tmp:
         tmp.mkdir()
+        if not enabled:
+            (tmp / "README.txt").write_text("pruning.onnx is false: nothing exported\n")
+            return
+        from pipeline.export import export_onnx  # onnx/onnxruntime imports take seconds
+
         export_onnx(model, tmp / "unetpp.onnx", in_channels, size)
         for k in sorted(depths):
             export_onnx(model.prune(k), tmp / f"unetpp_L{k}.onnx", in_channels, size)
@@ -86,8 +90,7 @@ def prune(params: Params) -> pd.DataFrame:
         )
         rows.append(row)
 
-    if pp.onnx:
-        export_all(model, pp.depths, manifest["in_channels"], shape[-2:])
+    export_all(model, pp.depths, manifest["in_channels"], shape[-2:], pp.onnx)
 
     df = pd.DataFrame(rows)
     with atomic_path(paths.PRUNING_CSV) as tmp:
