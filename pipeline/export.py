@@ -70,7 +70,9 @@ def export_onnx(
     except Exception as exc:
         log.debug("ONNX export to %s failed", path, exc_info=True)
         raise PipelineError(f"{path}: ONNX export failed ({_reason(exc)})") from None
-    log.info("%s: exported (dynamic: %s)", path, ", ".join(axes.values()) or "none")
+    # `path` is final here (the file went through a temporary name); a caller building a whole
+    # folder atomically may still hold it under a temporary folder: name the file only
+    log.info("%s: exported (dynamic: %s)", path.name, ", ".join(axes.values()) or "none")
     return path
 
 
