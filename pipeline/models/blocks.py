@@ -149,6 +149,23 @@ class SmpEncoder(nn.Module):
         return list(self.body(x)[1 : depth + 2])
 
 
+def make_encoder(
+    name: str,
+    in_ch: int,
+    channels: tuple[int, ...],
+    norm: str,
+    padding: int = 1,
+    weights: str | None = None,
+) -> ConvEncoder | SmpEncoder:
+    """ "none": the classic encoder with `channels`; otherwise the smp encoder of that name with
+    len(channels) - 1 levels and its own widths (read them from `.channels`)."""
+    if name == "none":
+        return ConvEncoder(in_ch, channels, norm, padding)
+    if padding == 0:
+        raise ValueError("valid convolutions (padding=0) need the classic encoder")
+    return SmpEncoder(name, in_ch, len(channels) - 1, weights)
+
+
 def check_input_size(x: torch.Tensor, multiple: int, what: str) -> None:
     """Refuse a size the network cannot take, naming the nearest valid (padded) size."""
     h, w = x.shape[-2:]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.blocks import ConvEncoder, OutConv, SmpEncoder, Up, check_input_size
+from pipeline.models.blocks import OutConv, SmpEncoder, Up, check_input_size, make_encoder
 
 
 class UNet(nn.Module):
@@ -28,13 +28,8 @@ class UNet(nn.Module):
     ):
         super().__init__()
         self.depth = len(channels) - 1
-        if encoder == "none":
-            self.encoder = ConvEncoder(in_channels, channels, norm, padding)
-        elif padding == 0:
-            raise ValueError("valid convolutions (padding=0) need the classic encoder")
-        else:  # on an smp encoder the decoder takes the encoder's widths
-            self.encoder = SmpEncoder(encoder, in_channels, self.depth, encoder_weights)
-            channels = self.encoder.channels
+        self.encoder = make_encoder(encoder, in_channels, channels, norm, padding, encoder_weights)
+        channels = self.encoder.channels  # on an smp encoder, the encoder's widths
         # same padding takes any size (odd ones are padded inside Up; full images are best
         # mirror-padded to this multiple first); valid convolutions take only the sizes whose
         # every pooled map is even (checked in forward)

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.blocks import (
-    ConvEncoder,
     OutConv,
     SmpEncoder,
     Up,
     check_input_size,
+    make_encoder,
 )
 
 
@@ -51,10 +51,9 @@ class UNetPlusPlus(nn.Module):
             norm=norm,
             encoder=encoder,
         )
-        if encoder == "none":
-            self.encoder = ConvEncoder(in_channels, channels, norm, padding=1)
-        else:
-            self.encoder = SmpEncoder(encoder, in_channels, self.depth, encoder_weights)
+        self.encoder = make_encoder(
+            encoder, in_channels, channels, norm, padding=1, weights=encoder_weights
+        )
         channels = self.encoder.channels
         self.size_multiple = self.encoder.size_multiple
         self.nodes = nn.ModuleDict()
