@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
-from pipeline.datasets import RawDataset, open_dataset, read_image
+from pipeline.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +132,17 @@ class Stats:
                 out.writerow([split, IGNORE_INDEX, "ignore", int(hist[-1]), ""])
 
 
-def observer_metrics(processed: Path, ds: RawDataset) -> dict[str, float]:
-    """The second observer's tracings scored against the reference labels like a model."""
+def score_observer(cm, second: np.ndarray, label: np.ndarray, num_classes: int):
+    """Add a second observer's tracing, scored against the reference label like a model's
+    prediction, to the confusion matrix `cm` (created on first use: torch imports slowly)."""
     import torch
 
     from pipeline.metrics import ConfusionMatrix
 
-    cm = ConfusionMatrix(len(ds.class_names), IGNORE_INDEX)
-    for item in ds.splits["test"]:
-        label = read_image(paths.split_dir("test", "labels", processed) / f"{item.stem}.png", "L")
-        second = read_image(paths.split_dir("test", "second", processed) / f"{item.stem}.png", "L")
-        second[second == IGNORE_INDEX] = 0  # outside the FOV: ignored through the label anyway
-        cm.update(torch.from_numpy(second), torch.from_numpy(label))
-    return {k: round(v, 6) for k, v in cm.compute(ds.class_names).items()}
+    cm = cm or ConfusionMatrix(num_classes, IGNORE_INDEX)
+    second = np.where(second == IGNORE_INDEX, 0, second)  # outside the FOV: the label ignores it
+    cm.update(torch.from_numpy(second), torch.from_numpy(label))
+    return cm
 
 
 def preprocess(params: Params) -> Path:
@@ -153,7 +151,7 @@ def preprocess(params: Params) -> Path:
     stats = Stats(len(ds.class_names), ds.in_channels)
     rng = np.random.default_rng(params.seed)
     crops: list[str] = []
-    has_second = False
+    observer = None  # DRIVE: the second human's tracings, scored like a model
     target = paths.PROCESSED
     with atomic_path(target) as tmp:
         for split, items in ds.splits.items():
@@ -166,7 +164,9 @@ def preprocess(params: Params) -> Path:
                 save_pair(images, labels, item.stem, sample.image, sample.label)
                 if sample.second is not None:
                     save_png(paths.split_dir(split, "second", tmp), item.stem, sample.second)
-                    has_second = True
+                    observer = score_observer(
+                        observer, sample.second, sample.label, len(ds.class_names)
+                    )
                 stats.add(split, sample.image, sample.label)
                 if split != "train":
                     continue
@@ -206,7 +206,8 @@ def preprocess(params: Params) -> Path:
             "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},
             "crops": crops,
             # DRIVE: a second human's tracing of the test images, scored like a model
-            "second_observer": observer_metrics(tmp, ds) if has_second else None,
+            "second_observer": observer
+            and {k: round(v, 6) for k, v in observer.compute(ds.class_names).items()},
         }
         write_json(tmp / paths.MANIFEST.name, manifest)
     log.info(

@@ -100,8 +100,6 @@ class ConvEncoder(nn.ModuleList):
     """The classic encoder: X(0,0) = DoubleConv, X(i,0) = Down, channels[i] at level i
     (resolution 1/2**i)."""
 
-    scale = 1  # level 0 is at full resolution
-
     def __init__(self, in_ch: int, channels: tuple[int, ...], norm: str, padding: int):
         super().__init__(
             [DoubleConv(in_ch, channels[0], norm, padding)]
@@ -109,6 +107,12 @@ class ConvEncoder(nn.ModuleList):
         )
         self.channels = tuple(channels)
         self.size_multiple = 2 ** (len(channels) - 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Any size: odd ones are padded inside Up."""
+
+    def to_input_size(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return logits  # level 0 is at full resolution
 
     def features(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         """Levels 0..depth, only those computed."""
@@ -122,9 +126,7 @@ class ConvEncoder(nn.ModuleList):
 class SmpEncoder(nn.Module):
     """A segmentation-models-pytorch encoder (resnet34, efficientnet-b0, ...) as levels
     0..depth. smp's first "feature" is the input itself, so level i is its stride 2**(i+1) map
-    and decoders on it end at half resolution (`scale` = 2)."""
-
-    scale = 2
+    and decoders on it end at half resolution (`to_input_size` upsamples their logits)."""
 
     def __init__(self, name: str, in_ch: int, depth: int, weights: str | None = None):
         super().__init__()
@@ -137,6 +139,7 @@ class SmpEncoder(nn.Module):
             )
         if not 1 <= depth <= 4:
             raise ValueError(f"depth {depth}: an smp encoder gives levels for depth 1..4")
+        self.name = name
         self.body = get_encoder(name, in_channels=in_ch, depth=depth + 1, weights=weights)
         self.channels = tuple(self.body.out_channels[1 : depth + 2])
         self.size_multiple = 2 ** (depth + 1)
@@ -144,6 +147,12 @@ class SmpEncoder(nn.Module):
         # drop them, so a depth-k model (and UNet++ pruned to k) holds only what runs
         side = 2 * self.size_multiple
         drop_unused_modules(self.body, torch.zeros(1, in_ch, side, side))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input_size(x, self.size_multiple, f"a model on the smp encoder {self.name}")
+
+    def to_input_size(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear")
 
     def features(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         return list(self.body(x)[1 : depth + 2])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.blocks import OutConv, SmpEncoder, Up, check_input_size, make_encoder
+from pipeline.models.blocks import OutConv, Up, make_encoder
 
 
 class UNet(nn.Module):
@@ -43,17 +42,14 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_multiple is None:
             check_valid_size(x, self.depth)
-        elif isinstance(self.encoder, SmpEncoder):
-            check_input_size(x, self.size_multiple, "UNet on an smp encoder")
+        self.encoder.check_input(x)
         size = x.shape[-2:]
         feats = self.encoder.features(x, self.depth)
         x = feats.pop()
         for up in self.decoder:
             x = up(x, [feats.pop()])
-        x = self.head(x)
-        if self.encoder.scale != 1:  # smp encoders: level 0 is at half resolution
-            x = F.interpolate(x, size=size, mode="bilinear")
-        return x  # (B, out_channels, H, W), or smaller for valid convolutions
+        # (B, out_channels, H, W), or smaller for valid convolutions
+        return self.encoder.to_input_size(self.head(x), size)
 
 
 def valid_output_size(size: int, depth: int) -> int | None:

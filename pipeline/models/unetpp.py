@@ -12,14 +12,11 @@ nodes take its widths, start at half resolution, and the heads' logits are upsam
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.blocks import (
     OutConv,
-    SmpEncoder,
     Up,
-    check_input_size,
     make_encoder,
 )
 
@@ -77,18 +74,18 @@ class UNetPlusPlus(nn.Module):
         depth = self.depth if depth is None else depth
         if not 1 <= depth <= self.depth:
             raise ValueError(f"depth must lie in 1..{self.depth}, got {depth}")
-        if isinstance(self.encoder, SmpEncoder):
-            check_input_size(x, self.size_multiple, f"UNet++ on {self.config['encoder']}")
+        self.encoder.check_input(x)
         size = x.shape[-2:]
         grid = {(i, 0): f for i, f in enumerate(self.encoder.features(x, depth))}
         for j in range(1, depth + 1):
             for i in range(depth - j + 1):
                 skips = [grid[i, k] for k in range(j)]
                 grid[i, j] = self.nodes[node(i, j)](grid[i + 1, j - 1], skips)
-        outs = {k: self.heads[str(k)](grid[0, k]) for k in self.head_depths if k <= depth}
-        if self.encoder.scale != 1:  # smp encoders: level 0 is at half resolution
-            outs = {k: F.interpolate(v, size=size, mode="bilinear") for k, v in outs.items()}
-        return outs
+        return {
+            k: self.encoder.to_input_size(self.heads[str(k)](grid[0, k]), size)
+            for k in self.head_depths
+            if k <= depth
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Training with several heads: a list of logits, shallowest first (deep supervision).
