@@ -113,11 +113,21 @@ class DatasetParams(Section):
         return self
 
 
+class BorderWeightParams(Section):
+    """The U-Net paper's weight map w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)),
+    written next to every training crop when enabled and used by the pixel-wise loss."""
+
+    enabled: bool = False
+    w0: NonNegFloat = 10.0
+    sigma: Annotated[float, Field(gt=0)] = 5.0  # pixels
+
+
 class PreprocessParams(Section):
     crop_size: Annotated[int, Field(ge=16)] = 64
     crop_stride: PositiveInt = 32
     # 0: crops on a grid every crop_stride px; N > 0: N random crops per training image (seeded)
     crops_per_image: Annotated[int, Field(ge=0)] = 0
+    border_weights: BorderWeightParams = BorderWeightParams()
 
     @model_validator(mode="after")
     def _covers(self) -> PreprocessParams:
@@ -155,13 +165,18 @@ class UNetPPParams(ModelParams):
 class LossParams(Section):
     ce_weight: NonNegFloat = 1.0
     dice_weight: NonNegFloat = 1.0
+    focal_weight: NonNegFloat = 0.0  # focal loss term; 0 = off
+    focal_gamma: NonNegFloat = 2.0
+    # per-class weights of the CE term: null (none), "median_frequency" (from the training
+    # split's class histogram) or one weight per class
+    class_weights: Literal["median_frequency"] | list[NonNegFloat] | None = None
     # weight of each UNet++ head, shallowest (L1) first; one per depth
     ds_weights: list[NonNegFloat] = [0.25, 0.25, 0.25, 0.25]
 
     @model_validator(mode="after")
     def _some_weight(self) -> LossParams:
-        if self.ce_weight + self.dice_weight <= 0:
-            raise ValueError("ce_weight + dice_weight must be > 0")
+        if self.ce_weight + self.dice_weight + self.focal_weight <= 0:
+            raise ValueError("loss: ce_weight + dice_weight + focal_weight must be > 0")
         if not self.ds_weights or sum(self.ds_weights) <= 0:
             raise ValueError("ds_weights must hold at least one positive weight")
         return self
@@ -169,10 +184,27 @@ class LossParams(Section):
 
 class TrainParams(Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
     weight_decay: NonNegFloat = 0.0
+    # learning-rate schedule, stepped every batch: none | step | cosine | poly
+    scheduler: Literal["none", "step", "cosine", "poly"] = "none"
+    warmup_epochs: NonNegFloat = 0.0  # linear warm-up from 0 (fractions of an epoch allowed)
+    step_epochs: PositiveInt = 10  # step: multiply lr by step_gamma every step_epochs
+    step_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    poly_power: Annotated[float, Field(gt=0)] = 0.9
+    min_lr: NonNegFloat = 0.0  # cosine / poly end at this lr
+    grad_clip: NonNegFloat = 0.0  # max gradient norm; 0 = off
     augment: bool = True
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # mixed precision: auto = bf16 on CUDA, off on CPU; fp16 adds a gradient scaler
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model (CUDA)
+    # processes for DDP (torchrun, one per GPU; gloo on CPU); batch_size is the global batch.
+    # Under an outer `torchrun`, its WORLD_SIZE wins.
+    processes: PositiveInt = 1
+    resume: bool = True  # continue an interrupted run from its last epoch checkpoint
     # metric that picks the best checkpoint; "val_loss" is minimised, the others maximised
     monitor: Literal[
         "val_loss", "val_miou", "val_dice", "val_global_accuracy", "val_mean_accuracy"
@@ -186,6 +218,24 @@ class PruningParams(Section):
     # the report's "best depth": the shallowest whose test mIoU is within this of the deepest
     tolerance: NonNegFloat = 0.01
     onnx: bool = True  # export the full UNet++ and every pruned depth to models/onnx/
+
+
+class InferenceParams(Section):
+    """Full-size images (validation, test, `pipeline.predict`) are predicted tile by tile:
+    mirror padding at the borders, tiles overlapping by `tile_overlap` px, blended."""
+
+    tile_size: Annotated[int, Field(ge=0)] = 128  # 0 = the whole image in one forward
+    tile_overlap: Annotated[int, Field(ge=0)] = 32
+    blend: Literal["gaussian", "constant"] = "gaussian"
+
+    @model_validator(mode="after")
+    def _overlap(self) -> InferenceParams:
+        if self.tile_size and self.tile_overlap >= self.tile_size:
+            raise ValueError(
+                f"inference.tile_overlap ({self.tile_overlap}) must be smaller than "
+                f"inference.tile_size ({self.tile_size})"
+            )
+        return self
 
 
 class ReportParams(Section):
@@ -211,6 +261,7 @@ class Params(Section):
     unetpp: UNetPPParams = UNetPPParams()
     loss: LossParams = LossParams()
     train: TrainParams = TrainParams()
+    inference: InferenceParams = InferenceParams()
     pruning: PruningParams = PruningParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
@@ -229,6 +280,17 @@ class Params(Section):
                 )
             if mp.encoder != "none" and mp.depth > 4:
                 raise ValueError(f"{arch}.depth: at most 4 on an smp encoder")
+            tile = self.inference.tile_size
+            if tile % multiple:
+                raise ValueError(
+                    f"inference.tile_size ({tile}) must be divisible by {multiple} for {arch} "
+                    f"(depth {mp.depth}, encoder {mp.encoder})"
+                )
+        if self.batch_size % self.train.processes:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by train.processes "
+                f"({self.train.processes}): it is the global batch"
+            )
         if len(self.loss.ds_weights) != self.unetpp.depth:
             raise ValueError(
                 f"loss.ds_weights needs one weight per UNet++ depth ({self.unetpp.depth}), "
