@@ -1,10 +1,12 @@
-"""Self-describing checkpoints: weights, model config, params, metrics, data description.
+"""Self-describing checkpoints: weights, model config, params, metrics, data description;
+and the per-epoch resume state of a training run (models/resume/<arch>.pt).
 
 Only tensors, numbers, strings, lists and dicts go in, so `torch.load(weights_only=True)` works.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from torch import nn
 
 from pipeline.common import PipelineError, atomic_path
 from pipeline.models import build_model
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: Path, model: nn.Module, **info: Any) -> None:
@@ -37,3 +41,65 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(f"{path}: not a checkpoint of this pipeline ({msg})") from None
     return model.to(device).eval(), ckpt
+
+
+# --- resume state: everything needed to continue an interrupted run exactly -----------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run touches, as tensors and plain numbers (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def save_resume(path: Path, state: dict[str, Any]) -> None:
+    """Atomically: a kill while writing leaves the previous epoch's state in place."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The saved state if it belongs to a run with the same fingerprint (params and data),
+    else None: a changed param or dataset starts afresh instead of mixing two runs."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say so and start afresh
+        log.warning("%s: unreadable resume state (%s); starting afresh", path, type(exc).__name__)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("%s: saved for other params or data; starting afresh", path)
+        return None
+    return state

@@ -1,4 +1,9 @@
-"""Torch datasets over data/processed: training crops (augmented) and full-size split images."""
+"""Torch datasets over data/processed: training crops (augmented) and full-size split images.
+
+A training crop's augmentation depends only on (seed, epoch, index), never on which process or
+worker loads it or on what was loaded before: a resumed run, a run with more workers and a DDP
+run all see exactly the same augmented crops.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pipeline import paths
 from pipeline.common import PipelineError, read_json
@@ -26,7 +31,8 @@ def transforms(manifest: dict[str, Any], augment: bool, seed: int | None = None)
     if augment:
         ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
     ops.append(A.Normalize(mean=manifest["mean"], std=manifest["std"], max_pixel_value=255.0))
-    return A.Compose(ops, strict=True, seed=seed)
+    # a border weight map travels with the label (flipped and rotated, never normalised)
+    return A.Compose(ops, strict=True, seed=seed, additional_targets={"weight": "mask"})
 
 
 def _hwc(image: np.ndarray) -> np.ndarray:
@@ -34,8 +40,24 @@ def _hwc(image: np.ndarray) -> np.ndarray:
     return image[..., None] if image.ndim == 2 else image
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_weight(path: Path) -> np.ndarray:
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable weight map ({exc})") from None
+
+
 class SegmentationDataset(Dataset):
-    """Image/label PNG pairs, held in memory: (C, H, W) float32 image, (H, W) int64 label."""
+    """Image/label PNG pairs, held in memory: (C, H, W) float32 image, (H, W) int64 label,
+    plus an (H, W) float32 pixel-weight map when `weight_paths` are given.
+
+    Index `epoch * len(self) + i` (see `EpochSampler`) loads item i augmented for that epoch:
+    the augmentation is seeded by (seed, epoch, i) alone.
+    """
 
     def __init__(
         self,
@@ -43,30 +65,70 @@ class SegmentationDataset(Dataset):
         label_paths: list[Path],
         transform: A.Compose,
         in_channels: int = 3,
+        weight_paths: list[Path] | None = None,
+        seed: int = 0,
     ):
         if not image_paths:
             raise PipelineError("empty dataset: no images to load")
         mode = "L" if in_channels == 1 else "RGB"
         self.images = [_hwc(read_image(p, mode)) for p in image_paths]  # (H, W, C)
         self.labels = [read_image(p, "L") for p in label_paths]
-        self.transform = transform
+        self.weights = [_read_weight(p) for p in weight_paths] if weight_paths else None
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.transform(image=self.images[idx], mask=self.labels[idx])
-        image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, ...]:
+        epoch, idx = divmod(key, len(self.images))
+        seed = np.random.SeedSequence([self.seed, epoch, idx]).generate_state(1)[0]
+        self.transform.set_random_seed(int(seed))
+        extra = {"weight": self.weights[idx]} if self.weights is not None else {}
+        out = self.transform(image=self.images[idx], mask=self.labels[idx], **extra)
+        image = _tensor(out["image"].transpose(2, 0, 1))
+        label = _tensor(out["mask"]).long()
+        return (image, label, _tensor(out["weight"])) if extra else (image, label)
+
+
+class EpochSampler(Sampler[int]):
+    """DistributedSampler (seeded shuffle per epoch, this rank's share) whose indices carry the
+    epoch, `epoch * n + i`, so the dataset can seed the augmentation by (epoch, i).
+
+    With one process it is the single-process order; with N processes rank r takes every N-th
+    index of the same permutation, so the N per-rank batches together form the single-process
+    batch.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n = n
+        self.inner = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.epoch * self.n + i for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def crops_dataset(manifest: dict[str, Any], augment: bool, seed: int) -> SegmentationDataset:
     names = manifest["crops"]
+    weights = None
+    if manifest.get("border_weights"):
+        weights = [paths.crops_dir("weights") / f"{n}.npy" for n in names]
     return SegmentationDataset(
         [paths.crops_dir("images") / f"{n}.png" for n in names],
         [paths.crops_dir("labels") / f"{n}.png" for n in names],
         transforms(manifest, augment, seed),
         manifest["in_channels"],
+        weights,
+        seed,
     )
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
-from pipeline.losses import predict
-from pipeline.metrics import ConfusionMatrix
+from pipeline.config import InferenceParams
+from pipeline.distributed import SINGLE, Dist, sum_array
+from pipeline.losses import predict, probabilities
+from pipeline.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -31,29 +35,66 @@ def predict_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> tor
     return out[..., :h, :w]
 
 
+def eval_shard(dataset, ctx: Dist, batch_size: int) -> DataLoader:
+    """This rank's share of a split (every world-th image), batched only when the images share
+    one size (a folder of your own may mix sizes)."""
+    indices = list(range(ctx.rank, len(dataset), ctx.world))
+    if hasattr(dataset, "images"):  # SegmentationDataset: sizes without decoding anything
+        sizes = {dataset.images[i].shape[:2] for i in indices}
+    else:
+        sizes = {tuple(dataset[i][0].shape[-2:]) for i in indices}
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size if len(sizes) == 1 else 1)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader,
-    num_classes: int,
+    dataset,
     class_names: list[str],
     device: torch.device,
     multiple: int,
+    inference: InferenceParams,
     loss_fn: nn.Module | None = None,
+    ctx: Dist = SINGLE,
+    batch_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Metrics over a whole split (one confusion matrix); `loss` is the pixel-weighted mean."""
+    """Metrics over a whole split, from one confusion matrix (and, for binary tasks, one score
+    histogram) summed over every pixel of every image and every DDP rank; never a mean of
+    per-batch or per-image figures. `loss` is the pixel-weighted mean loss.
+
+    Images are predicted full-size by mirror-padded overlap-tile prediction (`inference.*`).
+    """
+    from pipeline.tiling import predict_tiled  # tiling builds on this module's padding
+
     model.eval()
+    num_classes = len(class_names)
     cm = ConfusionMatrix(num_classes)
-    loss_sum, loss_n = 0.0, 0
-    for images, labels in loader:
+    scores = ScoreHistogram() if num_classes == 2 else None
+    loss_sum = np.zeros(2)  # (sum of loss * pixels, pixels)
+    for images, labels in eval_shard(dataset, ctx, batch_size):
         images, labels = images.to(device), labels.to(device)
-        logits = predict_logits(model, images, multiple)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = predict_tiled(
+                model,
+                images,
+                inference.tile_size,
+                inference.tile_overlap,
+                multiple,
+                inference.blend,
+                batch_size=max(batch_size, 4),
+            ).float()  # (B, 1 | C, H, W)
         cm.update(predict(logits), labels)
+        if scores is not None:
+            scores.update(probabilities(logits)[:, 1], labels)
         if loss_fn is not None:
             n = int((labels != cm.ignore_index).sum())
-            loss_sum += float(loss_fn(logits, labels)) * n
-            loss_n += n
-    metrics = cm.compute(class_names)
+            loss_sum += (float(loss_fn(logits, labels)) * n, n)
+    cm.matrix = sum_array(cm.matrix, ctx)
+    if scores is not None:
+        scores.hist = sum_array(scores.hist, ctx)
+    metrics = split_metrics(cm, scores, class_names)
     if loss_fn is not None:
-        metrics["loss"] = loss_sum / max(loss_n, 1)
+        total, n = sum_array(loss_sum, ctx)
+        metrics["loss"] = total / max(n, 1)
     return metrics

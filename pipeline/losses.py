@@ -1,14 +1,27 @@
-"""CE + Dice loss that ignores label 255, and the logits -> probabilities convention.
+"""The segmentation loss (pixel-weighted CE + soft Dice + optional focal), class weights, deep
+supervision, and the logits -> probabilities convention.
 
-Binary tasks use one sigmoid channel (BCE); multi-class tasks use softmax (CE). Ignored pixels
-contribute nothing: not to the CE mean, not to the Dice sums.
+Binary tasks use one sigmoid channel (BCE); multi-class tasks use softmax (CE). Pixels labelled
+`ignore_index` (255) contribute nothing to any term, nor any gradient.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
+
+from pipeline.common import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import LossParams
+
+log = logging.getLogger(__name__)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -26,39 +39,90 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1)
 
 
-class CEDiceLoss(nn.Module):
+class SegmentationLoss(nn.Module):
+    """ce_weight * CE + dice_weight * Dice + focal_weight * Focal, all over non-ignored pixels.
+
+    - CE: per-pixel (B)CE weighted by class_weights[target] (binary: [background, foreground])
+      times the pixel weight map, reduced as sum(w * ce) / sum(w); with class weights alone it
+      equals `F.cross_entropy(..., weight=class_weights, ignore_index=255)`.
+    - Dice: smp's DiceLoss over the whole batch, smooth 0 (binary: the foreground's 1 - Dice;
+      multi-class: the mean of 1 - Dice over all classes); a class absent from the batch's
+      labels counts 0. Unweighted: Dice is a set measure, pixel weights mean little there.
+    - Focal: -(1 - p_t)^gamma * log p_t, the mean over valid pixels, unweighted. Binary it equals
+      smp's FocalLoss("binary"); multi-class it is the softmax focal loss (smp's multi-class
+      FocalLoss is one-vs-rest sigmoid, which neither matches our softmax head nor reduces to
+      CE at gamma 0).
+    """
+
     def __init__(
         self,
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
+        focal_weight: float = 0.0,
+        focal_gamma: float = 2.0,
+        class_weights: list[float] | None = None,
         ignore_index: int = 255,
-        smooth: float = 1.0,
     ):
         super().__init__()
         self.ce_weight, self.dice_weight = ce_weight, dice_weight
-        self.ignore_index, self.smooth = ignore_index, smooth
+        self.focal_weight, self.focal_gamma = focal_weight, focal_gamma
+        self.ignore_index = ignore_index
+        # a buffer so that .to(device) moves it with the module
+        cw = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", cw, persistent=False)
+        self.dice = {
+            mode: DiceLoss(mode, from_logits=True, ignore_index=ignore_index)
+            for mode in ("binary", "multiclass")
+        }
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (B, 1 | C, H, W), target (B, H, W) int with ignore_index allowed."""
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """logits (B, 1 | C, H, W), target (B, H, W) int with ignore_index allowed, weight
+        (B, H, W) per-pixel weights (the border weight map) or None."""
+        self._check(logits, target, weight)
+        logits = logits.float()  # autocast may hand us bf16/fp16: the sums need float32
         valid = target != self.ignore_index  # (B, H, W)
         if not valid.any():
             return logits.sum() * 0.0  # keeps the graph; nothing to learn from this batch
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        if logits.shape[1] == 1:
-            ce = F.binary_cross_entropy_with_logits(logits[:, 0][valid], safe[valid].float())
-            probs = torch.sigmoid(logits[:, 0])[valid]
-            onehot = safe[valid].float()
-            # Dice of the foreground class, as usual for binary segmentation
-            inter, total = (probs * onehot).sum(), probs.sum() + onehot.sum()
-            dice = 1 - (2 * inter + self.smooth) / (total + self.smooth)
+        binary = logits.shape[1] == 1
+        safe = torch.where(valid, target, torch.zeros_like(target))  # (B, H, W)
+        if binary:
+            ce = F.binary_cross_entropy_with_logits(
+                logits[:, 0], safe.float(), reduction="none"
+            )  # (B, H, W)
         else:
-            ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
-            probs = torch.softmax(logits, 1).permute(0, 2, 3, 1)[valid]  # (N, C)
-            onehot = F.one_hot(safe[valid], logits.shape[1]).float()  # (N, C)
-            inter = (probs * onehot).sum(0)
-            total = probs.sum(0) + onehot.sum(0)
-            dice = (1 - (2 * inter + self.smooth) / (total + self.smooth)).mean()
-        return self.ce_weight * ce + self.dice_weight * dice
+            ce = F.cross_entropy(logits, safe, reduction="none")  # (B, H, W)
+
+        total = logits.new_zeros(())
+        if self.ce_weight:
+            w = valid.float()  # (B, H, W)
+            if self.class_weights is not None:
+                # .to: a no-op once the loss is on the logits' device, which callers may forget
+                w = w * self.class_weights.to(logits.device)[safe]
+            if weight is not None:
+                w = w * weight.float()
+            # tiny floor: all-zero weights give 0, not 0 / 0
+            total = total + self.ce_weight * (w * ce).sum() / w.sum().clamp_min(1e-30)
+        if self.dice_weight:
+            dice = self.dice["binary" if binary else "multiclass"](logits, target)
+            total = total + self.dice_weight * dice
+        if self.focal_weight:
+            # ce = -log p_t in both modes; the floor keeps pow's gradient finite where p_t = 1
+            modulating = (1 - torch.exp(-ce)).clamp_min(1e-12) ** self.focal_gamma
+            focal = (modulating * ce)[valid].mean()
+            total = total + self.focal_weight * focal
+        return total
+
+    def _check(self, logits, target, weight) -> None:
+        b, c, h, w = logits.shape
+        if target.shape != (b, h, w):
+            raise ValueError(f"target {tuple(target.shape)} does not match logits {(b, c, h, w)}")
+        if weight is not None and weight.shape != target.shape:
+            raise ValueError(f"weight {tuple(weight.shape)} does not match target {(b, h, w)}")
+        classes = max(c, 2)
+        if self.class_weights is not None and len(self.class_weights) != classes:
+            raise ValueError(f"{len(self.class_weights)} class weights for {classes} classes")
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -68,9 +132,83 @@ class DeepSupervisionLoss(nn.Module):
         super().__init__()
         self.loss, self.weights = loss, list(weights)
 
-    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):
+    def forward(
+        self,
+        outputs: torch.Tensor | list[torch.Tensor],
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ):
         if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, target)
+            return self.loss(outputs, target, weight)
         if len(outputs) != len(self.weights):
             raise ValueError(f"{len(outputs)} heads but {len(self.weights)} weights")
-        return sum(w * self.loss(o, target) for w, o in zip(self.weights, outputs, strict=True))
+        return sum(
+            w * self.loss(o, target, weight) for w, o in zip(self.weights, outputs, strict=True)
+        )
+
+
+def median_frequency_weights(class_pixels: list[int]) -> list[float]:
+    """Median-frequency balancing (Eigen & Fergus 2015): w_c = median(freq) / freq_c.
+
+    freq_c = pixels of class c / all labelled pixels of the split. The paper divides by the
+    pixels of the images where c is present instead; we only keep a per-split histogram, so
+    the split's total it is (the weights differ only for classes missing from many images).
+    Classes without pixels get weight 0 and stay out of the median.
+    """
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    present = pixels > 0
+    if not present.any():
+        raise PipelineError("loss.class_weights: median_frequency needs labelled pixels")
+    freq = pixels / pixels.sum()
+    weights = np.zeros_like(freq)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return weights.tolist()
+
+
+def resolve_class_weights(loss_params: LossParams, manifest: dict) -> list[float] | None:
+    """loss.class_weights -> one CE weight per class, or None."""
+    spec, n = loss_params.class_weights, manifest["num_classes"]
+    if spec is None:
+        return None
+    if spec == "median_frequency":
+        weights = median_frequency_weights(manifest["train_class_pixels"])
+        log.info("median-frequency class weights: %s", [round(w, 4) for w in weights])
+        return weights
+    if len(spec) != n:
+        names = ", ".join(manifest.get("class_names", []))
+        raise PipelineError(f"loss.class_weights: {len(spec)} weights for {n} classes ({names})")
+    if not any(spec):
+        raise PipelineError("loss.class_weights: all weights are 0")
+    return [float(w) for w in spec]
+
+
+def build_eval_loss(loss_params: LossParams, manifest: dict) -> SegmentationLoss:
+    """The plain (single-output) loss, e.g. for the validation loss."""
+    return SegmentationLoss(
+        loss_params.ce_weight,
+        loss_params.dice_weight,
+        loss_params.focal_weight,
+        loss_params.focal_gamma,
+        resolve_class_weights(loss_params, manifest),
+        manifest.get("ignore_index", 255),
+    )
+
+
+def build_loss(
+    loss_params: LossParams, arch_has_deep_supervision: bool, manifest: dict
+) -> nn.Module:
+    """The training loss: SegmentationLoss, summed over the heads with loss.ds_weights when the
+    architecture has deep supervision."""
+    base = build_eval_loss(loss_params, manifest)
+    if arch_has_deep_supervision:
+        return DeepSupervisionLoss(base, loss_params.ds_weights)
+    return base
+
+
+class CEDiceLoss(SegmentationLoss):
+    """Deprecated: the old (ce_weight, dice_weight, ignore_index) signature, kept until
+    train.py moves to build_loss. A bare alias would take the third positional argument
+    (ignore_index there) as focal_weight."""
+
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, ignore_index: int = 255):
+        super().__init__(ce_weight, dice_weight, ignore_index=ignore_index)

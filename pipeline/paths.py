@@ -48,6 +48,11 @@ def checkpoint(arch: str) -> Path:
     return MODELS / f"{arch}.pt"
 
 
+def resume_state(arch: str) -> Path:
+    """Per-epoch state of a running training stage; deleted when the stage completes."""
+    return MODELS / "resume" / f"{arch}.pt"
+
+
 ONNX = MODELS / "onnx"  # the prune stage's exports: unetpp.onnx and unetpp_L<k>.onnx
 
 

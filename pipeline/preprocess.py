@@ -6,6 +6,10 @@ crops_per_image random ones) go to data/processed/crops/; images smaller than a 
 mirror-padded and their labels padded with 255. data/processed/manifest.json describes it all
 (classes, splits, crops, per-channel mean/std of the training pixels), and class_pixels.csv
 holds the per-class pixel histogram of every split.
+
+With preprocess.border_weights.enabled, every training crop also gets the U-Net paper's weight
+map (pipeline/weightmap.py) in crops/weights/<crop>.npy (float16), computed on the full image so
+that the distances to objects cross the crop borders.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,8 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
-from pipeline.datasets import open_dataset
+from pipeline.datasets import RawDataset, open_dataset
+from pipeline.weightmap import balanced_class_weights, border_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,25 @@ class Stats:
                 out.writerow([split, IGNORE_INDEX, "ignore", int(hist[-1]), ""])
 
 
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def train_class_pixels(ds: RawDataset) -> np.ndarray:
+    """Per-class pixel counts of the training labels: a first pass over the training split, so
+    that every weight map gets the class-balancing term of the whole split."""
+    n = len(ds.class_names)
+    hist = np.zeros(n, np.int64)
+    for item in ds.splits["train"]:
+        hist += np.bincount(ds.read(item).label.ravel(), minlength=256)[:n]
+    return hist
+
+
+def save_weights(folder: Path, name: str, weights: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    # float16 halves the files; the clip keeps a huge class weight finite
+    np.save(folder / f"{name}.npy", np.minimum(weights, F16_MAX).astype(np.float16))
+
+
 def score_observer(cm, second: np.ndarray, label: np.ndarray, num_classes: int):
     """Add a second observer's tracing, scored against the reference label like a model's
     prediction, to the confusion matrix `cm` (created on first use: torch imports slowly)."""
@@ -153,6 +178,15 @@ def preprocess(params: Params) -> Path:
     crops: list[str] = []
     observer = None  # DRIVE: the second human's tracings, scored like a model
     target = paths.PROCESSED
+    border = pp.border_weights
+    class_weights = None  # w_c of the weight maps; None: no weight maps
+    weight_seconds = 0.0
+    if border.enabled:
+        started = time.perf_counter()
+        class_weights = balanced_class_weights(train_class_pixels(ds))
+        weight_seconds += time.perf_counter() - started
+        if class_weights.max() + border.w0 > F16_MAX:
+            log.warning("weight maps exceed float16 and are clipped to %g", F16_MAX)
     with atomic_path(target) as tmp:
         for split, items in ds.splits.items():
             images, labels = (
@@ -170,6 +204,14 @@ def preprocess(params: Params) -> Path:
                 stats.add(split, sample.image, sample.label)
                 if split != "train":
                     continue
+                weights = None  # (H, W) of the padded image make_crops crops from
+                if class_weights is not None:
+                    started = time.perf_counter()
+                    _, padded = pad_to_crop(sample.image, sample.label, pp.crop_size)
+                    weights = border_weight_map(
+                        padded, class_weights, border.w0, border.sigma, IGNORE_INDEX
+                    )
+                    weight_seconds += time.perf_counter() - started
                 for y, x, img_c, lab_c in make_crops(
                     sample.image,
                     sample.label,
@@ -186,6 +228,10 @@ def preprocess(params: Params) -> Path:
                         img_c,
                         lab_c,
                     )
+                    if weights is not None:
+                        size = pp.crop_size
+                        window = weights[y : y + size, x : x + size]
+                        save_weights(paths.crops_dir("weights", tmp), name, window)
                     crops.append(name)
         if not crops:
             raise PipelineError(f"{ds.root}: no training crop holds a labelled pixel")
@@ -208,6 +254,14 @@ def preprocess(params: Params) -> Path:
             # DRIVE: a second human's tracing of the test images, scored like a model
             "second_observer": observer
             and {k: round(v, 6) for k, v in observer.compute(ds.class_names).items()},
+            # crops/weights/<crop>.npy: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
+            "border_weights": None
+            if class_weights is None
+            else {
+                "w0": border.w0,
+                "sigma": border.sigma,
+                "class_weights": [round(float(w), 6) for w in class_weights],
+            },
         }
         write_json(tmp / paths.MANIFEST.name, manifest)
     log.info(
@@ -217,6 +271,18 @@ def preprocess(params: Params) -> Path:
         len(crops),
         pp.crop_size,
     )
+    if class_weights is not None:
+        n_train = len(ds.splits["train"])
+        log.info(
+            "border weight maps (w0 %g, sigma %g, class weights %s) for %d training images: "
+            "%.2f s (%.3f s per image, with the class-histogram pass)",
+            border.w0,
+            border.sigma,
+            np.round(class_weights, 4).tolist(),
+            n_train,
+            weight_seconds,
+            weight_seconds / max(n_train, 1),
+        )
     return target
 
 

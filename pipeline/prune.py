@@ -18,7 +18,7 @@ from pipeline import paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, flatten, load_params
-from pipeline.data import eval_loader, load_manifest, split_dataset
+from pipeline.data import load_manifest, split_dataset
 from pipeline.inference import evaluate, pad_to_multiple
 from pipeline.stats import model_stats
 from pipeline.tracking import mlflow_run
@@ -63,7 +63,6 @@ def prune(params: Params) -> pd.DataFrame:
         )
     manifest = load_manifest()
     test_ds = split_dataset(manifest, "test")
-    loader = eval_loader(test_ds, params.batch_size)
     multiple = model.size_multiple
     padded, _ = pad_to_multiple(test_ds[0][0][None], multiple)
     shape = (1, *padded.shape[1:])  # (1, C, H, W): one full-size test image
@@ -72,7 +71,13 @@ def prune(params: Params) -> pd.DataFrame:
     for k in sorted(pp.depths):
         sub = model.prune(k).eval()
         quality = evaluate(
-            sub, loader, manifest["num_classes"], manifest["class_names"], device, multiple
+            sub,
+            test_ds,
+            manifest["class_names"],
+            device,
+            multiple,
+            params.inference,
+            batch_size=params.batch_size,
         )
         row = {
             "depth": k,

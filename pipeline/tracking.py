@@ -86,8 +86,11 @@ def _experiment_id(name: str, location: str | None, attempts: int = 8) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(params: Params, stage: str, run_name: str) -> Iterator[Any]:
-    """An active MLflow run for this stage (None when params disable tracking)."""
+def mlflow_run(
+    params: Params, stage: str, run_name: str, run_id: str | None = None
+) -> Iterator[Any]:
+    """An active MLflow run for this stage (None when params disable tracking); `run_id`
+    continues an earlier run (a training stage resumed after an interruption) if it exists."""
     if not params.mlflow.enabled:
         yield None
         return
@@ -98,6 +101,17 @@ def mlflow_run(params: Params, stage: str, run_name: str) -> Iterator[Any]:
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     exp_id = _experiment_id(params.mlflow.experiment, artifact_location(params))
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            log.info("MLflow run %s not found in %s; starting a new one", run_id, uri)
+            run_id = None
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            log.info("MLflow run %s continued in %s", run_id, uri)
+            yield run
+        return
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags(stage)) as run:
         log.info("MLflow run %s in %s", run.info.run_id, uri)
         yield run

@@ -299,6 +299,7 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "crop_size",
         "crop_stride",
         "crops_per_image",
+        "border_weights",
         "splits",
         "crops",
         "second_observer",

@@ -1,5 +1,5 @@
-"""CE + Dice loss, deep supervision, the logits conventions, the confusion-matrix metrics,
-full-image inference and the model statistics."""
+"""The segmentation loss (CE + Dice), deep supervision, the logits conventions, the
+confusion-matrix metrics, full-image inference and the model statistics."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from pipeline.config import InferenceParams
 from pipeline.inference import evaluate, pad_to_multiple, predict_logits
-from pipeline.losses import CEDiceLoss, DeepSupervisionLoss, predict, probabilities
+from pipeline.losses import DeepSupervisionLoss, SegmentationLoss, predict, probabilities
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models import build_model
 from pipeline.stats import count_params, gflops, latency_ms
@@ -38,12 +39,12 @@ def _perfect_logits(target: torch.Tensor, channels: int, margin: float = 20.0) -
     return (onehot * 2 - 1) * margin
 
 
-# --- CEDiceLoss -----------------------------------------------------------------------------
+# --- SegmentationLoss -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
 def test_loss_ignores_pixels_labelled_255(channels, num_classes):
-    loss_fn = CEDiceLoss()
+    loss_fn = SegmentationLoss()
     target = _target(num_classes)
     ignored = (target == IGNORE)[:, None].expand(-1, channels, -1, -1)
     assert ignored.any() and not ignored.all()
@@ -61,7 +62,7 @@ def test_loss_ignores_pixels_labelled_255(channels, num_classes):
 def test_all_ignored_batch_gives_zero_loss_with_a_gradient(channels):
     logits = torch.randn(2, channels, 8, 8, requires_grad=True)
     target = torch.full((2, 8, 8), IGNORE)
-    loss = CEDiceLoss()(logits, target)
+    loss = SegmentationLoss()(logits, target)
     assert loss.item() == 0.0
     assert loss.requires_grad
     loss.backward()
@@ -70,7 +71,7 @@ def test_all_ignored_batch_gives_zero_loss_with_a_gradient(channels):
 
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
 def test_near_perfect_logits_give_a_loss_near_zero(channels, num_classes):
-    loss_fn = CEDiceLoss()
+    loss_fn = SegmentationLoss()
     target = _target(num_classes)
     perfect = loss_fn(_perfect_logits(target, channels), target)
     unsure = loss_fn(torch.zeros(2, channels, 8, 8), target)
@@ -81,25 +82,25 @@ def test_near_perfect_logits_give_a_loss_near_zero(channels, num_classes):
 
 def test_binary_loss_by_hand():
     """Zero logits: p = 0.5 everywhere, so BCE = ln 2, and with 2 vessel pixels out of 4 valid
-    ones, soft Dice = 1 - (2 * 1 + 1) / (2 + 2 + 1) = 0.4 (smooth = 1)."""
+    ones, soft Dice = 1 - 2 * 1 / (2 + 2) = 0.5 (smp's DiceLoss, smooth 0)."""
     target = torch.tensor([[[1, 1], [0, 0]], [[IGNORE, IGNORE], [IGNORE, IGNORE]]])
     logits = torch.zeros(2, 1, 2, 2)
-    assert CEDiceLoss(1.0, 0.0)(logits, target).item() == pytest.approx(math.log(2))
-    assert CEDiceLoss(0.0, 1.0)(logits, target).item() == pytest.approx(0.4)
-    assert CEDiceLoss()(logits, target).item() == pytest.approx(math.log(2) + 0.4)
+    assert SegmentationLoss(1.0, 0.0)(logits, target).item() == pytest.approx(math.log(2))
+    assert SegmentationLoss(0.0, 1.0)(logits, target).item() == pytest.approx(0.5)
+    assert SegmentationLoss()(logits, target).item() == pytest.approx(math.log(2) + 0.5)
 
 
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (3, 3)])
 def test_loss_is_the_weighted_sum_of_ce_and_dice(channels, num_classes):
     target = _target(num_classes)
     logits = torch.randn(2, channels, 8, 8)
-    ce = CEDiceLoss(1.0, 0.0)(logits, target)
-    dice = CEDiceLoss(0.0, 1.0)(logits, target)
-    assert torch.allclose(CEDiceLoss(0.3, 2.0)(logits, target), 0.3 * ce + 2.0 * dice)
+    ce = SegmentationLoss(1.0, 0.0)(logits, target)
+    dice = SegmentationLoss(0.0, 1.0)(logits, target)
+    assert torch.allclose(SegmentationLoss(0.3, 2.0)(logits, target), 0.3 * ce + 2.0 * dice)
 
 
 def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
-    base = CEDiceLoss()
+    base = SegmentationLoss()
     target = _target(2)
     outputs = [torch.randn(2, 1, 8, 8) for _ in range(3)]
     weights = [0.2, 0.3, 0.5]
@@ -108,14 +109,14 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
 
 
 def test_deep_supervision_loss_on_a_single_tensor_is_the_plain_loss():
-    base = CEDiceLoss()
+    base = SegmentationLoss()
     target = _target(2)
     logits = torch.randn(2, 1, 8, 8)
     assert torch.equal(DeepSupervisionLoss(base, [0.5, 0.5])(logits, target), base(logits, target))
 
 
 def test_deep_supervision_loss_needs_one_weight_per_head():
-    loss = DeepSupervisionLoss(CEDiceLoss(), [0.5, 0.5])
+    loss = DeepSupervisionLoss(SegmentationLoss(), [0.5, 0.5])
     with pytest.raises(ValueError, match="3 heads but 2 weights"):
         loss([torch.randn(1, 1, 4, 4)] * 3, _target(2, (1, 4, 4)))
 
@@ -266,26 +267,32 @@ def test_predict_logits_keeps_odd_sizes(arch):
         assert torch.equal(logits, model(padded)[..., :37, :45])
 
 
-def test_evaluate_does_not_depend_on_the_batch_size():
+TILES = InferenceParams(tile_size=8, tile_overlap=4)
+
+
+@pytest.mark.parametrize("tiles", [TILES, InferenceParams(tile_size=0)], ids=["tiled", "whole"])
+def test_evaluate_does_not_depend_on_the_batch_size(tiles):
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
     data = TensorDataset(torch.randn(5, 3, 12, 12), _target(2, (5, 12, 12)))
+    cpu = torch.device("cpu")
     results = [
-        evaluate(model, DataLoader(data, batch_size=bs), 2, ["bg", "fg"], torch.device("cpu"), 4)
-        for bs in (1, 2, 5)
+        evaluate(model, data, ["bg", "fg"], cpu, 4, tiles, batch_size=bs) for bs in (1, 2, 5)
     ]
     assert not model.training
     for other in results[1:]:
-        assert other == pytest.approx(results[0])
+        assert other == pytest.approx(results[0], nan_ok=True)
     assert {"global_accuracy", "mean_accuracy", "miou", "dice", "iou_bg", "iou_fg"} <= set(
         results[0]
     )
+    assert {"auc_roc", "auc_pr", "sensitivity", "specificity", "precision"} <= set(results[0])
 
 
 def test_evaluate_reports_the_loss_when_given_one():
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
     data = TensorDataset(torch.randn(2, 3, 8, 8), _target(2, (2, 8, 8)))
-    loader = DataLoader(data, batch_size=2)
-    metrics = evaluate(model, loader, 2, ["bg", "fg"], torch.device("cpu"), 4, CEDiceLoss())
+    metrics = evaluate(
+        model, data, ["bg", "fg"], torch.device("cpu"), 4, TILES, SegmentationLoss()
+    )
     assert metrics["loss"] > 0
 
 

@@ -1,0 +1,107 @@
+"""DDP plumbing: launching through torchrun, the process group, reductions across ranks.
+
+One process per GPU (NCCL), or N CPU processes (gloo). `train.processes > 1` makes the training
+CLI re-launch itself under `torch.distributed.run`; an outer `torchrun` (WORLD_SIZE set) wins.
+Only rank 0 logs to MLflow and writes outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # where reductions happen: NCCL only reduces CUDA tensors
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Dist()  # one process, no process group
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def relaunch(processes: int, module: str, args: list[str]) -> int:
+    """Run `python -m module args` in `processes` processes under torchrun; its exit status."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        module,
+        *args,
+    ]
+    log.info("launching %d DDP processes: %s", processes, " ".join(cmd[1:]))
+    return subprocess.run(cmd, check=False).returncode
+
+
+def init(device_type: str) -> Dist:
+    """Join the process group torchrun set up (a no-op for a single process)."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    local = int(os.environ["LOCAL_RANK"])
+    where = f"cuda:{local}" if device_type == "cuda" else "cpu"
+    return Dist(dist.get_rank(), dist.get_world_size(), local, where)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_array(array: np.ndarray, ctx: Dist) -> np.ndarray:
+    """Element-wise sum over ranks (confusion matrices, score histograms, loss sums)."""
+    if not ctx.active:
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy().astype(array.dtype)
+
+
+def mean_scalar(value: torch.Tensor, ctx: Dist) -> float:
+    """The mean of a scalar over ranks, so every rank takes the same decision on it."""
+    if not ctx.active:
+        return float(value)
+    t = value.detach().float().reshape(1).to(ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / ctx.world
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def sync_buffers(model: torch.nn.Module, ctx: Dist) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (each rank updated its own during
+    the epoch), so the sharded evaluation scores one and the same model."""
+    if ctx.active:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)

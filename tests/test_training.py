@@ -1,0 +1,214 @@
+"""Training runs on a tiny synthetic project, in this process: reproducibility, resume,
+non-finite losses, the epoch log's timings, every precision and loss option on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pipeline.train as tr
+from pipeline import paths
+from pipeline.common import PipelineError
+from pipeline.config import parse_params
+from pipeline.download import download
+from pipeline.preprocess import preprocess
+
+TINY = {
+    "seed": 3,
+    "lr": 0.01,
+    "epochs": 3,
+    "batch_size": 4,
+    "dataset": {"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1},
+    "preprocess": {"crop_size": 32, "crop_stride": 16},
+    "unet": {"base_channels": 4, "depth": 2},
+    "unetpp": {"base_channels": 4, "depth": 2},
+    "loss": {"ds_weights": [0.5, 0.5]},
+    "train": {"warmup_epochs": 0.5},
+    "inference": {"tile_size": 32, "tile_overlap": 8},
+    "pruning": {"depths": [1, 2], "latency_runs": 1, "latency_warmup": 0},
+    "mlflow": {"enabled": False},
+}
+TIMINGS = ("seconds", "latency_ms", "images_per_s", "train_seconds")
+
+
+def _params(**override):
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in override.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg.setdefault(section, {})[name] = value
+        else:
+            cfg[section] = value
+    return parse_params(cfg)
+
+
+@pytest.fixture
+def data(project):
+    p = _params()
+    download(p)
+    preprocess(p)
+    return project
+
+
+def _results(metrics: dict) -> str:
+    """Metrics without wall-clock figures (those differ between identical runs), as JSON so
+    that NaN equals NaN."""
+    return json.dumps(
+        {k: v for k, v in metrics.items() if not any(t in k for t in TIMINGS)}, sort_keys=True
+    )
+
+
+def _epoch_rows(arch: str) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(paths.arch_reports(arch) / "epochs.csv")
+    keep = [c for c in df.columns if not any(t in c for t in TIMINGS)]
+    return df[keep].to_json()
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_same_params_and_seed_give_identical_metrics(data, arch):
+    first = _results(tr.train(arch, _params()))
+    rows = _epoch_rows(arch)
+    second = _results(tr.train(arch, _params()))
+    assert first == second
+    assert _epoch_rows(arch) == rows
+    assert first != _results(tr.train(arch, _params(seed=4)))
+
+
+def test_epoch_log_records_loader_and_compute_time(data):
+    tr.train("unet", _params())
+    import pandas as pd
+
+    df = pd.read_csv(paths.arch_reports("unet") / "epochs.csv")
+    for col in ("data_seconds", "compute_seconds", "val_seconds", "seconds", "lr"):
+        assert (df[col] >= 0).all(), col
+    assert (df["seconds"] >= df["data_seconds"] + df["compute_seconds"]).all()
+    assert (df["loader_images_per_s"] > 0).all() and (df["step_images_per_s"] > 0).all()
+    # binary task: the split metrics carry the ranking metrics too
+    assert {"val_auc_roc", "val_auc_pr", "val_sensitivity", "val_specificity"} <= set(df.columns)
+    assert not paths.resume_state("unet").exists()  # a finished run leaves no resume state
+
+
+def _interrupt_after(monkeypatch, epoch: int):
+    """Make train_epoch raise when it starts `epoch` (as if the process died there)."""
+    real = tr.train_epoch
+
+    def dying(engine, loader, desc):
+        if desc.startswith(f"unet epoch {epoch}/"):
+            raise KeyboardInterrupt
+        return real(engine, loader, desc)
+
+    monkeypatch.setattr(tr, "train_epoch", dying)
+
+
+def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(data, monkeypatch):
+    full = _results(tr.train("unet", _params(epochs=4)))
+    rows = _epoch_rows("unet")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train("unet", _params(epochs=4))
+    state = torch.load(paths.resume_state("unet"), weights_only=True)
+    assert state["epoch"] == 2 and len(state["rows"]) == 2
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "best_state"} <= set(state)
+    resumed = _results(tr.train("unet", _params(epochs=4)))
+    assert resumed == full
+    assert _epoch_rows("unet") == rows
+
+
+def test_a_resume_state_of_other_params_is_not_used(data, monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train("unet", _params())
+    assert paths.resume_state("unet").exists()
+    fresh = _results(tr.train("unet", _params(lr=0.001)))
+    assert json.loads(_epoch_rows("unet"))["epoch"] == {"0": 1, "1": 2, "2": 3}  # none resumed
+    assert fresh == _results(tr.train("unet", _params(lr=0.001)))
+
+
+def test_resume_false_starts_afresh(data, monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train("unet", _params())
+    calls = []
+    real = tr.train_epoch
+    monkeypatch.setattr(tr, "train_epoch", lambda *a: calls.append(1) or real(*a))
+    tr.train("unet", _params(train={**TINY["train"], "resume": False}))
+    assert len(calls) == 3
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(data, monkeypatch):
+    tr.train("unet", _params())
+    before = {f: (paths.arch_reports("unet") / f).read_bytes() for f in ("metrics.json",)}
+    checkpoint = paths.checkpoint("unet").read_bytes()
+    real = tr.Engine.step
+
+    def step(self, images, labels, weight=None):
+        loss = real(self, images, labels, weight)
+        return loss * float("nan") if self.epoch_hint == 2 else loss
+
+    calls = {"n": 0}
+    real_epoch = tr.train_epoch
+
+    def counting(engine, loader, desc):
+        calls["n"] += 1
+        engine.epoch_hint = calls["n"]
+        return real_epoch(engine, loader, desc)
+
+    monkeypatch.setattr(tr.Engine, "step", step)
+    monkeypatch.setattr(tr, "train_epoch", counting)
+    with pytest.raises(PipelineError) as err:
+        tr.train("unet", _params(lr=0.002))
+    msg = str(err.value)
+    assert "unet epoch 2/3, batch 1: loss is nan" in msg
+    assert "last good state (epoch 1)" in msg and "\n" not in msg
+    state = torch.load(paths.resume_state("unet"), weights_only=True)
+    assert state["epoch"] == 1
+    assert paths.checkpoint("unet").read_bytes() == checkpoint  # earlier outputs untouched
+    for f, content in before.items():
+        assert (paths.arch_reports("unet") / f).read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"train": {"amp": "bf16", "scheduler": "poly", "optimizer": "sgd", "grad_clip": 1.0}},
+        {"train": {"amp": "fp16", "scheduler": "step", "step_epochs": 1}},
+        {"loss": {"focal_weight": 1.0, "class_weights": "median_frequency", "ds_weights": [1, 1]}},
+        {"inference": {"tile_size": 0, "tile_overlap": 0}},
+    ],
+    ids=["bf16-poly-sgd-clip", "fp16-scaler-step", "focal-median-frequency", "whole-image"],
+)
+def test_training_options_run_on_cpu(data, override):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in override.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    metrics = tr.train("unetpp", parse_params(cfg))
+    assert 0 <= metrics["miou"] <= 1 and metrics["best_epoch"] >= 1
+
+
+def test_border_weight_maps_reach_training(project, monkeypatch):
+    p = _params(preprocess={**TINY["preprocess"], "border_weights": {"enabled": True}})
+    download(p)
+    preprocess(p)
+    seen = []
+    real = tr.Engine.step
+
+    def step(self, images, labels, weight=None):
+        seen.append(weight)
+        return real(self, images, labels, weight)
+
+    monkeypatch.setattr(tr.Engine, "step", step)
+    tr.train("unet", p)
+    crop = p.preprocess.crop_size
+    assert seen and all(w is not None and w.shape[1:] == (crop, crop) for w in seen)
+
+
+def test_class_weights_of_the_wrong_length_name_the_param(data):
+    with pytest.raises(PipelineError, match="loss.class_weights"):
+        tr.train("unet", _params(loss={**TINY["loss"], "class_weights": [1.0, 2.0, 3.0]}))
