@@ -419,9 +419,9 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
                 progress.best_state = copy.deepcopy(
                     {k: v.detach().cpu() for k, v in model.state_dict().items()}
                 )
-            row["seconds"] = time.perf_counter() - t0  # training and validation
             if run:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            row["seconds"] = time.perf_counter() - t0  # training, validation and logging
             progress.epoch = epoch
             progress.train_seconds += row["seconds"]
             progress.rows.append(row)
@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)  # the ranks have logged their error
         return
     ctx = distributed.init(pick_device(params.train.device).type)
-    if not ctx.main:
-        logging.getLogger("pipeline").setLevel(logging.WARNING)
+    if not ctx.main:  # rank 0 speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         train(args.arch, params, ctx)
     finally:
