@@ -56,7 +56,8 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's GPU only (under DDP each rank owns one)
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": {
             "keys": torch.from_numpy(keys.astype("int64")),
             "pos": int(pos),
@@ -74,7 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     n = state["numpy"]
     np.random.set_state(
         ("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])

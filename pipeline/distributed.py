@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.common import PipelineError
+
 log = logging.getLogger(__name__)
 
 
@@ -63,10 +65,19 @@ def init(device_type: str) -> Dist:
     """Join the process group torchrun set up (a no-op for a single process)."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return SINGLE
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
     local = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise PipelineError(
+                f"DDP rank with LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) "
+                "visible: set train.processes to at most the number of GPUs"
+            )
+        # bind this process to its GPU, so pinned memory, barriers and syncs use it, not GPU 0
+        torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    elif not dist.is_initialized():
+        dist.init_process_group("gloo")
     where = f"cuda:{local}" if device_type == "cuda" else "cpu"
     return Dist(dist.get_rank(), dist.get_world_size(), local, where)
 
@@ -85,13 +96,23 @@ def sum_array(array: np.ndarray, ctx: Dist) -> np.ndarray:
     return t.cpu().numpy().astype(array.dtype)
 
 
-def mean_scalar(value: torch.Tensor, ctx: Dist) -> float:
-    """The mean of a scalar over ranks, so every rank takes the same decision on it."""
+def mean_values(values: torch.Tensor, ctx: Dist) -> list[float]:
+    """The mean over ranks of a few scalars, so every rank takes the same decision on them."""
+    t = values.detach().float().reshape(-1)
+    if ctx.active:
+        t = t.to(ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t / ctx.world
+    return t.tolist()
+
+
+def broadcast_object(obj, ctx: Dist):
+    """Rank 0's `obj` on every rank (e.g. the resume state: ranks need not share a disk)."""
     if not ctx.active:
-        return float(value)
-    t = value.detach().float().reshape(1).to(ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / ctx.world
+        return obj
+    box = [obj if ctx.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(ctx: Dist) -> None:

@@ -63,9 +63,13 @@ def pick_device(choice: str, ctx: Dist = SINGLE) -> torch.device:
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA (no scaler needed), full fp32 on CPU (the reference path)."""
+    """auto: bf16 on CUDA GPUs that have it natively (fp16 + scaler on older ones), full fp32
+    on CPU (the reference path)."""
     if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return AMP_DTYPES.get(choice)
 
 
@@ -91,7 +95,8 @@ class Engine:
         return [images, *(t.to(self.device, non_blocking=True) for t in rest)]
 
     def step(self, images, labels, weight=None) -> torch.Tensor:
-        """Forward, backward, clip, optimizer and scheduler step; the loss (detached)."""
+        """Forward, backward and clipping; returns (loss, gradient norm), detached. The norm is
+        inf/NaN when the gradients are; with a scaler that only skips the step (expected)."""
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(images)
         loss = self.loss_fn(outputs, labels, weight)  # the losses compute in float32
@@ -101,9 +106,10 @@ class Engine:
             self.scaler.unscale_(self.optimizer)  # so clipping sees the true gradients
         else:
             loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        return loss.detach()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        if self.scaler is not None:
+            norm = torch.zeros_like(norm)  # inf gradients are the scaler's business
+        return torch.stack([loss.detach().float(), norm.float()])
 
     def apply(self) -> None:
         if self.scaler is not None:
@@ -135,10 +141,12 @@ def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, floa
         images, labels, *weight = engine.to_device(batch)
         t_data = time.perf_counter()
         data_s += t_data - t
-        loss = engine.step(images, labels, weight[0] if weight else None)
-        value = distributed.mean_scalar(loss, ctx)  # every rank takes the same decision
+        out = engine.step(images, labels, weight[0] if weight else None)
+        value, norm = distributed.mean_values(out, ctx)  # every rank takes the same decision
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{desc}, batch {i}: loss is {value}")
+        if not math.isfinite(norm):
+            raise NonFiniteLoss(f"{desc}, batch {i}: gradient norm is {norm}")
         engine.apply()
         _sync(engine.device)
         t = time.perf_counter()
@@ -193,12 +201,20 @@ def stage_params(arch: str, params: Params) -> dict[str, Any]:
     }
 
 
-def fingerprint(arch: str, params: Params, ctx: Dist) -> str:
-    """Identifies a run: a resume state is used only by a run with the same params, processes
-    and processed data."""
-    blob = json.dumps(
-        {"arch": arch, "params": stage_params(arch, params), "world": ctx.world}, sort_keys=True
-    ).encode()
+def fingerprint(arch: str, params: Params, ctx: Dist, device: torch.device) -> str:
+    """Identifies a run: a resume state is used only by a run with the same params (but for
+    the speed-only ones), processes, device type, precision and processed data."""
+    used = stage_params(arch, params)
+    for speed_only in ("num_workers", "channels_last", "compile"):
+        used["train"].pop(speed_only)
+    run = {
+        "arch": arch,
+        "params": used,
+        "world": ctx.world,
+        "device": device.type,
+        "amp": str(amp_dtype(params.train.amp, device)),
+    }
+    blob = json.dumps(run, sort_keys=True).encode()
     return hashlib.sha256(blob + paths.MANIFEST.read_bytes()).hexdigest()
 
 
@@ -217,7 +233,10 @@ class Progress:
 
 def _resume(arch, params, ctx, model, engine) -> Progress:
     path = paths.resume_state(arch)
-    state = load_resume(path, fingerprint(arch, params, ctx)) if params.train.resume else None
+    state = None
+    if params.train.resume and ctx.main:
+        state = load_resume(path, fingerprint(arch, params, ctx, engine.device))
+    state = distributed.broadcast_object(state, ctx)  # every rank resumes rank 0's state
     if state is None:
         return Progress()
     model.load_state_dict(state["model"])
@@ -242,7 +261,7 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress) -> None:
     save_resume(
         paths.resume_state(arch),
         {
-            "fingerprint": fingerprint(arch, params, ctx),
+            "fingerprint": fingerprint(arch, params, ctx, engine.device),
             "epoch": progress.epoch,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": engine.optimizer.state_dict(),
@@ -290,6 +309,11 @@ def _epoch_summary(arch: str, row: dict[str, Any], epochs: int) -> None:
 def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
     if arch not in ARCHS:
         raise PipelineError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if params.batch_size % ctx.world:
+        raise PipelineError(
+            f"batch_size ({params.batch_size}) must be divisible by the {ctx.world} DDP "
+            "processes: it is the global batch"
+        )
     manifest = load_manifest()
     device = pick_device(params.train.device, ctx)
     tp = params.train
@@ -325,6 +349,8 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         num_workers=tp.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=tp.num_workers > 0,
+        # worker seeds from their own generator: the global RNG stays as a resume restores it
+        generator=torch.Generator().manual_seed(params.seed),
     )
     val_ds, test_ds = split_dataset(manifest, "val"), split_dataset(manifest, "test")
 
@@ -370,7 +396,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         if run:
             import mlflow
 
-            if progress.run_id is None:  # a resumed run logged these already
+            if run.info.run_id != progress.run_id:  # a continued run logged these already
                 mlflow.log_params(flatten(stage_params(arch, params)))
                 mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
             progress.run_id = run.info.run_id
@@ -425,6 +451,12 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             progress.epoch = epoch
             progress.train_seconds += row["seconds"]
             progress.rows.append(row)
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise PipelineError(
+                    f"{desc}: the weights became NaN or infinite; training stopped, the last "
+                    f"good state (epoch {epoch - 1}) stays in {paths.resume_state(arch)}. "
+                    "Lower lr or set train.grad_clip."
+                )
             if ctx.main:
                 _save_resume(arch, params, ctx, model, engine, progress)
                 _epoch_summary(arch, row, params.epochs)

@@ -98,9 +98,13 @@ def test_optimizers_from_params(name, cls):
 # --- devices and precision --------------------------------------------------------------
 
 
-def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu(monkeypatch):
     assert amp_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    # GPUs without native bf16 (V100, T4) get fp16 and, with it, a gradient scaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert amp_dtype("auto", torch.device("cuda")) is torch.float16
     assert amp_dtype("fp16", torch.device("cpu")) is torch.float16
     assert amp_dtype("none", torch.device("cuda")) is None
 
