@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 ARCH_NAMES = {"unet": "UNet", "unetpp": "UNet++"}
 QUALITY = ["miou", "dice", "global_accuracy", "mean_accuracy"]
+BINARY = ["sensitivity", "specificity", "auc_roc"]  # binary tasks (DRIVE): the usual extras
+
+
+def quality_columns(num_classes: int) -> list[str]:
+    return QUALITY + BINARY if num_classes == 2 else QUALITY
 
 
 def read_csv(path) -> pd.DataFrame:
@@ -33,7 +38,7 @@ def read_csv(path) -> pd.DataFrame:
         raise PipelineError(f"{path}: not a readable CSV ({exc})") from None
 
 
-def comparison_table() -> pd.DataFrame:
+def comparison_table(columns: list[str] = QUALITY) -> pd.DataFrame:
     rows = []
     for arch, name in ARCH_NAMES.items():
         m = read_json(paths.arch_reports(arch) / "metrics.json", f"{name} test metrics")
@@ -43,7 +48,7 @@ def comparison_table() -> pd.DataFrame:
                 "params": m["params"],
                 "gflops": m["gflops"],
                 "latency_ms": m["latency_ms"],
-                **{k: m[k] for k in QUALITY},
+                **{k: m.get(k, float("nan")) for k in columns},
                 "best_epoch": m["best_epoch"],
                 "train_seconds": m["train_seconds"],
             }
@@ -60,7 +65,8 @@ def render_markdown(
 ) -> str:
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
     commit = git_commit() or "unknown"
-    prune_view = pruning[["depth", "params", "gflops", "latency_ms", *QUALITY]].copy()
+    columns = [c for c in quality_columns(manifest["num_classes"]) if c in pruning]
+    prune_view = pruning[["depth", "params", "gflops", "latency_ms", *columns]].copy()
     prune_view.insert(
         0, "model", [f"L{d}" + (" (best)" if d == best else "") for d in prune_view.pop("depth")]
     )
@@ -69,7 +75,7 @@ def render_markdown(
     human = ""
     if observer:  # DRIVE: the inter-observer level, a reference no model is expected to pass
         row = pd.DataFrame(
-            [{"reference": "2nd human observer", **{k: observer[k] for k in QUALITY}}]
+            [{"reference": "2nd human observer", **{k: observer.get(k) for k in columns}}]
         )
         human = (
             "\n\nThe second human observer's tracings, scored against the reference the same "
@@ -105,7 +111,7 @@ Best depth (the shallowest within the tolerance of the deepest): **L{best}**.
 
 def report(params: Params) -> None:
     manifest = load_manifest()
-    comparison = comparison_table()
+    comparison = comparison_table(quality_columns(manifest["num_classes"]))
     pruning = read_csv(paths.PRUNING_CSV)
     best = read_json(paths.PRUNING_JSON, "pruning summary")["best_depth"]
     logs = {ARCH_NAMES[a]: read_csv(paths.arch_reports(a) / "epochs.csv") for a in ARCH_NAMES}

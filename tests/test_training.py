@@ -25,7 +25,7 @@ TINY = {
     "unet": {"base_channels": 4, "depth": 2},
     "unetpp": {"base_channels": 4, "depth": 2},
     "loss": {"ds_weights": [0.5, 0.5]},
-    "train": {"warmup_epochs": 0.5},
+    "train": {"scheduler": "cosine", "warmup_epochs": 0.5},  # resume must restore its state
     "inference": {"tile_size": 32, "tile_overlap": 8},
     "pruning": {"depths": [1, 2], "latency_runs": 1, "latency_warmup": 0},
     "mlflow": {"enabled": False},

@@ -27,6 +27,7 @@ TINY = {
     "dataset": {"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1},
     "preprocess": {"crop_size": 32, "crop_stride": 8},
     "unet": {"base_channels": 8, "depth": 2},
+    "train": {"scheduler": "cosine", "warmup_epochs": 1.0},
     "inference": {"tile_size": 32, "tile_overlap": 8},
     "pruning": {"latency_runs": 1, "latency_warmup": 0},
     "mlflow": {"enabled": True},
