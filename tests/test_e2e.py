@@ -86,6 +86,11 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
 
     report = (repo / "reports/report.md").read_text()
     assert "UNet++" in report and "| L1" in report and "learning_curves.png" in report
+    assert "auc_roc" in report and "sensitivity" in report  # binary task: the ranking metrics
+    # the training engine's epoch log: where each epoch's time went
+    epochs = pd.read_csv(repo / "reports/unet/epochs.csv")
+    assert {"data_seconds", "compute_seconds", "val_seconds", "val_auc_roc"} <= set(epochs)
+    assert not (repo / "models/resume").exists() or not any((repo / "models/resume").iterdir())
     assert set(pd.ExcelFile(repo / "reports/report.xlsx").sheet_names) >= {"comparison", "pruning"}
     for png in ("learning_curves.png", "pruning_tradeoff.png"):
         assert (repo / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
