@@ -81,3 +81,12 @@ def zip_dir(folder: Path, archive: Path) -> Path:
         for p in sorted(folder.rglob("*")):
             zf.write(p, p.relative_to(folder.parent))
     return archive
+
+
+def random_target(num_classes: int, shape=(2, 8, 8), ignored: float = 0.3):
+    """Random labels with about `ignored` of the pixels set to 255 (ignored)."""
+    import torch
+
+    target = torch.randint(0, num_classes, shape)
+    target[torch.rand(shape) < ignored] = 255
+    return target

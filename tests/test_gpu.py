@@ -9,21 +9,12 @@ import pytest
 import torch
 
 import pipeline.train as tr
-from pipeline.download import download
-from pipeline.preprocess import preprocess
 from tests.test_training import _params
+from tests.test_training import data as data  # the tiny project fixture
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested elsewhere)"
 )
-
-
-@pytest.fixture
-def data(project):
-    p = _params()
-    download(p)
-    preprocess(p)
-    return project
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pipeline.losses import (
     build_loss,
     median_frequency_weights,
 )
+from tests.fakes import random_target
 
 IGNORE = 255
 MODES = [(1, 2), (4, 4)]  # (channels, num_classes): binary, multi-class
@@ -25,12 +26,6 @@ MODES = [(1, 2), (4, 4)]  # (channels, num_classes): binary, multi-class
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _target(num_classes: int, shape=(2, 8, 8), ignored: float = 0.3) -> torch.Tensor:
-    target = torch.randint(0, num_classes, shape)
-    target[torch.rand(shape) < ignored] = IGNORE
-    return target
 
 
 def _ce(**kw) -> SegmentationLoss:
@@ -50,7 +45,7 @@ def _manifest(num_classes=2, pixels=(900, 100)) -> dict:
 
 
 def test_ce_with_class_weights_equals_torch():
-    target = _target(4)
+    target = random_target(4)
     logits = torch.randn(2, 4, 8, 8)
     weights = [0.5, 2.0, 1.0, 3.0]
     expected = F.cross_entropy(logits, target, weight=torch.tensor(weights), ignore_index=IGNORE)
@@ -59,7 +54,7 @@ def test_ce_with_class_weights_equals_torch():
 
 def test_binary_ce_with_class_weights_by_hand():
     """Binary class weights are [background, foreground]: sum(w_t * bce) / sum(w_t)."""
-    target = _target(2)
+    target = random_target(2)
     logits = torch.randn(2, 1, 8, 8)
     valid = target != IGNORE
     bce = F.binary_cross_entropy_with_logits(
@@ -72,7 +67,7 @@ def test_binary_ce_with_class_weights_by_hand():
 
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 def test_pixel_weights_of_ones_give_the_unweighted_loss(channels, num_classes):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8)
     loss = SegmentationLoss(focal_weight=0.5)
     ones = torch.ones(2, 8, 8)
@@ -81,7 +76,7 @@ def test_pixel_weights_of_ones_give_the_unweighted_loss(channels, num_classes):
 
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 def test_doubling_one_pixels_weight_counts_it_twice(channels, num_classes):
-    target = _target(num_classes, ignored=0.0)
+    target = random_target(num_classes, ignored=0.0)
     logits = torch.randn(2, channels, 8, 8)
     per_pixel = (
         F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none")
@@ -96,7 +91,7 @@ def test_doubling_one_pixels_weight_counts_it_twice(channels, num_classes):
 
 
 def test_pixel_and_class_weights_multiply():
-    target = _target(3)
+    target = random_target(3)
     logits = torch.randn(2, 3, 8, 8)
     weight = torch.rand(2, 8, 8) * 5
     cw = torch.tensor([1.0, 2.0, 0.5])
@@ -115,7 +110,7 @@ def test_ignored_pixels_never_matter(channels, num_classes):
     """All terms and weights on: changing logits (and weights) at 255 pixels changes nothing,
     and their gradient is exactly zero."""
     loss_fn = SegmentationLoss(1.0, 1.0, 1.0, 2.0, [1.0 + i for i in range(num_classes)])
-    target = _target(num_classes)
+    target = random_target(num_classes)
     ignored = (target == IGNORE)[:, None].expand(-1, channels, -1, -1)
     assert ignored.any() and not ignored.all()
     logits = torch.randn(2, channels, 8, 8, requires_grad=True)
@@ -162,14 +157,14 @@ def _hand_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 def test_dice_equals_the_hand_formula_on_valid_pixels(channels, num_classes):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8) * 3
     dice = SegmentationLoss(0.0, 1.0)(logits, target)
     assert torch.allclose(dice, _hand_dice(logits, target), atol=1e-6)
 
 
 def test_multiclass_dice_counts_an_absent_class_as_zero():
-    target = _target(2)  # classes 0, 1 of 3 channels
+    target = random_target(2)  # classes 0, 1 of 3 channels
     logits = torch.randn(2, 3, 8, 8)
     dice = SegmentationLoss(0.0, 1.0)(logits, target)
     assert torch.allclose(dice, _hand_dice(logits, target), atol=1e-6)
@@ -193,14 +188,14 @@ def _hand_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> tor
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_focal_equals_the_hand_formula(channels, num_classes, gamma):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8) * 2
     focal = SegmentationLoss(0.0, 0.0, 1.0, gamma)(logits, target)
     assert torch.allclose(focal, _hand_focal(logits, target, gamma), atol=1e-6)
 
 
 def test_binary_focal_equals_smp():
-    target = _target(2)
+    target = random_target(2)
     logits = torch.randn(2, 1, 8, 8) * 2
     smp = FocalLoss("binary", gamma=2.0, ignore_index=IGNORE)(logits, target)
     assert torch.allclose(SegmentationLoss(0.0, 0.0, 1.0, 2.0)(logits, target), smp, atol=1e-6)
@@ -208,14 +203,14 @@ def test_binary_focal_equals_smp():
 
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 def test_focal_with_gamma_zero_is_ce(channels, num_classes):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8)
     focal = SegmentationLoss(0.0, 0.0, 1.0, 0.0)(logits, target)
     assert torch.allclose(focal, _ce()(logits, target), atol=1e-6)
 
 
 def test_loss_is_the_weighted_sum_of_its_terms():
-    target = _target(3)
+    target = random_target(3)
     logits = torch.randn(2, 3, 8, 8)
     weight = torch.rand(2, 8, 8)
     ce = SegmentationLoss(1.0, 0.0, class_weights=[1.0, 2.0, 3.0])(logits, target, weight)
@@ -230,7 +225,7 @@ def test_loss_is_the_weighted_sum_of_its_terms():
 
 @pytest.mark.parametrize(("channels", "num_classes"), MODES)
 def test_bf16_logits_give_a_float32_loss(channels, num_classes):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8).bfloat16().requires_grad_()
     loss_fn = SegmentationLoss(focal_weight=1.0)
     loss = loss_fn(logits, target, torch.ones(2, 8, 8, dtype=torch.float16))
@@ -294,7 +289,7 @@ def test_deep_supervision_passes_the_weight_map_to_every_head():
     loss = build_loss(LossParams(ds_weights=heads), True, manifest)
     assert isinstance(loss, DeepSupervisionLoss)
     base = build_eval_loss(LossParams(), manifest)
-    target = _target(2)
+    target = random_target(2)
     weight = torch.rand(2, 8, 8) * 3
     outputs = [torch.randn(2, 1, 8, 8) for _ in range(3)]
     expected = sum(w * base(o, target, weight) for w, o in zip(heads, outputs, strict=True))

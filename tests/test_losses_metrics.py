@@ -16,6 +16,7 @@ from pipeline.losses import DeepSupervisionLoss, SegmentationLoss, predict, prob
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models import build_model
 from pipeline.stats import count_params, gflops, latency_ms
+from tests.fakes import random_target
 
 IGNORE = 255
 
@@ -23,12 +24,6 @@ IGNORE = 255
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _target(num_classes: int, shape=(2, 8, 8), ignored: float = 0.3) -> torch.Tensor:
-    target = torch.randint(0, num_classes, shape)
-    target[torch.rand(shape) < ignored] = IGNORE
-    return target
 
 
 def _perfect_logits(target: torch.Tensor, channels: int, margin: float = 20.0) -> torch.Tensor:
@@ -45,7 +40,7 @@ def _perfect_logits(target: torch.Tensor, channels: int, margin: float = 20.0) -
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
 def test_loss_ignores_pixels_labelled_255(channels, num_classes):
     loss_fn = SegmentationLoss()
-    target = _target(num_classes)
+    target = random_target(num_classes)
     ignored = (target == IGNORE)[:, None].expand(-1, channels, -1, -1)
     assert ignored.any() and not ignored.all()
     logits = torch.randn(2, channels, 8, 8, requires_grad=True)
@@ -72,7 +67,7 @@ def test_all_ignored_batch_gives_zero_loss_with_a_gradient(channels):
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
 def test_near_perfect_logits_give_a_loss_near_zero(channels, num_classes):
     loss_fn = SegmentationLoss()
-    target = _target(num_classes)
+    target = random_target(num_classes)
     perfect = loss_fn(_perfect_logits(target, channels), target)
     unsure = loss_fn(torch.zeros(2, channels, 8, 8), target)
     wrong = loss_fn(-_perfect_logits(target, channels), target)
@@ -92,7 +87,7 @@ def test_binary_loss_by_hand():
 
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (3, 3)])
 def test_loss_is_the_weighted_sum_of_ce_and_dice(channels, num_classes):
-    target = _target(num_classes)
+    target = random_target(num_classes)
     logits = torch.randn(2, channels, 8, 8)
     ce = SegmentationLoss(1.0, 0.0)(logits, target)
     dice = SegmentationLoss(0.0, 1.0)(logits, target)
@@ -101,7 +96,7 @@ def test_loss_is_the_weighted_sum_of_ce_and_dice(channels, num_classes):
 
 def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
     base = SegmentationLoss()
-    target = _target(2)
+    target = random_target(2)
     outputs = [torch.randn(2, 1, 8, 8) for _ in range(3)]
     weights = [0.2, 0.3, 0.5]
     expected = sum(w * base(o, target) for w, o in zip(weights, outputs, strict=True))
@@ -110,7 +105,7 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
 
 def test_deep_supervision_loss_on_a_single_tensor_is_the_plain_loss():
     base = SegmentationLoss()
-    target = _target(2)
+    target = random_target(2)
     logits = torch.randn(2, 1, 8, 8)
     assert torch.equal(DeepSupervisionLoss(base, [0.5, 0.5])(logits, target), base(logits, target))
 
@@ -118,7 +113,7 @@ def test_deep_supervision_loss_on_a_single_tensor_is_the_plain_loss():
 def test_deep_supervision_loss_needs_one_weight_per_head():
     loss = DeepSupervisionLoss(SegmentationLoss(), [0.5, 0.5])
     with pytest.raises(ValueError, match="3 heads but 2 weights"):
-        loss([torch.randn(1, 1, 4, 4)] * 3, _target(2, (1, 4, 4)))
+        loss([torch.randn(1, 1, 4, 4)] * 3, random_target(2, (1, 4, 4)))
 
 
 # --- probabilities and predictions ----------------------------------------------------------
@@ -202,7 +197,7 @@ def test_only_ignored_pixels_count_nothing():
 
 
 def test_confusion_matrix_accumulates_pixels_not_batch_averages():
-    batches = [(torch.randint(0, 3, (n, 5, 5)), _target(3, (n, 5, 5))) for n in (1, 2, 4)]
+    batches = [(torch.randint(0, 3, (n, 5, 5)), random_target(3, (n, 5, 5))) for n in (1, 2, 4)]
     acc = ConfusionMatrix(3)
     for pred, target in batches:
         acc.update(pred, target)
@@ -273,7 +268,7 @@ TILES = InferenceParams(tile_size=8, tile_overlap=4)
 @pytest.mark.parametrize("tiles", [TILES, InferenceParams(tile_size=0)], ids=["tiled", "whole"])
 def test_evaluate_does_not_depend_on_the_batch_size(tiles):
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
-    data = TensorDataset(torch.randn(5, 3, 12, 12), _target(2, (5, 12, 12)))
+    data = TensorDataset(torch.randn(5, 3, 12, 12), random_target(2, (5, 12, 12)))
     cpu = torch.device("cpu")
     results = [
         evaluate(model, data, ["bg", "fg"], cpu, 4, tiles, batch_size=bs) for bs in (1, 2, 5)
@@ -289,7 +284,7 @@ def test_evaluate_does_not_depend_on_the_batch_size(tiles):
 
 def test_evaluate_reports_the_loss_when_given_one():
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
-    data = TensorDataset(torch.randn(2, 3, 8, 8), _target(2, (2, 8, 8)))
+    data = TensorDataset(torch.randn(2, 3, 8, 8), random_target(2, (2, 8, 8)))
     metrics = evaluate(
         model, data, ["bg", "fg"], torch.device("cpu"), 4, TILES, SegmentationLoss()
     )
