@@ -13,7 +13,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from pipeline import paths
 from pipeline.common import PipelineError, read_json
@@ -144,9 +144,3 @@ def split_dataset(manifest: dict[str, Any], split: str) -> SegmentationDataset:
         manifest["in_channels"],
     )
 
-
-def eval_loader(dataset: SegmentationDataset, batch_size: int) -> DataLoader:
-    """Full-size images batch together only when they all share one size (a folder of your own
-    may mix sizes); otherwise they go one at a time."""
-    sizes = {image.shape[:2] for image in dataset.images}
-    return DataLoader(dataset, batch_size=batch_size if len(sizes) == 1 else 1)

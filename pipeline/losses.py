@@ -204,11 +204,3 @@ def build_loss(
         return DeepSupervisionLoss(base, loss_params.ds_weights)
     return base
 
-
-class CEDiceLoss(SegmentationLoss):
-    """Deprecated: the old (ce_weight, dice_weight, ignore_index) signature, kept until
-    train.py moves to build_loss. A bare alias would take the third positional argument
-    (ignore_index there) as focal_weight."""
-
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, ignore_index: int = 255):
-        super().__init__(ce_weight, dice_weight, ignore_index=ignore_index)

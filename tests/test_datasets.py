@@ -16,7 +16,9 @@ from pipeline import data
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.datasets import CAMVID_CLASSES, map_labels, read_label
+from pipeline.distributed import SINGLE
 from pipeline.download import download
+from pipeline.inference import eval_shard
 from pipeline.preprocess import make_crops, preprocess
 from tests.fakes import (
     SIZE,
@@ -321,7 +323,7 @@ def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
     for split in ("train", "val", "test"):
         ds = data.split_dataset(manifest, split)
         sizes |= {img.shape[:2] for img in ds.images}
-        loader = data.eval_loader(ds, batch_size=4)
+        loader = eval_shard(ds, SINGLE, batch_size=4)
         same = len({img.shape[:2] for img in ds.images}) == 1
         assert loader.batch_size == (4 if same else 1)
         for image, label in loader:  # collates without error
