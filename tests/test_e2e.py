@@ -96,6 +96,24 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
         assert (repo / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_predict_cli_segments_a_test_image_with_the_pipelines_checkpoint(
+    repo: Path, reproduced: str, tmp_path: Path
+):
+    image = sorted((repo / "data/processed/test/images").glob("*.png"))[0]
+    out = tmp_path / "predictions"  # outside the repo: later tests run experiments in it
+    cmd = ["python", "-m", "pipeline.predict", "--model", "models/unetpp.pt", "--depth", "2"]
+    proc = subprocess.run(
+        [*cmd, str(image), "--out", str(out)], cwd=repo, env=env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    label = np.asarray(Image.open(out / f"{image.stem}_label.png"))
+    assert label.shape == np.asarray(Image.open(image)).shape[:2]
+    assert set(np.unique(label)) <= {0, 1}
+    assert Image.open(out / f"{image.stem}_overlay.png").mode == "RGB"
+
+
 def test_second_repro_is_a_no_op(repo: Path, reproduced: str):
     out = dvc(repo, "repro")
     assert "Running stage" not in out
