@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline import paths
@@ -115,3 +116,69 @@ def mlflow_run(
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags(stage)) as run:
         log.info("MLflow run %s in %s", run.info.run_id, uri)
         yield run
+
+
+def sha256_json(obj: Any) -> str:
+    """A stable hash of params (sorted keys), for a run tag."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def processed_data_hash() -> str:
+    """The processed data a stage consumes: DVC's md5 of data/processed from dvc.lock when DVC
+    ran preprocess, else the sha256 of its manifest (which lists every split image and crop)."""
+    import hashlib
+
+    import yaml
+
+    try:
+        lock = yaml.safe_load((paths.ROOT / "dvc.lock").read_text()) or {}
+        for out in lock.get("stages", {}).get("preprocess", {}).get("outs", []):
+            if out.get("path") == "data/processed" and out.get("md5"):
+                return f"md5:{out['md5']}"
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return f"sha256:{hashlib.sha256(paths.MANIFEST.read_bytes()).hexdigest()}"
+
+
+def log_torch_model(model: Any, example: Any) -> str:
+    """Log `model` with MLflow's PyTorch flavour; returns its model URI.
+
+    Pickled with the pipeline's code (`code_paths`), so `mlflow.pyfunc.load_model(uri)` and
+    `mlflow.pytorch.load_model(uri)` work without this checkout on sys.path. The signature takes
+    any batch, height and width (a multiple of the model's `size_multiple`): MLflow's default
+    torch.export format would fix them to the example's.
+    """
+    import copy
+    from importlib.metadata import version
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    cpu = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    x = example.detach().cpu().float().numpy()  # (1, C, H, W)
+    with torch.no_grad():
+        out_channels = cpu(torch.from_numpy(x)).shape[1]
+    f32 = np.dtype(np.float32)
+    signature = ModelSignature(
+        Schema([TensorSpec(f32, (-1, x.shape[1], -1, -1))]),  # normalised images
+        Schema([TensorSpec(f32, (-1, out_channels, -1, -1))]),  # logits
+    )
+    requirements = [
+        f"{name}=={version(name)}" for name in ("torch", "segmentation-models-pytorch", "numpy")
+    ]
+    info = mlflow.pytorch.log_model(
+        cpu,
+        name="model",
+        signature=signature,
+        input_example=x,
+        pip_requirements=requirements,
+        serialization_format="pickle",
+        code_paths=[str(Path(__file__).resolve().parent)],  # this package
+    )
+    return info.model_uri

@@ -42,7 +42,7 @@ from pipeline.losses import build_eval_loss, build_loss
 from pipeline.models import REGISTRY, build_model
 from pipeline.optim import make_optimizer, make_scheduler
 from pipeline.stats import count_params, model_stats
-from pipeline.tracking import mlflow_run
+from pipeline.tracking import log_torch_model, mlflow_run, processed_data_hash, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +397,16 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             import mlflow
 
             if run.info.run_id != progress.run_id:  # a continued run logged these already
-                mlflow.log_params(flatten(stage_params(arch, params)))
-                mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
+                used = stage_params(arch, params)
+                mlflow.log_params(flatten(used))
+                mlflow.set_tags(
+                    {
+                        "arch": arch,
+                        "dataset": manifest["dataset"],
+                        "params.sha256": sha256_json(used),
+                        "data.hash": processed_data_hash(),
+                    }
+                )
             progress.run_id = run.info.run_id
         epochs = tqdm(
             range(progress.epoch + 1, params.epochs + 1),
@@ -488,12 +496,13 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
                 test["global_accuracy"],
                 progress.best_epoch,
             )
-            _write_outputs(arch, params, manifest, model, options, metrics, progress, run)
+            example = train_ds[0][0][None]  # (1, C, crop, crop): MLflow's input example
+            _write_outputs(arch, params, manifest, model, options, metrics, progress, run, example)
         distributed.barrier(ctx)
     return metrics
 
 
-def _write_outputs(arch, params, manifest, model, options, metrics, progress, run) -> None:
+def _write_outputs(arch, params, manifest, model, options, metrics, progress, run, example):
     """Every output is written only now, so a failed run leaves the previous ones intact."""
     df = write_epoch_log(progress.rows, arch)
     out = paths.arch_reports(arch)
@@ -522,7 +531,8 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
         mlflow.log_metrics({f"test_{k}": v for k, v in numbers.items()})
         for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
             mlflow.log_artifact(str(out / f), artifact_path="reports")
-        mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="model")
+        mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="checkpoint")
+        log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
     # the run is complete: a later run starts afresh instead of "resuming" a finished one
     paths.resume_state(arch).unlink(missing_ok=True)
 

@@ -212,3 +212,27 @@ def test_border_weight_maps_reach_training(project, monkeypatch):
 def test_class_weights_of_the_wrong_length_name_the_param(data):
     with pytest.raises(PipelineError, match="loss.class_weights"):
         tr.train("unet", _params(loss={**TINY["loss"], "class_weights": [1.0, 2.0, 3.0]}))
+
+
+def test_mlflow_run_has_hash_tags_and_a_loadable_pytorch_model(data, monkeypatch):
+    import mlflow
+
+    from pipeline.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{data / 'mlflow.db'}")
+    tr.train("unet", _params(mlflow={"enabled": True, "experiment": "t"}))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([exp.experiment_id])
+    tags = run.data.tags
+    assert len(tags["params.sha256"]) == 64
+    assert tags["data.hash"].startswith(("md5:", "sha256:"))
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    # any batch and size (a multiple of the model's), predicted like the checkpoint
+    x = torch.randn(2, 3, 48, 64)
+    pyfunc = mlflow.pyfunc.load_model(models[0].model_uri)
+    reference, _ = load_checkpoint(paths.checkpoint("unet"))
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    assert pyfunc.predict(x.numpy()) == pytest.approx(expected, abs=1e-5)
