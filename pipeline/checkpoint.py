@@ -19,10 +19,14 @@ from pipeline.models import build_model
 log = logging.getLogger(__name__)
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights: a snapshot that later training steps do not change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(path: Path, model: nn.Module, **info: Any) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, **info}, tmp)
+        torch.save({"state_dict": cpu_state(model), **info}, tmp)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

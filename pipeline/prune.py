@@ -19,8 +19,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, flatten, load_params
 from pipeline.data import load_manifest, split_dataset
-from pipeline.inference import evaluate, pad_to_multiple
-from pipeline.stats import model_stats
+from pipeline.inference import evaluate
+from pipeline.stats import image_shape, model_stats
 from pipeline.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ def prune(params: Params) -> pd.DataFrame:
     manifest = load_manifest()
     test_ds = split_dataset(manifest, "test")
     multiple = model.size_multiple
-    padded, _ = pad_to_multiple(test_ds[0][0][None], multiple)
-    shape = (1, *padded.shape[1:])  # (1, C, H, W): one full-size test image
+    shape = image_shape(test_ds, multiple)  # (1, C, H, W): one full-size test image
 
     rows = []
     for k in sorted(pp.depths):

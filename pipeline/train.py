@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -32,16 +31,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import distributed, paths, plots
-from pipeline.checkpoint import load_resume, rng_state, save_checkpoint, save_resume, set_rng_state
+from pipeline.checkpoint import (
+    cpu_state,
+    load_resume,
+    rng_state,
+    save_checkpoint,
+    save_resume,
+    set_rng_state,
+)
 from pipeline.common import PipelineError, atomic_path, run_cli, seed_everything, write_json
 from pipeline.config import Params, flatten, load_params
 from pipeline.data import EpochSampler, crops_dataset, load_manifest, split_dataset
 from pipeline.distributed import SINGLE, Dist
-from pipeline.inference import evaluate, pad_to_multiple
+from pipeline.inference import evaluate
 from pipeline.losses import build_eval_loss, build_loss
 from pipeline.models import REGISTRY, build_model
 from pipeline.optim import make_optimizer, make_scheduler
-from pipeline.stats import count_params, model_stats
+from pipeline.stats import count_params, image_shape, model_stats
 from pipeline.tracking import log_torch_model, mlflow_run, processed_data_hash, sha256_json
 
 log = logging.getLogger(__name__)
@@ -106,9 +112,9 @@ class Engine:
             self.scaler.unscale_(self.optimizer)  # so clipping sees the true gradients
         else:
             loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        if self.scaler is not None:
-            norm = torch.zeros_like(norm)  # inf gradients are the scaler's business
+        norm = loss.new_zeros(())  # with a scaler, inf gradients only skip the step (expected)
+        if self.grad_clip or self.scaler is None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
         return torch.stack([loss.detach().float(), norm.float()])
 
     def apply(self) -> None:
@@ -119,11 +125,6 @@ class Engine:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, float]:
@@ -147,8 +148,7 @@ def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, floa
             raise NonFiniteLoss(f"{desc}, batch {i}: loss is {value}")
         if not math.isfinite(norm):
             raise NonFiniteLoss(f"{desc}, batch {i}: gradient norm is {norm}")
-        engine.apply()
-        _sync(engine.device)
+        engine.apply()  # runs on asynchronously; the next step's loss read-out waits for it
         t = time.perf_counter()
         compute_s += t - t_data
         batch_images = len(images) * ctx.world
@@ -177,12 +177,6 @@ def is_better(monitor: str, value: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value < best if monitor == "val_loss" else value > best
-
-
-def stats_shape(dataset, multiple: int) -> tuple[int, ...]:
-    """(1, C, H, W) of the first image of `dataset`, mirror-padded as for a whole-image forward."""
-    padded, _ = pad_to_multiple(dataset[0][0][None], multiple)
-    return (1, *padded.shape[1:])
 
 
 def stage_params(arch: str, params: Params) -> dict[str, Any]:
@@ -263,7 +257,7 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress) -> None:
         {
             "fingerprint": fingerprint(arch, params, ctx, engine.device),
             "epoch": progress.epoch,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": cpu_state(model),
             "optimizer": engine.optimizer.state_dict(),
             "scheduler": engine.scheduler.state_dict(),
             "scaler": engine.scaler.state_dict() if engine.scaler is not None else {},
@@ -450,9 +444,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             row = {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
             if is_better(monitor, row[monitor], progress.best):
                 progress.best, progress.best_epoch = row[monitor], epoch
-                progress.best_state = copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                )
+                progress.best_state = cpu_state(model)
             if run:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             row["seconds"] = time.perf_counter() - t0  # training, validation and logging
@@ -485,7 +477,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             # params, GFLOPs and latency on one full-size test image, on the training device
             metrics.update(
                 model_stats(
-                    model, stats_shape(test_ds, multiple), lat.latency_runs, lat.latency_warmup
+                    model, image_shape(test_ds, multiple), lat.latency_runs, lat.latency_warmup
                 )
             )
             log.info(

@@ -90,3 +90,20 @@ def random_target(num_classes: int, shape=(2, 8, 8), ignored: float = 0.3):
     target = torch.randint(0, num_classes, shape)
     target[torch.rand(shape) < ignored] = 255
     return target
+
+
+def tiny_model(arch: str, **options):
+    """A small seeded UNet / UNet++ (base 4, depth 2) whose BatchNorm running statistics are
+    non-trivial, so eval-mode BN matters to whatever the test compares."""
+    import torch
+    from torch import nn
+
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 2, **{"base_channels": 4, "depth": 2, **options})
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model

@@ -15,19 +15,13 @@ from torch import nn
 from pipeline.checkpoint import save_checkpoint
 from pipeline.common import PipelineError, run_cli
 from pipeline.export import check_onnx, export_onnx, main
-from pipeline.models import build_model
+from tests.fakes import tiny_model
 
 ATOL = 1e-4
 
 
 def tiny(arch: str, **options) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(arch, 3, 2, **{"base_channels": 4, "depth": 2, **options})
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so eval-mode BN matters
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    return model
+    return tiny_model(arch, **options)
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,7 @@ from torch import nn
 from pipeline.inference import predict_logits
 from pipeline.models import build_model
 from pipeline.tiling import blend_window, mirror_pad, predict_tiled, tile_count, tile_origins
+from tests.fakes import tiny_model
 
 
 def pointwise(in_channels: int = 3, out_channels: int = 2) -> nn.Module:
@@ -22,13 +23,7 @@ def pointwise(in_channels: int = 3, out_channels: int = 2) -> nn.Module:
 
 
 def tiny(arch: str, **options) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(arch, 3, 2, **{"base_channels": 4, "depth": 2, **options})
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so eval-mode BN matters
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    return model.eval()
+    return tiny_model(arch, **options).eval()
 
 
 def test_tile_origins_by_hand():
