@@ -143,4 +143,3 @@ def split_dataset(manifest: dict[str, Any], split: str) -> SegmentationDataset:
         transforms(manifest, augment=False),
         manifest["in_channels"],
     )
-

@@ -35,6 +35,7 @@ from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, load_params
 from pipeline.datasets import ROOT_MARKERS
 from pipeline.synthetic import generate
+from pipeline.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,13 @@ def download(params: Params) -> Path:
         files = sum(1 for p in dest.rglob("*") if p.is_file())
         write_json(dest / "source.json", {"dataset": name, **info, "files": files})
     log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
+    used = {"seed": params.seed, "dataset": params.dataset.model_dump(exclude={"folder"})}
+    with mlflow_run(params, "download", "download", used=used) as run:
+        if run:
+            import mlflow
+
+            mlflow.log_metric("files", files)
+            mlflow.log_artifact(str(target / "source.json"))
     return target
 
 

@@ -203,4 +203,3 @@ def build_loss(
     if arch_has_deep_supervision:
         return DeepSupervisionLoss(base, loss_params.ds_weights)
     return base
-

@@ -28,6 +28,7 @@ from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
 from pipeline.datasets import RawDataset, open_dataset
+from pipeline.tracking import mlflow_run
 from pipeline.weightmap import balanced_class_weights, border_weight_map
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,19 @@ def preprocess(params: Params) -> Path:
             weight_seconds,
             weight_seconds / max(n_train, 1),
         )
+    used = {
+        "seed": params.seed,
+        "dataset": params.dataset.model_dump(exclude={"source", "sha256"}),
+        "preprocess": pp.model_dump(),
+    }
+    with mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run:
+        if run:
+            import mlflow
+
+            counts = {f"{k}_images": len(v) for k, v in ds.splits.items()}
+            mlflow.log_metrics({**counts, "train_crops": len(crops)})
+            mlflow.log_artifact(str(paths.MANIFEST))
+            mlflow.log_artifact(str(paths.CLASS_PIXELS))
     return target
 
 

@@ -17,11 +17,11 @@ import torch
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
-from pipeline.config import Params, flatten, load_params
+from pipeline.config import Params, load_params
 from pipeline.data import load_manifest, split_dataset
 from pipeline.inference import evaluate
 from pipeline.stats import image_shape, model_stats
-from pipeline.tracking import mlflow_run
+from pipeline.tracking import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,15 @@ def prune(params: Params) -> pd.DataFrame:
     write_json(paths.PRUNING_JSON, summary)
     log.info("best depth within %.3f mIoU of L%d: L%d", pp.tolerance, max(pp.depths), best)
 
-    with mlflow_run(params, "prune", "prune") as run:
+    used = {
+        "batch_size": params.batch_size,
+        "inference": params.inference.model_dump(),
+        "pruning": pp.model_dump(),
+    }
+    with mlflow_run(params, "prune", "prune", used=used, consumes="data/processed") as run:
         if run:
             import mlflow
 
-            mlflow.log_params(flatten({"pruning": pp}))
             mlflow.set_tag("unetpp_checkpoint_epoch", ckpt.get("best_epoch"))
             for r in rows:
                 mlflow.log_metrics(
@@ -129,6 +133,9 @@ def prune(params: Params) -> pd.DataFrame:
                     step=r["depth"],
                 )
             mlflow.log_metric("best_depth", best)
+            log_to_parent(
+                run, {"best_depth": best, **{f"unetpp_L{r['depth']}_miou": r["miou"] for r in rows}}
+            )
             mlflow.log_artifact(str(paths.PRUNING_CSV))
             mlflow.log_artifact(str(paths.PRUNING_JSON))
     return df

@@ -1,21 +1,29 @@
-"""MLflow tracking: where the store is, one run per stage, tags that tie a run to DVC and git.
+"""MLflow tracking: where the store is, one parent run per pipeline execution with a child run
+per stage, and the tags that tie a run to DVC, git, its params and its data.
 
 `import mlflow` takes seconds, so it happens inside the functions that need it.
+
+    python -m pipeline.tracking init    # create the store and experiment (before fanning out)
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline import paths
-from pipeline.config import Params
+from pipeline.common import run_cli
+from pipeline.config import Params, flatten, load_params
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,13 @@ def git_commit() -> str | None:
         return None
 
 
+EXECUTION_TAG = "pipeline.execution"  # the same key on a parent run and on its stage runs
+ROLE_TAG = "pipeline.role"  # "execution" on parent runs
+PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs; works across processes
+
+
 def run_tags(stage: str) -> dict[str, str]:
-    tags = {"dvc.stage": stage}
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE") or stage}
     if commit := git_commit():
         tags["git.commit"] = tags["mlflow.source.git.commit"] = commit
     # set by DVC while it runs an experiment
@@ -67,55 +80,220 @@ def run_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-def _experiment_id(name: str, location: str | None, attempts: int = 8) -> str:
-    """Get or create the experiment, retrying briefly when another process races us (sqlite)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def _is_dvc(cmdline: list[str]) -> bool:
+    """`.../bin/dvc ...`, `python .../bin/dvc ...` or `python -m dvc ...`."""
+    return any(Path(a).name in ("dvc", "dvc.exe") for a in cmdline[:2]) or cmdline[1:3] == [
+        "-m",
+        "dvc",
+    ]
 
+
+def execution() -> tuple[str, str] | None:
+    """(key, command) of the pipeline execution this stage belongs to, or None for a stage
+    started by hand. One execution is one DVC process: a `dvc repro`, a `dvc exp run`, or one
+    queued experiment (each runs in its own `dvc exp exec-run`); DVC runs every stage as
+    dvc -> shell -> python, so the nearest DVC process above this one identifies it.
+    PIPELINE_EXECUTION sets the key instead, e.g. to group stages a CI job starts by hand.
+    """
+    if key := os.environ.get("PIPELINE_EXECUTION"):
+        return key, key
+    import psutil
+
+    try:
+        for proc in psutil.Process().parents():
+            cmdline = proc.cmdline()
+            if _is_dvc(cmdline):
+                args = cmdline[cmdline.index("dvc") + 1 :] if "dvc" in cmdline else cmdline[2:]
+                key = f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+                return key, " ".join(["dvc", *args])
+    except psutil.Error:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialises creating a sqlite store, its experiment and a parent run across processes:
+    queued experiments start their first stages at once, and alembic's migrations race."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        yield
+
+
+def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    """Call `fn`, retrying briefly while sqlite reports the database locked or busy (MLflow
+    already waits 20 s per statement; this covers the rest, e.g. a commit under contention)."""
     for attempt in range(attempts):
         try:
-            exp = mlflow.get_experiment_by_name(name)
-            if exp is not None:
-                return exp.experiment_id
-            return mlflow.create_experiment(name, artifact_location=location)
-        except MlflowException as exc:
-            if attempt == attempts - 1:
+            return fn()
+        except Exception as exc:  # MlflowException or sqlalchemy's OperationalError
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
                 raise
-            log.debug("MLflow store busy (%s), retrying", exc)
+            log.warning("MLflow store busy (%s); retrying", text.splitlines()[0][:120])
             time.sleep(0.5 * (attempt + 1))
     raise RuntimeError("unreachable")
 
 
-@contextlib.contextmanager
-def mlflow_run(
-    params: Params, stage: str, run_name: str, run_id: str | None = None
-) -> Iterator[Any]:
-    """An active MLflow run for this stage (None when params disable tracking); `run_id`
-    continues an earlier run (a training stage resumed after an interruption) if it exists."""
-    if not params.mlflow.enabled:
-        yield None
-        return
+def init_store(params: Params) -> str:
+    """Create the store and the experiment if needed (idempotent); returns the experiment id.
+    `python -m pipeline.tracking init` calls it, before fanning out many experiments."""
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import mlflow
 
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
-    exp_id = _experiment_id(params.mlflow.experiment, artifact_location(params))
+    name, location = params.mlflow.experiment, artifact_location(params)
+
+    def get_or_create() -> str:
+        exp = mlflow.get_experiment_by_name(name)
+        return exp.experiment_id if exp else mlflow.create_experiment(name, location)
+
+    with _store_lock(uri):
+        return _retry(get_or_create)
+
+
+def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
+    """The parent run of one pipeline execution: found by its key, else created with every
+    param of params.yaml (flattened) and the execution's tags."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    where = f"tags.`{EXECUTION_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'execution'"
+    with _store_lock(tracking_uri(params)):
+        found = _retry(lambda: client.search_runs([exp_id], where, max_results=1))
+        if found:
+            return found[0].info.run_id
+        tags = run_tags("pipeline")
+        del tags["dvc.stage"]
+        name = tags.get("dvc.exp_name") or f"repro {tags.get('git.commit', '')[:7]}".strip()
+        tags |= {EXECUTION_TAG: key, ROLE_TAG: "execution", "dvc.command": command}
+        run_id = _retry(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
+        everything = [Param(k, str(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(everything), 100):  # MLflow's limit per batch
+            _retry(lambda i=i: client.log_batch(run_id, params=everything[i : i + 100]))
+    log.info("MLflow parent run %s (%s) for this pipeline execution", run_id, name)
+    return run_id
+
+
+def data_hash(output: str) -> str | None:
+    """The DVC output a stage consumes ("data/raw" or "data/processed"): DVC's md5 of it from
+    dvc.lock (DVC updates each stage's entry right after the stage runs), else for processed
+    data the sha256 of its manifest, which lists every split image and crop."""
+    import hashlib
+
+    import yaml
+
+    try:
+        lock = yaml.safe_load((paths.ROOT / "dvc.lock").read_text()) or {}
+        for stage in lock.get("stages", {}).values():
+            for out in stage.get("outs", []):
+                if out.get("path") == output and out.get("md5"):
+                    return f"md5:{out['md5']}"
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    if output == "data/processed" and paths.MANIFEST.is_file():
+        return f"sha256:{hashlib.sha256(paths.MANIFEST.read_bytes()).hexdigest()}"
+    return None
+
+
+def _relink(client: Any, run_id: str, old_parent: str | None, parent: str | None) -> None:
+    """A stage resumed by a new execution moves under its parent; the interrupted
+    execution's parent, still RUNNING, is marked KILLED."""
+    if parent is None or parent == old_parent:
+        return
+    client.set_tag(run_id, PARENT_TAG, parent)
+    if old_parent and client.get_run(old_parent).info.status == "RUNNING":
+        client.set_terminated(old_parent, "KILLED")
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    params: Params,
+    stage: str,
+    run_name: str,
+    run_id: str | None = None,
+    used: dict[str, Any] | None = None,
+    consumes: str | None = None,
+) -> Iterator[Any]:
+    """An active MLflow run for this stage, or None when params disable tracking.
+
+    Under DVC the run is a child of this pipeline execution's parent run (see `execution`),
+    which is RUNNING while a stage runs and FINISHED (or FAILED) after it. A new run gets the
+    params the stage read (`used`, flattened) with their hash as the `params.sha256` tag, and
+    the hash of the data it `consumes` as `data.hash`. `run_id` continues an earlier run (a
+    training stage resumed after an interruption) if it exists.
+    """
+    if not params.mlflow.enabled:
+        yield None
+        return
+    import mlflow
+
+    uri = tracking_uri(params)
+    exp_id = init_store(params)
+    client = mlflow.MlflowClient()
+    current = execution()
+    parent = parent_run(params, exp_id, *current) if current else None
     if run_id is not None:
         try:
-            mlflow.get_run(run_id)
+            old_parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
         except mlflow.exceptions.MlflowException:
             log.info("MLflow run %s not found in %s; starting a new one", run_id, uri)
             run_id = None
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id) as run:
-            log.info("MLflow run %s continued in %s", run_id, uri)
+        _relink(client, run_id, old_parent, parent)
+        started = mlflow.start_run(run_id=run_id)
+        log.info("MLflow run %s continued in %s", run_id, uri)
+    else:
+        tags = run_tags(stage) | ({PARENT_TAG: parent} if parent else {})
+        if used is not None:
+            tags["params.sha256"] = sha256_json(used)
+        if consumes and (digest := data_hash(consumes)):
+            tags["data.hash"] = digest
+        started = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+        if used is not None:
+            mlflow.log_params(flatten(used))
+        log.info("MLflow run %s in %s", started.info.run_id, uri)
+    if parent:
+        _retry(lambda: client.update_run(parent, status="RUNNING"))
+    status = "FAILED"
+    try:
+        with started as run:
             yield run
+        status = "FINISHED"
+    finally:
+        if parent:
+            _retry(lambda: client.set_terminated(parent, status))
+
+
+def log_to_parent(
+    run: Any, metrics: dict[str, float] | None = None, files: tuple = (), folder: str = ""
+) -> None:
+    """Log headline metrics and files on the parent run too, so one row of the MLflow UI
+    compares whole executions. A no-op without a run or a parent."""
+    if run is None:
         return
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags(stage)) as run:
-        log.info("MLflow run %s in %s", run.info.run_id, uri)
-        yield run
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(run.info.run_id).data.tags.get(PARENT_TAG)
+    if parent is None:
+        return
+    if metrics:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        _retry(lambda: client.log_batch(parent, metrics=batch))
+    for f in files:
+        client.log_artifact(parent, str(f), folder or None)
 
 
 def sha256_json(obj: Any) -> str:
@@ -124,23 +302,6 @@ def sha256_json(obj: Any) -> str:
     import json
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def processed_data_hash() -> str:
-    """The processed data a stage consumes: DVC's md5 of data/processed from dvc.lock when DVC
-    ran preprocess, else the sha256 of its manifest (which lists every split image and crop)."""
-    import hashlib
-
-    import yaml
-
-    try:
-        lock = yaml.safe_load((paths.ROOT / "dvc.lock").read_text()) or {}
-        for out in lock.get("stages", {}).get("preprocess", {}).get("outs", []):
-            if out.get("path") == "data/processed" and out.get("md5"):
-                return f"md5:{out['md5']}"
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    return f"sha256:{hashlib.sha256(paths.MANIFEST.read_bytes()).hexdigest()}"
 
 
 def log_torch_model(model: Any, example: Any) -> str:
@@ -182,3 +343,24 @@ def log_torch_model(model: Any, example: Any) -> str:
         code_paths=[str(Path(__file__).resolve().parent)],  # this package
     )
     return info.model_uri
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Set up the MLflow store the stages log to.")
+    parser.add_argument("command", choices=["init"], help="init: create the store and experiment")
+    parser.parse_args(argv)
+    params = load_params()
+    if not params.mlflow.enabled:
+        log.info("mlflow.enabled is false: nothing to set up")
+        return
+    exp_id = init_store(params)
+    log.info(
+        "MLflow store %s, experiment %r (id %s)",
+        tracking_uri(params),
+        params.mlflow.experiment,
+        exp_id,
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -40,7 +40,7 @@ from pipeline.checkpoint import (
     set_rng_state,
 )
 from pipeline.common import PipelineError, atomic_path, run_cli, seed_everything, write_json
-from pipeline.config import Params, flatten, load_params
+from pipeline.config import Params, load_params
 from pipeline.data import EpochSampler, crops_dataset, load_manifest, split_dataset
 from pipeline.distributed import SINGLE, Dist
 from pipeline.inference import evaluate
@@ -48,7 +48,7 @@ from pipeline.losses import build_eval_loss, build_loss
 from pipeline.models import REGISTRY, build_model
 from pipeline.optim import make_optimizer, make_scheduler
 from pipeline.stats import count_params, image_shape, model_stats
-from pipeline.tracking import log_torch_model, mlflow_run, processed_data_hash, sha256_json
+from pipeline.tracking import log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -385,22 +385,20 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         )
 
     progress = _resume(arch, params, ctx, model, engine)
-    tracked = mlflow_run(params, f"train_{arch}", arch, progress.run_id)
+    tracked = mlflow_run(
+        params,
+        f"train_{arch}",
+        arch,
+        progress.run_id,
+        used=stage_params(arch, params),
+        consumes="data/processed",
+    )
     with tracked if ctx.main else contextlib.nullcontext(None) as run:
         if run:
             import mlflow
 
-            if run.info.run_id != progress.run_id:  # a continued run logged these already
-                used = stage_params(arch, params)
-                mlflow.log_params(flatten(used))
-                mlflow.set_tags(
-                    {
-                        "arch": arch,
-                        "dataset": manifest["dataset"],
-                        "params.sha256": sha256_json(used),
-                        "data.hash": processed_data_hash(),
-                    }
-                )
+            if run.info.run_id != progress.run_id:  # a continued run has these already
+                mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
             progress.run_id = run.info.run_id
         epochs = tqdm(
             range(progress.epoch + 1, params.epochs + 1),
@@ -525,6 +523,8 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
             mlflow.log_artifact(str(out / f), artifact_path="reports")
         mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="checkpoint")
         log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
+        headline = ("miou", "dice", "global_accuracy", "mean_accuracy", "f1", "auc_roc")
+        log_to_parent(run, {f"{arch}_test_{k}": metrics[k] for k in headline if k in metrics})
     # the run is complete: a later run starts afresh instead of "resuming" a finished one
     paths.resume_state(arch).unlink(missing_ok=True)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,14 @@ from pipeline.config import parse_params
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "DVC_ROOT",
+        "DVC_EXP_NAME",
+        "DVC_EXP_BASELINE_REV",
+        "DVC_STAGE",
+        "PIPELINE_EXECUTION",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -114,3 +124,187 @@ def test_mlflow_run_records_tags_and_metrics(clean_env, tmp_path: Path):
     assert stored.data.tags["dvc.exp_name"] == "unit-exp"
     assert stored.data.metrics["val_miou"] == 0.5
     assert stored.data.params["unet.depth"] == "4"
+
+
+# --- one parent run per pipeline execution, a child run per stage -----------------------------
+
+
+@pytest.fixture
+def store(clean_env, tmp_path: Path):
+    """A fresh sqlite store in tmp_path; MLflow's process-wide URI is restored afterwards."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    clean_env.setenv("MLFLOW_TRACKING_URI", uri)
+    clean_env.setenv("DVC_ROOT", str(tmp_path))
+    clean_env.setattr(mlflow_uri, "_tracking_uri", mlflow_uri._tracking_uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _stage(params, stage: str, **kwargs) -> str:
+    with tracking.mlflow_run(params, stage, stage, **kwargs) as run:
+        return run.info.run_id
+
+
+def test_dvc_processes_are_recognised():
+    assert tracking._is_dvc(["/repo/.venv/bin/python3", "/repo/.venv/bin/dvc", "repro"])
+    assert tracking._is_dvc(["/usr/local/bin/dvc", "exp", "exec-run"])
+    assert tracking._is_dvc(["python", "-m", "dvc", "exp", "run"])
+    assert not tracking._is_dvc(["uv", "run", "dvc", "repro"])  # dvc is its child
+    assert not tracking._is_dvc(["/bin/sh", "-c", "python -m pipeline.train unet"])
+    assert not tracking._is_dvc(["python", "-m", "pytest"])
+
+
+def test_a_stage_started_by_hand_belongs_to_no_execution(clean_env):
+    clean_env.delenv("PIPELINE_EXECUTION", raising=False)
+    assert tracking.execution() is None  # pytest is not run by DVC
+
+
+def test_the_execution_is_the_nearest_dvc_process(tmp_path: Path):
+    """DVC runs a stage as dvc -> shell -> python: a fake `dvc` doing the same is found."""
+    fake = tmp_path / "dvc"
+    probe = "from pipeline.tracking import execution; print(execution())"
+    shell_cmd = f"{sys.executable} -c '{probe}'"
+    fake.write_text(
+        "import os, subprocess, sys\n"
+        "print(os.getpid(), flush=True)\n"
+        f"subprocess.run(['/bin/sh', '-c', {shell_cmd!r}], check=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_EXECUTION"}
+    out = subprocess.run(
+        [sys.executable, str(fake), "exp", "run", "-S", "lr=0.01"],
+        cwd=paths.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    pid, found = out[0], eval(out[1])  # noqa: S307 - our own repr of a tuple of str
+    key, command = found
+    assert key.split(":")[1] == pid
+    assert command == "dvc exp run -S lr=0.01"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_stages_of_one_execution_share_a_parent_run(clean_env, store):
+    params = _params(experiment="pipeline")
+    clean_env.setenv("PIPELINE_EXECUTION", "exec-1")
+    first = _stage(params, "train_unet", used={"lr": 0.1}, consumes="data/processed")
+    second = _stage(params, "prune")
+    runs = {
+        r.info.run_id: r
+        for r in store.search_runs([store.get_experiment_by_name("pipeline").experiment_id])
+    }
+    assert len(runs) == 3
+    parents = [r for r in runs.values() if r.data.tags.get(tracking.ROLE_TAG) == "execution"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags[tracking.EXECUTION_TAG] == "exec-1"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["lr"] == str(params.lr)  # every param, flattened
+    assert parent.data.params["mlflow.experiment"] == "pipeline"
+    for child in (first, second):
+        tags = runs[child].data.tags
+        assert tags[tracking.PARENT_TAG] == parent.info.run_id
+        assert runs[child].info.status == "FINISHED"
+    train = runs[first]
+    assert train.data.params == {"lr": "0.1"}
+    assert train.data.tags["params.sha256"] == tracking.sha256_json({"lr": 0.1})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_failing_stage_marks_its_execution_failed_and_a_new_one_gets_a_new_parent(
+    clean_env, store
+):
+    params = _params(experiment="pipeline")
+    clean_env.setenv("PIPELINE_EXECUTION", "exec-a")
+    with pytest.raises(RuntimeError), tracking.mlflow_run(params, "train_unet", "unet"):
+        raise RuntimeError("boom")
+    clean_env.setenv("PIPELINE_EXECUTION", "exec-b")
+    _stage(params, "report")
+    exp = store.get_experiment_by_name("pipeline").experiment_id
+    by_key = {
+        r.data.tags[tracking.EXECUTION_TAG]: r
+        for r in store.search_runs([exp], f"tags.`{tracking.ROLE_TAG}` = 'execution'")
+    }
+    assert by_key["exec-a"].info.status == "FAILED"
+    assert by_key["exec-b"].info.status == "FINISHED"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_resumed_stage_moves_to_the_new_execution_and_the_killed_one_is_closed(clean_env, store):
+    params = _params(experiment="pipeline")
+    clean_env.setenv("PIPELINE_EXECUTION", "killed")
+    run_id = _stage(params, "train_unet")
+    exp = store.get_experiment_by_name("pipeline").experiment_id
+    old = store.get_run(run_id).data.tags[tracking.PARENT_TAG]
+    store.update_run(old, status="RUNNING")  # as SIGKILL leaves it
+    clean_env.setenv("PIPELINE_EXECUTION", "resumed")
+    assert _stage(params, "train_unet", run_id=run_id) == run_id
+    new = store.search_runs([exp], f"tags.`{tracking.EXECUTION_TAG}` = 'resumed'")
+    new_parent = [r for r in new if r.data.tags.get(tracking.ROLE_TAG) == "execution"][0]
+    assert store.get_run(run_id).data.tags[tracking.PARENT_TAG] == new_parent.info.run_id
+    assert store.get_run(old).info.status == "KILLED"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_headline_metrics_and_files_go_to_the_parent(clean_env, store, tmp_path: Path):
+    params = _params(experiment="pipeline")
+    report = tmp_path / "report.html"
+    report.write_text("<html></html>")
+    clean_env.setenv("PIPELINE_EXECUTION", "exec-1")
+    with tracking.mlflow_run(params, "report", "report") as run:
+        tracking.log_to_parent(run, {"unet_test_miou": 0.75}, files=(report,), folder="report")
+        parent = store.get_run(run.info.run_id).data.tags[tracking.PARENT_TAG]
+    assert store.get_run(parent).data.metrics == {"unet_test_miou": 0.75}
+    assert [a.path for a in store.list_artifacts(parent, "report")] == ["report/report.html"]
+
+
+def test_without_a_parent_log_to_parent_does_nothing(store):
+    with tracking.mlflow_run(_params(experiment="pipeline"), "report", "report") as run:
+        tracking.log_to_parent(run, {"x": 1.0})
+        assert tracking.PARENT_TAG not in store.get_run(run.info.run_id).data.tags
+
+
+@pytest.mark.slow
+def test_processes_racing_on_a_fresh_store_all_land(tmp_path: Path):
+    """Queued experiments start stages at the same moment: the store, the experiment and each
+    execution's parent are created once, nothing is lost to "database is locked"."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = (
+        "import sys\n"
+        "from pipeline.config import parse_params\n"
+        "from pipeline.tracking import mlflow_run\n"
+        "import mlflow\n"
+        "p = parse_params({'mlflow': {'experiment': 'race'}})\n"
+        "with mlflow_run(p, 'train_unet', sys.argv[1]):\n"
+        "    for step in range(20):\n"
+        "        mlflow.log_metric('val_miou', step / 20, step=step)\n"
+    )
+    procs = []
+    for i in range(4):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DVC_ROOT": str(tmp_path)}
+        env["PIPELINE_EXECUTION"] = f"exp-{i % 2}"  # two executions, two stages each
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, f"run-{i}"],
+                cwd=paths.ROOT,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    client = MlflowClient(tracking_uri=uri)
+    assert len(client.search_experiments(filter_string="name = 'race'")) == 1
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    parents = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "execution"]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    assert len(parents) == 2 and len(children) == 4
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_miou")
+        assert len(history) == 20
