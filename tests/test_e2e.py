@@ -6,7 +6,9 @@ Slow (about two minutes on 2 cores): run with `pytest -m slow`, skip with `-m "n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,33 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reproduced(repo: Path) -> str:
-    return dvc(repo, "repro")
+    out = dvc(repo, "repro")
+    # commit the results like a user keeping a run: experiments and metrics diffs compare to it
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "pipeline results"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env())
+    return out
+
+
+def mlflow_runs(repo: Path) -> tuple:
+    """The client of the repo's MLflow store and every run of the pipeline's experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("unet-pipeline")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def executions(runs: list) -> dict[str, tuple]:
+    """Parent run name -> (parent run, {stage: child run})."""
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get("pipeline.role") == "execution"}
+    out = {p.info.run_name: (p, {}) for p in parents.values()}
+    for run in runs:
+        parent = parents.get(run.data.tags.get("mlflow.parentRunId"))
+        if parent is not None:
+            stages = out[parent.info.run_name][1]
+            assert run.data.tags["dvc.stage"] not in stages, "two runs of one stage"
+            stages[run.data.tags["dvc.stage"]] = run
+    return out
 
 
 def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: str):
@@ -119,6 +147,40 @@ def test_second_repro_is_a_no_op(repo: Path, reproduced: str):
     assert "Running stage" not in out
 
 
+def test_repro_is_one_mlflow_parent_run_with_a_child_run_per_stage(repo: Path, reproduced: str):
+    client, runs = mlflow_runs(repo)
+    found = executions(runs)
+    assert len(found) == 1, sorted(found)  # the no-op repro above started no stage, no run
+    ((name, (parent, stages)),) = found.items()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD~1"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()  # the commit the pipeline ran on (the results were committed after it)
+    assert name == f"repro {commit[:7]}"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git.commit"] == commit
+    assert parent.data.tags["dvc.command"] == "dvc repro"
+    assert parent.data.params["epochs"] == str(EPOCHS)  # all params, flattened
+    assert {"unet_test_miou", "unetpp_test_miou", "best_depth"} <= set(parent.data.metrics)
+    assert sorted(stages) == sorted(STAGES)
+    assert len(runs) == 1 + len(STAGES)  # nothing outside the execution
+    for stage, run in stages.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["git.commit"] == commit
+        assert len(run.data.tags["params.sha256"]) == 64
+        assert run.data.params, f"{stage}: no params logged"
+    for stage in ("preprocess", "train_unet", "train_unetpp", "prune", "report"):
+        assert stages[stage].data.tags["data.hash"].startswith("md5:"), stage
+    lock = (repo / "dvc.lock").read_text()
+    assert stages["train_unet"].data.tags["data.hash"].removeprefix("md5:") in lock
+    # artifacts: epoch logs, plots and the model on the training runs, the report on the parent
+    unet = stages["train_unet"].info.run_id
+    logged = {a.path for a in client.list_artifacts(unet, "reports")}
+    assert {"reports/epochs.csv", "reports/epochs.xlsx", "reports/curves.png"} <= logged
+    assert client.get_metric_history(unet, "val_miou")[-1].step == EPOCHS
+    on_parent = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/report.xlsx"} <= on_parent
+
+
 def test_exp_run_lr_retrains_both_models_only_and_is_tracked(repo: Path, reproduced: str):
     out = dvc(repo, "exp", "run", "-S", "lr=0.01", "-n", "lr-0.01")
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
@@ -163,6 +225,33 @@ def test_exp_run_lr_retrains_both_models_only_and_is_tracked(repo: Path, reprodu
             assert "git.commit" in run.data.tags
         assert any(r.data.tags.get("dvc.exp_name") == "lr-0.01" for r in by_stage[stage])
     assert {"prune", "report"} <= set(by_stage)
+    # the experiment is its own execution: a parent named after it, a child per stage it ran
+    parent, stages = executions(runs)["lr-0.01"]
+    assert sorted(stages) == sorted(ran)
+    assert parent.data.tags["dvc.exp_name"] == "lr-0.01"
+    assert parent.data.tags["dvc.baseline_rev"] == parent.data.tags["git.commit"]
+    assert parent.data.params["lr"] == "0.01"
+    # dvc exp show: both architectures' main metrics and the best pruning depth
+    assert 1 <= metrics["reports/pruning.json"]["data"]["best_depth"] <= 4
+    table = dvc(repo, "exp", "show", "--csv")
+    header = table.splitlines()[0].split(",")
+    assert {"miou", "auc_roc", "best_depth", "lr"} <= set(header), header
+
+
+def test_plots_and_metrics_diff_for_ci(repo: Path, reproduced: str, tmp_path: Path):
+    """`dvc plots show` renders both learning curves; `dvc metrics diff --md` is a table a CI
+    job can post (the workspace holds the lr-0.01 experiment, HEAD the committed results)."""
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "Validation mIoU" in page and "Loss" in page
+    for arch in ("unet", "unetpp"):
+        assert f"reports/{arch}/epochs.csv" in page
+    diff = dvc(repo, "metrics", "diff", "--md")
+    lines = [line for line in diff.splitlines() if line.startswith("|")]
+    assert lines[0].replace(" ", "").startswith("|Path|Metric|HEAD|workspace|Change|"), diff
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]) for line in lines[2:]}
+    assert ("reports/unet/metrics.json", "miou") in rows
+    assert ("reports/unetpp/metrics.json", "miou") in rows
 
 
 def test_bad_param_stops_with_one_line_and_keeps_earlier_outputs(repo: Path, reproduced: str):
@@ -191,3 +280,44 @@ def test_bad_param_stops_with_one_line_and_keeps_earlier_outputs(repo: Path, rep
     assert "Traceback" not in proc.stdout + proc.stderr
     for rel, content in before.items():
         assert (repo / rel).read_bytes() == content, f"{rel} changed after a failed stage"
+
+
+def test_queued_experiments_with_two_workers_all_land_in_the_repo_store(
+    repo: Path, reproduced: str
+):
+    """`dvc exp run --queue` twice, then `dvc queue start -j 2`: both run at once in temporary
+    copies, and every MLflow run lands in the repo's store."""
+    init = subprocess.run(
+        ["python", "-m", "pipeline.tracking", "init"],
+        cwd=repo,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert init.returncode == 0, init.stderr
+    queued = {"q-fast": "0.02", "q-slow": "0.001"}
+    for name, lr in queued.items():
+        dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name)
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while True:
+        status = dvc(repo, "queue", "status")
+        if not any(s in status for s in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, f"queue still busy:\n{status}"
+        time.sleep(5)
+    for name in queued:
+        assert re.search(rf"{name}\s.*Success", status), status
+
+    _, runs = mlflow_runs(repo)
+    found = executions(runs)
+    for name, lr in queued.items():
+        parent, stages = found[name]
+        assert parent.info.status == "FINISHED"
+        assert sorted(stages) == ["prune", "report", "train_unet", "train_unetpp"], name
+        for stage, run in stages.items():
+            assert run.info.status == "FINISHED", (name, stage)
+            assert run.data.tags["dvc.exp_name"] == name
+        assert stages["train_unet"].data.params["lr"] == lr
+    # nothing was written to a store inside the temporary copies
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
