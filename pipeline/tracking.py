@@ -80,12 +80,15 @@ def run_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-def _is_dvc(cmdline: list[str]) -> bool:
-    """`.../bin/dvc ...`, `python .../bin/dvc ...` or `python -m dvc ...`."""
-    return any(Path(a).name in ("dvc", "dvc.exe") for a in cmdline[:2]) or cmdline[1:3] == [
-        "-m",
-        "dvc",
-    ]
+def _dvc_args(cmdline: list[str]) -> list[str] | None:
+    """The arguments of a DVC command line (`dvc ...`, `python .../bin/dvc ...`,
+    `python -m dvc ...`), or None when it is not DVC."""
+    for i, arg in enumerate(cmdline[:2]):
+        if Path(arg).name in ("dvc", "dvc.exe"):
+            return cmdline[i + 1 :]
+    if cmdline[1:3] == ["-m", "dvc"]:
+        return cmdline[3:]
+    return None
 
 
 def execution() -> tuple[str, str] | None:
@@ -101,9 +104,8 @@ def execution() -> tuple[str, str] | None:
 
     try:
         for proc in psutil.Process().parents():
-            cmdline = proc.cmdline()
-            if _is_dvc(cmdline):
-                args = cmdline[cmdline.index("dvc") + 1 :] if "dvc" in cmdline else cmdline[2:]
+            args = _dvc_args(proc.cmdline())
+            if args is not None:
                 key = f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
                 return key, " ".join(["dvc", *args])
     except psutil.Error:

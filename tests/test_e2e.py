@@ -6,6 +6,7 @@ Slow (about two minutes on 2 cores): run with `pytest -m slow`, skip with `-m "n
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -179,6 +180,49 @@ def test_repro_is_one_mlflow_parent_run_with_a_child_run_per_stage(repo: Path, r
     assert client.get_metric_history(unet, "val_miou")[-1].step == EPOCHS
     on_parent = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/report.xlsx"} <= on_parent
+
+
+def test_mlflow_server_and_a_browser_show_the_pipelines_runs_and_report(
+    repo: Path, reproduced: str, tmp_path: Path
+):
+    """What users look at: the MLflow server's REST API and UI on the repo's store, and
+    report.html, rendered by headless Chromium (those checks skip without Chromium)."""
+    from tests.browser import check_png, chromium, mlflow_server, page_text, rest, snapshot
+
+    def tags(run: dict) -> dict[str, str]:
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    shots = Path(os.environ.get("BROWSER_SCREENSHOTS_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(f"sqlite:///{repo / 'mlflow.db'}", repo / "mlartifacts") as server:
+        exp_id = rest(server, "experiments/get-by-name", {"experiment_name": "unet-pipeline"})[
+            "experiment"
+        ]["experiment_id"]
+        runs = rest(server, "runs/search", {"experiment_ids": [exp_id], "max_results": 100})
+        runs = runs["runs"]
+        (parent,) = [r for r in runs if tags(r).get("pipeline.role") == "execution"]
+        children = {
+            tags(r)["dvc.stage"]: r
+            for r in runs
+            if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]
+        }
+        assert sorted(children) == sorted(STAGES)
+        unet = children["train_unet"]["info"]["run_id"]
+        history = rest(server, "metrics/get-history", {"run_id": unet, "metric_key": "val_miou"})
+        assert sorted(m["step"] for m in history["metrics"]) == list(range(1, EPOCHS + 1))
+        if chromium() is None:
+            pytest.skip("Chromium not installed (apt-get install chromium): no screenshots")
+        url = f"{server}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        dom = snapshot(url, shots / "mlflow_runs.png", 1280, 800)
+        check_png(shots / "mlflow_runs.png", 1280, 800)
+        text = page_text(dom)
+        assert parent["info"]["run_name"] in text, text[:2000]
+        assert f"{len(runs)} matching runs" in text, text[:2000]
+
+    dom = snapshot(repo / "reports/report.html", shots / "report.png", 1280, 3000, wait_ms=2_000)
+    check_png(shots / "report.png", 1280, 3000)
+    text = page_text(dom)
+    assert "UNet vs UNet++" in text and "L4" in text
 
 
 def test_exp_run_lr_retrains_both_models_only_and_is_tracked(repo: Path, reproduced: str):

@@ -148,12 +148,14 @@ def _stage(params, stage: str, **kwargs) -> str:
 
 
 def test_dvc_processes_are_recognised():
-    assert tracking._is_dvc(["/repo/.venv/bin/python3", "/repo/.venv/bin/dvc", "repro"])
-    assert tracking._is_dvc(["/usr/local/bin/dvc", "exp", "exec-run"])
-    assert tracking._is_dvc(["python", "-m", "dvc", "exp", "run"])
-    assert not tracking._is_dvc(["uv", "run", "dvc", "repro"])  # dvc is its child
-    assert not tracking._is_dvc(["/bin/sh", "-c", "python -m pipeline.train unet"])
-    assert not tracking._is_dvc(["python", "-m", "pytest"])
+    assert tracking._dvc_args(["/repo/.venv/bin/python3", "/repo/.venv/bin/dvc", "repro"]) == [
+        "repro"
+    ]
+    assert tracking._dvc_args(["/usr/bin/dvc", "exp", "exec-run"]) == ["exp", "exec-run"]
+    assert tracking._dvc_args(["python", "-m", "dvc", "exp", "run"]) == ["exp", "run"]
+    assert tracking._dvc_args(["uv", "run", "dvc", "repro"]) is None  # dvc is its child
+    assert tracking._dvc_args(["/bin/sh", "-c", "python -m pipeline.train unet"]) is None
+    assert tracking._dvc_args(["python", "-m", "pytest"]) is None
 
 
 def test_a_stage_started_by_hand_belongs_to_no_execution(clean_env):
