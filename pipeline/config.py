@@ -241,6 +241,9 @@ class InferenceParams(Section):
 class ReportParams(Section):
     dpi: Annotated[int, Field(ge=50, le=600)] = 110
     metric: Literal["miou", "dice", "global_accuracy", "mean_accuracy"] = "miou"
+    # qualitative panels (image, truth, both predictions, their errors) of the first N test
+    # images; 0 = none
+    panels: Annotated[int, Field(ge=0, le=20)] = 3
 
 
 class MlflowParams(Section):

@@ -25,6 +25,8 @@ PRUNING_CSV = REPORTS / "pruning.csv"
 PRUNING_JSON = REPORTS / "pruning.json"
 REPORT_MD = REPORTS / "report.md"
 REPORT_XLSX = REPORTS / "report.xlsx"
+REPORT_HTML = REPORTS / "report.html"  # self-contained: images embedded, no external links
+PANELS_PNG = REPORTS / "panels.png"
 LEARNING_CURVES_PNG = REPORTS / "learning_curves.png"
 PRUNING_PNG = REPORTS / "pruning_tradeoff.png"
 

@@ -1,152 +1,521 @@
 """Stage `report`: compare UNet and UNet++ and show the pruning trade-off.
 
-Writes reports/report.md (tables + two PNG plots beside it) and reports/report.xlsx (a sheet
-per table) from the training and pruning stages' outputs.
+Writes reports/report.md (tables, with the PNG figures beside it), reports/report.html (the same
+content as one self-contained page, figures embedded) and reports/report.xlsx (a sheet per
+table) from the earlier stages' outputs; reports/panels.png shows the first `report.panels`
+test images with both models' predictions and errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import paths, plots
+from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, read_json, run_cli
-from pipeline.config import Params, flatten, load_params
-from pipeline.data import load_manifest
-from pipeline.tracking import git_commit, mlflow_run
+from pipeline.config import (
+    IGNORE_INDEX,
+    InferenceParams,
+    Params,
+    flatten,
+    load_params,
+    parse_params,
+)
+from pipeline.data import SegmentationDataset, load_manifest, transforms
+from pipeline.losses import predict
+from pipeline.predict import PALETTE
+from pipeline.report_html import Block, Figure, Heading, Table, Text, render_html
+from pipeline.tiling import predict_tiled
+from pipeline.tracking import git_commit, log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
 ARCH_NAMES = {"unet": "UNet", "unetpp": "UNet++"}
+ARCH_COLUMNS = ["params", "gflops", "latency_ms", "device", "train_seconds", "best_epoch"]
 QUALITY = ["miou", "dice", "global_accuracy", "mean_accuracy"]
-BINARY = ["sensitivity", "specificity", "auc_roc"]  # binary tasks (DRIVE): the usual extras
+# binary tasks (DRIVE): the usual extras
+BINARY = ["sensitivity", "specificity", "precision", "auc_roc", "auc_pr"]
+NAN = float("nan")  # a metric a model (or the observer) lacks; shown as "–"
+PRUNING_COLUMNS = ["depth", "params", "gflops", "latency_ms", "device", "input"]
+
+# panel colours (RGB)
+IGNORED = (70, 70, 150)  # label 255, in every panel
+FALSE_POSITIVE = (235, 50, 40)
+FALSE_NEGATIVE = (30, 140, 255)
+WRONG = (235, 50, 40)  # multi-class: any wrong class
+CORRECT = (150, 150, 150)  # legend swatch; correct pixels show the image in grey
 
 
 def quality_columns(num_classes: int) -> list[str]:
     return QUALITY + BINARY if num_classes == 2 else QUALITY
 
 
-def read_csv(path) -> pd.DataFrame:
+# --- inputs: every file is read (and checked) before anything is written ---------------------
+
+
+def read_csv(path: Path, columns: list[str] = ()) -> pd.DataFrame:
     try:
-        return pd.read_csv(path)
+        df = pd.read_csv(path)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (run the earlier stages first)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PipelineError(f"{path}: not a readable CSV ({exc})") from None
+    require(path, columns, df.columns)
+    return df
 
 
-def comparison_table(columns: list[str] = QUALITY) -> pd.DataFrame:
-    rows = []
-    for arch, name in ARCH_NAMES.items():
-        m = read_json(paths.arch_reports(arch) / "metrics.json", f"{name} test metrics")
-        rows.append(
-            {
-                "model": name,
-                "params": m["params"],
-                "gflops": m["gflops"],
-                "latency_ms": m["latency_ms"],
-                **{k: m.get(k, float("nan")) for k in columns},
-                "best_epoch": m["best_epoch"],
-                "train_seconds": m["train_seconds"],
-            }
+def require(path: Path, keys: list[str], have) -> None:
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise PipelineError(
+            f"{path}: missing {', '.join(missing)} (re-run the stage that writes it)"
         )
-    return pd.DataFrame(rows)
+
+
+def arch_metrics(arch: str) -> dict[str, Any]:
+    path = paths.arch_reports(arch) / "metrics.json"
+    metrics = read_json(path, f"{ARCH_NAMES[arch]} test metrics")
+    if not isinstance(metrics, dict):
+        raise PipelineError(f"{path}: expected a JSON object of metrics")
+    require(path, ARCH_COLUMNS, metrics)
+    return metrics
+
+
+def epoch_logs(metric: str) -> dict[str, pd.DataFrame]:
+    columns = ["epoch", "train_loss", "val_loss", f"val_{metric}"]
+    return {
+        name: read_csv(paths.arch_reports(arch) / "epochs.csv", columns)
+        for arch, name in ARCH_NAMES.items()
+    }
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def param_text(value: Any) -> str:
+    """A param value as params.yaml would spell it (null, true, [0.25, 0.25])."""
+    if isinstance(value, str):
+        return value or '""'
+    return json.dumps(value)
+
+
+def changed_params(params: Params) -> pd.DataFrame:
+    """key, value, default for every param that differs from pipeline/config.py's default."""
+    now, default = flatten(params), flatten(parse_params({}))
+    keys = list(now) + [k for k in default if k not in now]  # e.g. a folder.mapping key
+    rows = [
+        {
+            "key": k,
+            "value": param_text(now[k]) if k in now else "(not set)",
+            "default": param_text(default[k]) if k in default else "(not set)",
+        }
+        for k in keys
+        if k not in now or k not in default or now[k] != default[k]
+    ]
+    return pd.DataFrame(rows, columns=["key", "value", "default"])
+
+
+def setup_table(manifest: dict[str, Any], generated: datetime) -> pd.DataFrame:
+    commit = git_commit()
+    splits = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
+    rows = {
+        "dataset": manifest["dataset"],
+        "classes": f"{manifest['num_classes']} ({', '.join(manifest['class_names'])})",
+        "images": splits,
+        "input channels": str(manifest["in_channels"]),
+        "training crops": f"{len(manifest['crops'])} of {manifest['crop_size']} px",
+        "git commit": commit[:12] if commit else "unknown",
+        "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
+    }
+    return pd.DataFrame({"item": list(rows), "value": list(rows.values())})
+
+
+def architecture_table(metrics: dict[str, dict]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"model": name, **{k: m[k] for k in ARCH_COLUMNS}} for name, m in metrics.items()]
+    )
+
+
+def metrics_table(metrics: dict[str, dict], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"model": name, **{k: m.get(k, NAN) for k in columns}} for name, m in metrics.items()]
+    )
+
+
+def observer_table(manifest: dict[str, Any], columns: list[str]) -> pd.DataFrame | None:
+    """DRIVE: the second human observer scored like a model, a reference no model is expected
+    to pass; None for other datasets."""
+    observer = manifest.get("second_observer")
+    if not observer:
+        return None
+    row = {"reference": "2nd human observer", **{k: observer.get(k, NAN) for k in columns}}
+    return pd.DataFrame([row])
+
+
+def per_class_iou(metrics: dict[str, dict], class_names: list[str]) -> pd.DataFrame:
+    """Rows = classes, columns = architectures."""
+    table = {"class": class_names}
+    for name, m in metrics.items():
+        table[name] = [m.get(f"iou_{c}", NAN) for c in class_names]
+    return pd.DataFrame(table)
+
+
+def pruning_view(pruning: pd.DataFrame, columns: list[str], best: int) -> pd.DataFrame:
+    view = pruning[["depth", "params", "gflops", "latency_ms", *columns]].copy()
+    names = [f"L{d}" + (" (best)" if d == best else "") for d in view.pop("depth")]
+    view.insert(0, "model", names)
+    return view
+
+
+@dataclass
+class Tables:
+    """Everything the report shows, gathered once; rendered as md, html and xlsx."""
+
+    dataset: str
+    metric: str
+    setup: pd.DataFrame
+    changed: pd.DataFrame
+    architectures: pd.DataFrame
+    test: pd.DataFrame
+    observer: pd.DataFrame | None
+    per_class: pd.DataFrame | None  # multi-class only
+    pruning: pd.DataFrame  # pruning.csv as written
+    pruning_view: pd.DataFrame
+    best_depth: int
+    logs: dict[str, pd.DataFrame]
+    panels: int  # rows in panels.png; 0 = none
+
+
+def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
+    metric = params.report.metric
+    columns = quality_columns(manifest["num_classes"])
+    metrics = {name: arch_metrics(arch) for arch, name in ARCH_NAMES.items()}
+    pruning = read_csv(paths.PRUNING_CSV, [*PRUNING_COLUMNS, metric])
+    prune_columns = [c for c in columns if c in pruning]
+    best = read_json(paths.PRUNING_JSON, "pruning summary").get("best_depth")
+    if best is None:
+        raise PipelineError(f"{paths.PRUNING_JSON}: missing best_depth (re-run the prune stage)")
+    multi = manifest["num_classes"] > 2
+    return Tables(
+        dataset=manifest["dataset"],
+        metric=metric,
+        setup=setup_table(manifest, datetime.now(UTC)),
+        changed=changed_params(params),
+        architectures=architecture_table(metrics),
+        test=metrics_table(metrics, columns),
+        observer=observer_table(manifest, columns),
+        per_class=per_class_iou(metrics, manifest["class_names"]) if multi else None,
+        pruning=pruning,
+        pruning_view=pruning_view(pruning, prune_columns, best),
+        best_depth=best,
+        logs=epoch_logs(metric),
+        panels=panels,
+    )
+
+
+# --- qualitative panels ----------------------------------------------------------------------
+
+
+def first_test_images(manifest: dict[str, Any], n: int) -> tuple[list[str], SegmentationDataset]:
+    """The first n test images, normalised exactly as for evaluation (split_dataset's way)."""
+    stems = manifest["splits"]["test"][:n]
+    if not stems:
+        raise PipelineError(f"{paths.MANIFEST}: split 'test' is empty")
+    dataset = SegmentationDataset(
+        [paths.split_dir("test", "images") / f"{s}.png" for s in stems],
+        [paths.split_dir("test", "labels") / f"{s}.png" for s in stems],
+        transforms(manifest, augment=False),
+        manifest["in_channels"],
+    )
+    return stems, dataset
+
+
+def predict_arch(
+    arch: str, dataset: SegmentationDataset, inference: InferenceParams, device: torch.device
+) -> list[np.ndarray]:
+    """(H, W) uint8 class indices per image, by the pipeline's overlap-tile prediction."""
+    model, _ = load_checkpoint(paths.checkpoint(arch), device)
+    out = []
+    for i in range(len(dataset)):
+        image = dataset[i][0][None].to(device)  # (1, C, H, W) normalised
+        logits = predict_tiled(
+            model,
+            image,
+            inference.tile_size,
+            inference.tile_overlap,
+            model.size_multiple,
+            inference.blend,
+        )
+        out.append(predict(logits)[0].cpu().numpy().astype(np.uint8))
+    return out
+
+
+def label_colours(num_classes: int) -> np.ndarray:
+    """(256, 3) uint8: binary tasks white on black, else pipeline.predict's palette; ignored
+    pixels in IGNORED."""
+    colours = PALETTE.copy()
+    if num_classes == 2:
+        colours[:2] = [(0, 0, 0), (255, 255, 255)]
+    colours[IGNORE_INDEX] = IGNORED
+    return colours
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the image in grey, squeezed into 70..197 so colours stand out on it."""
+    return np.repeat((70 + image.mean(axis=2) / 2).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def error_map(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, binary: bool) -> np.ndarray:
+    """(H, W, 3) uint8: correct pixels show the image in grey; binary tasks colour false
+    positives and false negatives, multi-class tasks any wrong class; ignored pixels IGNORED."""
+    out = grey(image)
+    valid = truth != IGNORE_INDEX
+    if binary:
+        out[valid & (pred == 1) & (truth == 0)] = FALSE_POSITIVE
+        out[valid & (pred == 0) & (truth == 1)] = FALSE_NEGATIVE
+    else:
+        out[valid & (pred != truth)] = WRONG
+    out[~valid] = IGNORED
+    return out
+
+
+def panel_rows(
+    dataset: SegmentationDataset, predictions: dict[str, list[np.ndarray]], num_classes: int
+) -> list[list[np.ndarray]]:
+    """Per image: image | truth | each model's prediction | each model's errors (RGB)."""
+    colours = label_colours(num_classes)
+    rows = []
+    for i, (image, truth) in enumerate(zip(dataset.images, dataset.labels, strict=True)):
+        rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+        preds = [p[i] for p in predictions.values()]
+        errors = [error_map(rgb, truth, p, num_classes == 2) for p in preds]
+        rows.append([rgb, colours[truth], *(colours[p] for p in preds), *errors])
+    return rows
+
+
+def panel_legends(class_names: list[str]) -> list[plots.Legend]:
+    """(title, swatches) for the label maps and for the error maps."""
+    colours = label_colours(len(class_names))
+    ignored = (f"ignored ({IGNORE_INDEX})", IGNORED)
+    classes = [(name, tuple(int(v) for v in colours[i])) for i, name in enumerate(class_names)]
+    if len(class_names) == 2:
+        errors = [
+            (f"false positive (extra {class_names[1]})", FALSE_POSITIVE),
+            (f"false negative (missed {class_names[1]})", FALSE_NEGATIVE),
+        ]
+    else:
+        errors = [("wrong class", WRONG)]
+    return [
+        ("ground truth and predictions", [*classes, ignored]),
+        ("errors", [("correct (image in grey)", CORRECT), *errors, ignored]),
+    ]
+
+
+def panels_figure(
+    manifest: dict[str, Any], n: int, inference: InferenceParams
+) -> tuple[list[list[np.ndarray]], list[str]]:
+    """(panel rows, their image names) for the first n test images; runs both checkpoints,
+    so a missing or corrupt one stops the stage before anything is written."""
+    stems, dataset = first_test_images(manifest, n)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictions = {
+        name: predict_arch(arch, dataset, inference, device) for arch, name in ARCH_NAMES.items()
+    }
+    return panel_rows(dataset, predictions, manifest["num_classes"]), stems
+
+
+def write_panels(rows: list, stems: list[str], class_names: list[str], dpi: int) -> None:
+    if not rows:  # report.panels: 0; the file is still a stage output
+        plots.note("report.panels is 0: no qualitative panels", paths.PANELS_PNG, dpi)
+        return
+    names = list(ARCH_NAMES.values())
+    titles = ["image", "ground truth", *(f"{n} prediction" for n in names)]
+    titles += [f"{n} errors" for n in names]
+    plots.image_grid(rows, paths.PANELS_PNG, titles, stems, panel_legends(class_names), dpi)
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def report_blocks(t: Tables) -> list[Block]:
+    """The report's content, in order; rendered as Markdown and as HTML."""
+    blocks: list[Block] = [
+        Heading("Setup"),
+        Table(t.setup),
+    ]
+    if t.changed.empty:
+        blocks.append(Text("Parameters that differ from the built-in defaults: none."))
+    else:
+        blocks += [
+            Text("Parameters that differ from the built-in defaults (`pipeline/config.py`):"),
+            Table(t.changed),
+        ]
+    input_size = t.pruning["input"].iloc[0]
+    blocks += [
+        Heading("Architectures"),
+        Text(
+            f"Parameters and GFLOPs of one forward pass on one {input_size} test image; latency "
+            "is the median of repeated forward passes on the device shown; train_seconds is "
+            "the whole training stage."
+        ),
+        Table(t.architectures),
+        Heading("Test metrics"),
+        Text(
+            "Metrics are computed over all non-ignored test pixels (one confusion matrix per "
+            "split, never averaged per image)."
+        ),
+        Table(t.test),
+        Text(f"Best test {t.metric}: **{winner(t.test, t.metric)}**."),
+    ]
+    if t.observer is not None:
+        blocks += [
+            Text(
+                "The second human observer's tracings, scored against the reference the same way:"
+            ),
+            Table(t.observer),
+        ]
+    if t.per_class is not None:
+        blocks += [Heading("Per-class IoU"), Table(t.per_class)]
+    blocks += [
+        Heading("Learning curves"),
+        Figure(paths.LEARNING_CURVES_PNG, "Learning curves: loss and validation metric per epoch"),
+        Heading("UNet++ pruned to each deep-supervision depth"),
+        Text(
+            "Each row is a standalone sub-network holding only the nodes its head needs; latency "
+            f"is the median of repeated forward passes on one {input_size} image on "
+            f"{t.pruning['device'].iloc[0]}. Best depth (the shallowest within the tolerance of "
+            f"the deepest): **L{t.best_depth}**."
+        ),
+        Table(t.pruning_view),
+        Figure(paths.PRUNING_PNG, "Pruning trade-off: quality vs latency and vs parameters"),
+    ]
+    if t.panels:
+        blocks += [
+            Heading("Qualitative results"),
+            Text(
+                f"The first {t.panels} test image{'s' if t.panels > 1 else ''}, predicted "
+                "full-size by overlap-tile inference. Predictions are shown everywhere, also "
+                "where the label is ignored (no metric scores those pixels); the error maps show "
+                "correct pixels as the image in grey and colour the wrong ones."
+            ),
+            Figure(paths.PANELS_PNG, "Test images, ground truth, predictions and errors"),
+        ]
+    return blocks
+
+
+def winner(test: pd.DataFrame, metric: str) -> str:
+    return test.loc[test[metric].idxmax(), "model"]
+
+
+def title(t: Tables) -> str:
+    return f"UNet vs UNet++ on {t.dataset}"
 
 
 def _md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, floatfmt=".4f", intfmt=",")
-
-
-def render_markdown(
-    manifest: dict, comparison: pd.DataFrame, pruning: pd.DataFrame, best: int, metric: str
-) -> str:
-    splits = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
-    commit = git_commit() or "unknown"
-    columns = [c for c in quality_columns(manifest["num_classes"]) if c in pruning]
-    prune_view = pruning[["depth", "params", "gflops", "latency_ms", *columns]].copy()
-    prune_view.insert(
-        0, "model", [f"L{d}" + (" (best)" if d == best else "") for d in prune_view.pop("depth")]
+    # a table of text (setup, params) stays text: "3" is a param value, not a number to format
+    text = not any(pd.api.types.is_numeric_dtype(df[c]) for c in df.columns)
+    shown = df.astype(object).where(df.notna(), None)  # a missing value shows as "–"
+    return shown.to_markdown(
+        index=False, floatfmt=".4f", intfmt=",", disable_numparse=text, missingval="–"
     )
-    winner = comparison.loc[comparison[metric].idxmax(), "model"]
-    observer = manifest.get("second_observer")
-    human = ""
-    if observer:  # DRIVE: the inter-observer level, a reference no model is expected to pass
-        row = pd.DataFrame(
-            [{"reference": "2nd human observer", **{k: observer.get(k) for k in columns}}]
-        )
-        human = (
-            "\n\nThe second human observer's tracings, scored against the reference the same "
-            f"way:\n\n{_md(row)}"
-        )
-    device = pruning["device"].iloc[0]
-    return f"""# UNet vs UNet++ on `{manifest["dataset"]}`
 
-Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from commit `{commit[:12]}`.
-Data: {manifest["num_classes"]} classes ({", ".join(manifest["class_names"])}); images: {splits};
-{len(manifest["crops"])} training crops of {manifest["crop_size"]} px. Metrics are computed over
-all non-ignored test pixels (one confusion matrix per split, never averaged per image).
 
-## Test metrics
+def block_markdown(block: Block) -> str:
+    if isinstance(block, Heading):
+        return f"{'#' * block.level} {block.text}"
+    if isinstance(block, Text):
+        return block.text
+    if isinstance(block, Table):
+        return _md(block.df)
+    link = Path(os.path.relpath(block.path, paths.REPORT_MD.parent)).as_posix()
+    return f"![{block.alt}]({link})"
 
-{_md(comparison)}
 
-Best test {metric}: **{winner}**.{human}
+def render_markdown(t: Tables) -> str:
+    blocks = "\n\n".join(block_markdown(b) for b in report_blocks(t))
+    return f"# UNet vs UNet++ on `{t.dataset}`\n\n{blocks}\n"
 
-![Learning curves](learning_curves.png)
 
-## UNet++ pruned to each deep-supervision depth
+def write_xlsx(t: Tables, path: Path) -> None:
+    """A sheet per table."""
+    test = (
+        t.test
+        if t.observer is None
+        else pd.concat([t.test, t.observer.rename(columns={"reference": "model"})])
+    )
+    logs = pd.concat([df.assign(model=name) for name, df in t.logs.items()])
+    sheets = {
+        "setup": t.setup,
+        "changed params": t.changed,
+        "architectures": t.architectures,
+        "test metrics": test,
+        "per-class IoU": t.per_class,
+        "pruning": t.pruning,
+        "epoch logs": logs[["model", *logs.columns.drop("model")]],
+    }
+    with atomic_path(path) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as xl:
+        for name, df in sheets.items():
+            if df is not None:
+                df.to_excel(xl, sheet_name=name, index=False)
 
-Each row is a standalone sub-network holding only the nodes its head needs; latency is the
-median of repeated forward passes on one {pruning["input"].iloc[0]} image on {device}.
-Best depth (the shallowest within the tolerance of the deepest): **L{best}**.
 
-{_md(prune_view)}
-
-![Pruning trade-off](pruning_tradeoff.png)
-"""
+# --- the stage -------------------------------------------------------------------------------
 
 
 def report(params: Params) -> None:
     manifest = load_manifest()
-    comparison = comparison_table(quality_columns(manifest["num_classes"]))
-    pruning = read_csv(paths.PRUNING_CSV)
-    best = read_json(paths.PRUNING_JSON, "pruning summary")["best_depth"]
-    logs = {ARCH_NAMES[a]: read_csv(paths.arch_reports(a) / "epochs.csv") for a in ARCH_NAMES}
-    metric = params.report.metric
+    panels = min(params.report.panels, len(manifest["splits"]["test"]))
+    t = gather(params, manifest, panels)  # the cheap checks first
+    rows, stems = panels_figure(manifest, panels, params.inference) if panels else ([], [])
+    dpi = params.report.dpi
 
-    plots.learning_curves(logs, paths.LEARNING_CURVES_PNG, f"val_{metric}", params.report.dpi)
-    plots.pruning_tradeoff(pruning, paths.PRUNING_PNG, metric, params.report.dpi)
+    plots.learning_curves(t.logs, paths.LEARNING_CURVES_PNG, f"val_{t.metric}", dpi)
+    plots.pruning_tradeoff(t.pruning, paths.PRUNING_PNG, t.metric, dpi)
+    write_panels(rows, stems, manifest["class_names"], dpi)
     with atomic_path(paths.REPORT_MD) as tmp:
-        tmp.write_text(render_markdown(manifest, comparison, pruning, best, metric))
-    with atomic_path(paths.REPORT_XLSX) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as xl:
-        comparison.to_excel(xl, sheet_name="comparison", index=False)
-        pruning.to_excel(xl, sheet_name="pruning", index=False)
-        for name, df in logs.items():
-            df.to_excel(xl, sheet_name=f"{name} epochs", index=False)
+        tmp.write_text(render_markdown(t))
+    with atomic_path(paths.REPORT_HTML) as tmp:
+        tmp.write_text(render_html(title(t), report_blocks(t)))
+    write_xlsx(t, paths.REPORT_XLSX)
     log.info(
-        "wrote %s, %s",
-        paths.REPORT_MD.relative_to(paths.ROOT),
-        paths.REPORT_XLSX.relative_to(paths.ROOT),
+        "wrote %s",
+        ", ".join(
+            str(p.relative_to(paths.ROOT))
+            for p in (paths.REPORT_MD, paths.REPORT_HTML, paths.REPORT_XLSX, paths.PANELS_PNG)
+        ),
     )
 
-    with mlflow_run(params, "report", "report") as run:
+    used = params.model_dump()  # the setup table lists every param that differs
+    with mlflow_run(params, "report", "report", used=used, consumes="data/processed") as run:
         if run:
             import mlflow
 
-            mlflow.log_params(flatten({"report": params.report}))
-            for _, row in comparison.iterrows():
+            for _, row in t.test.iterrows():
                 key = row["model"].lower().replace("+", "p")
                 mlflow.log_metrics({f"{key}_{k}": row[k] for k in QUALITY})
-            for f in (
+            files = (
                 paths.REPORT_MD,
+                paths.REPORT_HTML,
                 paths.REPORT_XLSX,
                 paths.LEARNING_CURVES_PNG,
                 paths.PRUNING_PNG,
-            ):
+                paths.PANELS_PNG,
+            )
+            for f in files:
                 mlflow.log_artifact(str(f), artifact_path="report")
+            # the execution's parent run carries the report, next to the headline metrics
+            log_to_parent(run, files=files, folder="report")
 
 
 def main(argv: list[str] | None = None) -> None:

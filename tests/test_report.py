@@ -1,0 +1,346 @@
+"""The report stage on a tiny fake project: md, self-contained html, xlsx and the panels."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import paths, report
+from pipeline.checkpoint import save_checkpoint
+from pipeline.common import PipelineError
+from pipeline.config import parse_params
+from pipeline.models import build_model
+from tests.fakes import random_image, save_image
+
+SIZE = (40, 36)  # (H, W)
+TEST_STEMS = ["t0", "t1", "t2"]
+REPORT_FILES = {
+    "REPORT_MD": "report.md",
+    "REPORT_HTML": "report.html",
+    "REPORT_XLSX": "report.xlsx",
+    "PANELS_PNG": "panels.png",
+    "LEARNING_CURVES_PNG": "learning_curves.png",
+    "PRUNING_PNG": "pruning_tradeoff.png",
+    "PRUNING_CSV": "pruning.csv",
+    "PRUNING_JSON": "pruning.json",
+}
+
+
+def params(**overrides):
+    base = {
+        "inference": {"tile_size": 32, "tile_overlap": 8},  # 40x36 images: several tiles
+        "report": {"panels": 2, "dpi": 50},
+    }
+    return parse_params({**base, **overrides})
+
+
+def write_manifest(class_names: list[str], observer: dict | None) -> dict:
+    manifest = {
+        "dataset": "fake",
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "in_channels": 3,
+        "ignore_index": 255,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "crop_size": 32,
+        "splits": {"train": ["a", "b"], "val": ["c"], "test": TEST_STEMS},
+        "crops": ["a_0", "a_1"],
+        "second_observer": observer,
+    }
+    paths.MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    paths.MANIFEST.write_text(json.dumps(manifest))
+    rng = np.random.default_rng(1)
+    for stem in TEST_STEMS:
+        save_image(paths.split_dir("test", "images") / f"{stem}.png", random_image(*SIZE))
+        label = rng.integers(0, len(class_names), SIZE).astype(np.uint8)
+        label[:4] = 255  # an ignored band
+        save_image(paths.split_dir("test", "labels") / f"{stem}.png", label)
+    return manifest
+
+
+def write_checkpoints(num_classes: int) -> None:
+    options = {"base_channels": 4, "depth": 2}
+    for arch in report.ARCH_NAMES:
+        model = build_model(arch, 3, num_classes, **options)
+        config = {"in_channels": 3, "num_classes": num_classes, "options": options}
+        save_checkpoint(paths.checkpoint(arch), model.eval(), arch=arch, model_config=config)
+
+
+def write_metrics(class_names: list[str]) -> None:
+    rng = np.random.default_rng(2)
+    quality = report.QUALITY + report.BINARY
+    for i, arch in enumerate(report.ARCH_NAMES):
+        metrics = {
+            **{k: float(rng.uniform(0.5, 1)) for k in quality},
+            **{f"iou_{c}": 0.1 * (j + 1) + 0.01 * i for j, c in enumerate(class_names)},
+            "params": 1000 + i,
+            "gflops": 0.5,
+            "latency_ms": 3.0,
+            "device": "cpu (test)",
+            "input": "3x40x36",
+            "train_seconds": 12.5,
+            "best_epoch": 2,
+        }
+        out = paths.arch_reports(arch)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        epochs = pd.DataFrame(
+            {
+                "epoch": [1, 2, 3],
+                "train_loss": [1.0, 0.6, 0.5],
+                "val_loss": [1.1, 0.7, 0.6],
+                "val_miou": [0.5, 0.6 + 0.05 * i, 0.65],
+            }
+        )
+        epochs.to_csv(out / "epochs.csv", index=False)
+
+
+def write_pruning() -> None:
+    rows = [
+        {
+            "depth": k,
+            "params": 100 * 4**k,
+            "gflops": 0.1 * k,
+            "latency_ms": 1.0 * k,
+            "device": "cpu (test)",
+            "input": "3x40x36",
+            "miou": 0.6 + 0.05 * k,
+            "dice": 0.7 + 0.05 * k,
+            "global_accuracy": 0.9,
+            "mean_accuracy": 0.8,
+        }
+        for k in (1, 2)
+    ]
+    pd.DataFrame(rows).to_csv(paths.PRUNING_CSV, index=False)
+    paths.PRUNING_JSON.write_text(json.dumps({"best_depth": 2}))
+
+
+def point_paths_at(root: Path, mp: pytest.MonkeyPatch) -> None:
+    """Every path the report stage reads or writes, under `root`; MLflow off."""
+    mp.setattr(paths, "ROOT", root)
+    mp.setattr(paths, "PROCESSED", root / "data" / "processed")
+    mp.setattr(paths, "MANIFEST", root / "data" / "processed" / "manifest.json")
+    mp.setattr(paths, "MODELS", root / "models")
+    mp.setattr(paths, "REPORTS", root / "reports")
+    for name, file in REPORT_FILES.items():
+        mp.setattr(paths, name, root / "reports" / file)
+    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext())  # no store
+
+
+def build(class_names=("background", "vessel"), observer=None) -> dict:
+    """Every input of the report stage in the current (patched) project; the manifest."""
+    class_names = list(class_names)
+    paths.REPORTS.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(class_names, observer)
+    write_checkpoints(len(class_names))
+    write_metrics(class_names)
+    write_pruning()
+    return manifest
+
+
+@contextlib.contextmanager
+def built_report(root: Path, stage_params, **inputs):
+    """A project under `root` whose report stage has run; paths stay patched inside."""
+    with pytest.MonkeyPatch.context() as mp:
+        point_paths_at(root, mp)
+        build(**inputs)
+        report.report(stage_params)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    """DRIVE-like: two classes, a second observer, non-default epochs, several tiles."""
+    observer = {"miou": 0.7, "dice": 0.8, "sensitivity": 0.77}
+    root = tmp_path_factory.mktemp("binary")
+    with built_report(root, params(epochs=3), observer=observer):
+        yield root
+
+
+@pytest.fixture(scope="module")
+def multiclass(tmp_path_factory):
+    """Three classes, no observer, every param at its default (three panels)."""
+    root = tmp_path_factory.mktemp("multiclass")
+    with built_report(root, parse_params({}), class_names=["road", "car", "sky"]):
+        yield root
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A fresh project holding every input of the report stage, for tests that change one."""
+    point_paths_at(tmp_path, monkeypatch)
+    return build
+
+
+def img_sources(html: str) -> list[str]:
+    return re.findall(r'<img\b[^>]*\bsrc="([^"]*)"', html)
+
+
+def read(root: Path, name: str) -> str:
+    return (root / "reports" / name).read_text()
+
+
+def test_html_is_self_contained_and_embeds_every_figure(binary):
+    html = read(binary, "report.html")
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "<link" not in html
+    assert "<h1>UNet vs UNet++ on fake</h1>" in html
+    sources = img_sources(html)
+    figures = ["learning_curves.png", "pruning_tradeoff.png", "panels.png"]
+    assert len(sources) == len(figures)
+    assert len(re.findall(r"\bsrc=", html)) == len(figures)  # nothing else refers to a file
+    prefix = "data:image/png;base64,"
+    for src, name in zip(sources, figures, strict=True):
+        assert src.startswith(prefix)
+        embedded = Image.open(io.BytesIO(base64.b64decode(src.removeprefix(prefix))))
+        assert embedded.format == "PNG"
+        assert embedded.size == Image.open(binary / "reports" / name).size
+
+
+def test_markdown_links_the_figures_beside_it(binary):
+    md = read(binary, "report.md")
+    assert md.startswith("# UNet vs UNet++ on `fake`")
+    for png in ("learning_curves.png", "pruning_tradeoff.png", "panels.png"):
+        assert f"]({png})" in md
+    assert "| L2 (best)" in md and "sensitivity" in md  # binary: the ranking metrics
+    assert re.search(r"\| git commit\s+\| unknown", md)  # the fake project is no git repo
+    assert "The first 2 test images" in md
+
+
+def test_xlsx_has_a_sheet_per_table_and_per_class_iou_for_multiclass(multiclass):
+    xl = pd.ExcelFile(multiclass / "reports" / "report.xlsx")
+    expected = {"setup", "architectures", "test metrics", "per-class IoU", "pruning", "epoch logs"}
+    assert expected <= set(xl.sheet_names)
+    iou = pd.read_excel(xl, "per-class IoU")
+    assert list(iou["class"]) == ["road", "car", "sky"]
+    assert list(iou.columns) == ["class", "UNet", "UNet++"]
+    assert iou["UNet++"].tolist() == pytest.approx([0.11, 0.21, 0.31])
+    logs = pd.read_excel(xl, "epoch logs")
+    assert logs["model"].tolist() == ["UNet"] * 3 + ["UNet++"] * 3
+    md, html = read(multiclass, "report.md"), read(multiclass, "report.html")
+    assert "## Per-class IoU" in md and re.search(r"\| sky\s+\|\s+0\.3000 \|\s+0\.3100 \|", md)
+    assert "<h2>Per-class IoU</h2>" in html and "<td>sky</td>" in html
+    assert "sensitivity" not in md  # multi-class: no binary extras
+
+
+def test_binary_report_has_no_per_class_iou(binary):
+    assert "per-class IoU" not in pd.ExcelFile(binary / "reports" / "report.xlsx").sheet_names
+    assert "Per-class IoU" not in read(binary, "report.md")
+
+
+def test_changed_params_list_value_and_default(binary):
+    assert report.changed_params(parse_params({})).empty
+    table = report.changed_params(parse_params({"epochs": 3, "loss": {"class_weights": None}}))
+    assert table.to_dict("records") == [{"key": "epochs", "value": "3", "default": "12"}]
+    mapping = report.changed_params(parse_params({"dataset": {"folder": {"mapping": {0: 0}}}}))
+    assert mapping.to_dict("records") == [  # a key the default has and the params lack
+        {"key": "dataset.folder.mapping.255", "value": "(not set)", "default": "1"}
+    ]
+
+    md, html = read(binary, "report.md"), read(binary, "report.html")
+    assert re.search(r"\| epochs\s+\| 3\s+\| 12\s+\|", md)
+    assert "<td>epochs</td><td>3</td><td>12</td>" in html
+    changed = pd.read_excel(binary / "reports" / "report.xlsx", "changed params", dtype=str)
+    assert ["epochs", "3", "12"] in changed.values.tolist()
+
+
+def test_no_changed_params_says_none(multiclass):
+    md = read(multiclass, "report.md")
+    assert "built-in defaults: none" in md
+    assert "The first 3 test images" in md  # report.panels' default
+
+
+def test_second_observer_row_in_md_and_html(binary):
+    md, html = read(binary, "report.md"), read(binary, "report.html")
+    assert re.search(r"\| 2nd human observer \|\s+0\.7000 \|", md)
+    assert "<td>2nd human observer</td>" in html and "0.7700" in html
+    # the observer has no scores, so no AUC: shown as "–", never None or nan
+    assert "None" not in html and "nan" not in md
+    assert re.search(r"\| 2nd human observer \|.*\| –\s+\|$", md, re.M)
+    test = pd.read_excel(binary / "reports" / "report.xlsx", "test metrics")
+    assert test["model"].tolist() == ["UNet", "UNet++", "2nd human observer"]
+
+
+def test_no_observer_no_reference_row(multiclass):
+    assert "2nd human observer" not in read(multiclass, "report.html")
+
+
+def test_panels_hold_one_row_per_image_and_colour_the_errors(fake):
+    manifest = fake(["road", "car", "sky"])
+    rows, stems = report.panels_figure(manifest, 2, params().inference)
+    assert stems == ["t0", "t1"] and len(rows) == 2
+    for row in rows:
+        assert len(row) == 6  # image, truth, 2 predictions, 2 error maps
+        assert all(a.shape == (*SIZE, 3) and a.dtype == np.uint8 for a in row)
+        assert (row[1][:4] == report.IGNORED).all()  # the ignored band, in the truth
+        assert (row[4][:4] == report.IGNORED).all()  # ...and in the error maps
+
+    report.write_panels(rows, stems, manifest["class_names"], dpi=50)
+    two = Image.open(paths.PANELS_PNG).size
+    report.write_panels(rows[:1], stems[:1], manifest["class_names"], dpi=50)
+    one = Image.open(paths.PANELS_PNG).size
+    assert two[0] == one[0] and two[1] > one[1] * 1.4  # a row more, same width
+
+
+def test_binary_error_map_colours():
+    image = np.full((1, 4, 3), 100, np.uint8)
+    truth = np.array([[0, 1, 1, 255]], np.uint8)
+    pred = np.array([[1, 0, 1, 0]], np.uint8)
+    errors = report.error_map(image, truth, pred, binary=True)[0]
+    assert tuple(errors[0]) == report.FALSE_POSITIVE
+    assert tuple(errors[1]) == report.FALSE_NEGATIVE
+    assert tuple(errors[2]) == (120, 120, 120)  # correct: the image in grey
+    assert tuple(errors[3]) == report.IGNORED
+    multi = report.error_map(image, np.array([[2, 1, 0, 255]]), pred, binary=False)[0]
+    assert [tuple(p) for p in multi] == [report.WRONG, report.WRONG, report.WRONG, report.IGNORED]
+
+
+def test_zero_panels_leaves_a_note_and_no_section(fake):
+    fake()
+    report.report(params(report={"panels": 0, "dpi": 50}))
+    assert "Qualitative" not in paths.REPORT_MD.read_text()
+    assert "panels.png" not in paths.REPORT_MD.read_text()
+    assert Image.open(paths.PANELS_PNG).format == "PNG"  # still the stage's output
+    assert len(img_sources(paths.REPORT_HTML.read_text())) == 2
+
+
+def test_missing_metrics_is_one_line_naming_the_file_and_keeps_the_report(fake):
+    fake()
+    paths.REPORT_MD.parent.mkdir(parents=True, exist_ok=True)
+    paths.REPORT_MD.write_text("previous report\n")
+    missing = paths.arch_reports("unetpp") / "metrics.json"
+    missing.unlink()
+    with pytest.raises(PipelineError) as exc:
+        report.report(params())
+    message = str(exc.value)
+    assert str(missing) in message and "\n" not in message
+    assert paths.REPORT_MD.read_text() == "previous report\n"
+    assert not paths.REPORT_HTML.exists()
+
+
+def test_metrics_without_a_required_key_name_the_file_and_key(fake):
+    fake()
+    path = paths.arch_reports("unet") / "metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["gflops"]
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(PipelineError, match=r"unet/metrics\.json: missing gflops"):
+        report.report(params())
+
+
+def test_missing_checkpoint_names_the_file_before_writing(fake):
+    fake()
+    paths.checkpoint("unetpp").unlink()
+    with pytest.raises(PipelineError, match=r"unetpp\.pt: checkpoint not found"):
+        report.report(params())
+    assert not paths.REPORT_MD.exists()
