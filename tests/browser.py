@@ -322,31 +322,6 @@ def snapshot(
     return _capture(url_or_path, Path(out_png).resolve(), width, height, wait_ms, timeout)
 
 
-def screenshot(
-    url_or_path: str | Path,
-    out_png: str | Path,
-    width: int = 1280,
-    height: int = 800,
-    wait_ms: int = 15_000,
-    timeout: float = 120.0,
-) -> Path:
-    """Screenshot a URL or local HTML file (see snapshot); return the PNG's path."""
-    out_png = Path(out_png).resolve()
-    _capture(url_or_path, out_png, width, height, wait_ms, timeout)
-    return out_png
-
-
-def dump_dom(
-    url_or_path: str | Path,
-    wait_ms: int = 15_000,
-    width: int = 1280,
-    height: int = 800,
-    timeout: float = 120.0,
-) -> str:
-    """The page's DOM as HTML after its scripts ran for `wait_ms` of virtual time."""
-    return _capture(url_or_path, None, width, height, wait_ms, timeout)
-
-
 def page_text(html: str) -> str:
     """The visible-ish text of an HTML dump: tags, scripts and styles dropped, spaces squeezed."""
     html = re.sub(r"(?is)<(script|style|svg)\b.*?</\1>", " ", html)
