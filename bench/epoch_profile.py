@@ -77,8 +77,10 @@ def main() -> None:
     parser.add_argument("--loader-epochs", type=int, default=0)
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, commit {commit()}")
-    print("| arch | epochs | epoch s | data s | compute s | validation s | overhead share "
-          "| loader img/s | step img/s |")
+    print(
+        "| arch | epochs | epoch s | data s | compute s | validation s | overhead share "
+        "| loader img/s | step img/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for arch in ("unet", "unetpp"):
         p = profile(arch)

@@ -6,6 +6,7 @@ key, e.g. ``params.yaml: lr: must be > 0 (got -1)``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -333,10 +334,27 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         raise PipelineError(_one_line(exc, source)) from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-05`, how `dvc exp run -S lr=0.00001` writes a small number, is a
+    float here, not the string YAML 1.1 (PyYAML's default) makes of an exponent without a dot."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params YAML (safe, with YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: Path | None = None) -> Params:
     path = Path(path or paths.PARAMS)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: params file not found") from None
     except OSError as exc:

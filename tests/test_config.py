@@ -359,3 +359,15 @@ def test_encoder_weights_are_none_or_imagenet():
     assert parse_params({}).unet.encoder_weights is None
     assert parse_params({"unet": {"encoder_weights": "imagenet"}}).unet.encoder_weights
     assert "unet.encoder_weights" in _error({"unet": {"encoder_weights": "coco"}})
+
+
+def test_small_numbers_as_dvc_writes_them_are_floats(tmp_path):
+    """`dvc exp run -S lr=0.00001` writes `lr: 1e-05`: YAML 1.1 would read a string."""
+    from pipeline.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("lr: 1e-05\ntrain:\n  min_lr: 5E-7\n  weight_decay: 1.0e-4\n")
+    params = load_params(path)
+    assert params.lr == 1e-05
+    assert params.train.min_lr == 5e-7
+    assert params.train.weight_decay == 1e-4

@@ -285,9 +285,7 @@ def test_evaluate_does_not_depend_on_the_batch_size(tiles):
 def test_evaluate_reports_the_loss_when_given_one():
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
     data = TensorDataset(torch.randn(2, 3, 8, 8), random_target(2, (2, 8, 8)))
-    metrics = evaluate(
-        model, data, ["bg", "fg"], torch.device("cpu"), 4, TILES, SegmentationLoss()
-    )
+    metrics = evaluate(model, data, ["bg", "fg"], torch.device("cpu"), 4, TILES, SegmentationLoss())
     assert metrics["loss"] > 0
 
 

@@ -1,0 +1,109 @@
+"""The benchmark scripts (bench/): each main runs with tiny settings on the CPU and writes its
+JSON and markdown; the FLOP counter agrees with the analytic count of a convolution; the
+classic UNet has the paper's 31.0M parameters. Seconds, not minutes: no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from bench import inference_latency, loader_throughput, train_throughput
+from bench.benchlib import markdown_table, out_stem, train_step_flops
+from pipeline import paths
+from tests.test_training import TINY
+from tests.test_training import data as data  # the tiny preprocessed project fixture
+
+ENV_KEYS = {"devices", "date", "commit", "command", "torch", "rows"}
+
+
+def _outputs(stem, title: str) -> tuple[dict, str]:
+    report = json.loads(stem.with_suffix(".json").read_text())
+    md = stem.with_suffix(".md").read_text()
+    assert set(report) >= ENV_KEYS
+    assert report["benchmark"] == title
+    assert md.startswith(f"### {title}")
+    for item in ("- device: ", report["commit"], report["date"], report["command"]):
+        assert item in md
+    assert "\n\n| " in md  # the table, after a blank line
+    return report, md
+
+
+def test_conv_flops_match_the_analytic_count():
+    b, cin, cout, k, h, w = 2, 3, 8, 3, 16, 16
+    forward = 2 * b * cout * h * w * cin * k * k  # 2 FLOPs per multiply-add
+    conv = nn.Conv2d(cin, cout, k, padding=1)
+    # backward: the weight gradient only (the input needs no gradient)
+    assert train_step_flops(conv, (b, cin, h, w)) == 2 * forward
+    # a second conv also computes its input's gradient: 3x its forward
+    forward2 = 2 * b * cout * h * w * cout * k * k
+    two = nn.Sequential(nn.Conv2d(cin, cout, k, padding=1), nn.Conv2d(cout, cout, k, padding=1))
+    assert train_step_flops(two, (b, cin, h, w)) == 2 * forward + 3 * forward2
+
+
+def test_classic_unet_has_the_papers_parameter_count():
+    model = train_throughput.build_unet(64, 4)
+    assert sum(p.numel() for p in model.parameters()) == 31_037_698
+    ups = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 4 and all(u.kernel_size == (2, 2) for u in ups)
+
+
+def test_peak_table_is_unknown_off_gpu():
+    assert train_throughput.peak_bf16_tflops(torch.device("cpu")) is None
+
+
+def test_train_throughput_main(tmp_path):
+    stem = tmp_path / "tt"
+    args = "--device cpu --size 32 --batch 2 --steps 1 --windows 2 --warmup 1 --base 4 --depth 2"
+    result = train_throughput.main([*args.split(), "--out", str(stem) + ".json"])
+    report, md = _outputs(stem, "Training throughput")
+    assert report["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [r["mode"] for r in report["rows"]] == ["pipeline", "plain"]
+    flops = train_step_flops(train_throughput.build_unet(4, 2), (2, 3, 32, 32))
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["achieved_tflops"] > 0
+        assert row["tflops_per_step"] == pytest.approx(flops / 1e12)
+        assert row["pct_of_bf16_peak"] is None  # no known peak on a CPU
+        assert row["precision"] == "fp32" and not row["compiled"]
+    assert "| pipeline | fp32 |" in md and "| plain | fp32 |" in md
+
+
+def test_inference_latency_main(tmp_path):
+    stem = tmp_path / "il"
+    args = "--devices cpu --size 32 --runs 1 --warmup 0 --base 4 --depth 2"
+    inference_latency.main([*args.split(), "--out", str(stem)])
+    report, md = _outputs(stem, "Inference latency")
+    rows = report["rows"]
+    assert [r["model"] for r in rows] == ["UNet++ L1", "UNet++ L2", "UNet"]
+    assert rows[0]["params"] < rows[1]["params"]
+    assert all(r["latency_ms"] > 0 and r["gflops_per_image"] > 0 for r in rows)
+    assert "| UNet++ L1 |" in md
+
+
+def test_loader_throughput_main(data, tmp_path):
+    paths.PARAMS.write_text(yaml.safe_dump(TINY))
+    stem = tmp_path / "lt"
+    args = "--device cpu --workers 0 --epochs 2 --steps 1 --windows 1 --arch unetpp"
+    loader_throughput.main([*args.split(), "--out", str(stem)])
+    report, md = _outputs(stem, "Data loader vs training step")
+    (row,) = report["rows"]
+    assert row["workers"] == 0 and row["crops"] == report["crops"] > 0
+    assert row["loader_steady"] > 0 and row["step"] > 0
+    assert row["ratio"] == pytest.approx(row["loader_steady"] / row["step"])
+    assert row["verdict"] in md
+
+
+def test_loader_throughput_without_data_says_what_to_run(project, capsys):
+    with pytest.raises(SystemExit) as info:
+        loader_throughput.main(["--device", "cpu"])
+    assert "dvc repro preprocess" in str(info.value)
+
+
+def test_helpers():
+    assert out_stem("x/y.json", "n").as_posix() == "x/y"
+    assert out_stem(None, "n").name == "n"
+    table = markdown_table([{"a": 1234, "b": 0.5, "c": None}], {"a": "A", "b": "B", "c": "C"})
+    assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| 1,234 | 0.5 | - |"]

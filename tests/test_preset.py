@@ -1,0 +1,203 @@
+"""Parameter presets (pipeline/preset.py, pipeline/presets/*.yaml): every preset is valid, its
+`dvc exp run -S` list round-trips through DVC's own -S code, bad keys and values give one-line
+errors, and --apply replaces params.yaml atomically. No real dvc run (it would take minutes)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+
+import pytest
+import yaml
+from dvc.utils.hydra import apply_overrides
+
+from pipeline import paths, preset
+from pipeline.common import PipelineError
+from pipeline.config import Params, load_params, parse_params
+
+PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture repoints paths)
+SOURCES = {"drive-gpu": "/data/DRIVE.zip", "camvid-gpu": "https://example.org/CamVid.zip"}
+
+
+def _error(call) -> str:
+    with pytest.raises(PipelineError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, "errors must be one line"
+    return message
+
+
+@pytest.fixture
+def params_copy(project):
+    """The project's params.yaml in a temporary project (paths.PARAMS points at it)."""
+    shutil.copyfile(PROJECT_PARAMS, paths.PARAMS)
+    return paths.PARAMS
+
+
+@pytest.fixture
+def own_presets(tmp_path, monkeypatch):
+    """An empty presets folder to write test presets into."""
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    monkeypatch.setattr(preset, "PRESETS", folder)
+    return folder
+
+
+def test_the_presets_are_there():
+    assert {"drive-gpu", "camvid-gpu", "ci-cpu"} <= set(preset.available())
+
+
+@pytest.mark.parametrize("name", preset.available())
+def test_every_preset_merges_into_valid_params(name):
+    overlay, merged = preset.resolve(name, SOURCES.get(name), params_path=PROJECT_PARAMS)
+    params = parse_params(merged)
+    assert isinstance(params, Params)
+    # every leaf of the preset is in effect
+    flat = preset.leaves(merged)
+    for key, value in preset.leaves(overlay).items():
+        assert flat[key] == value, key
+    if name in SOURCES:
+        assert params.dataset.source == SOURCES[name]
+        assert params.train.device == "cuda" and params.train.amp == "bf16"
+    else:
+        assert params.train.device == "cpu"
+
+
+def test_gpu_presets_choices():
+    drive = parse_params(preset.resolve("drive-gpu", "x.zip", params_path=PROJECT_PARAMS)[1])
+    assert drive.dataset.name == "drive" and drive.preprocess.crops_per_image > 0
+    assert drive.unetpp.base_channels == 32 and drive.unetpp.deep_supervision
+    assert drive.loss.dice_weight > 0 and not drive.preprocess.border_weights.enabled
+    camvid = parse_params(preset.resolve("camvid-gpu", "x.zip", params_path=PROJECT_PARAMS)[1])
+    assert camvid.dataset.name == "camvid" and camvid.loss.class_weights == "median_frequency"
+    assert camvid.unet.encoder == "resnet34" and camvid.unet.encoder_weights is None
+    assert camvid.train.augment and camvid.train.compile and camvid.train.channels_last
+
+
+@pytest.mark.parametrize("name", preset.available())
+def test_the_set_list_round_trips_through_dvc(name, tmp_path):
+    """What `dvc exp run -S ...` writes (DVC's apply_overrides) is the merged params."""
+    overlay, merged = preset.resolve(name, SOURCES.get(name), params_path=PROJECT_PARAMS)
+    copy = tmp_path / "params.yaml"
+    shutil.copyfile(PROJECT_PARAMS, copy)
+    apply_overrides(copy, preset.set_args(overlay))
+    assert yaml.safe_load(copy.read_text()) == merged
+    assert load_params(copy) == parse_params(merged)
+
+
+def test_awkward_values_round_trip(tmp_path):
+    base = {
+        "a": {"s": "x", "n": 1, "f": 0.5, "b": False, "z": None, "l": [1, 2]},
+        "t": "y",
+        "w": "",
+    }
+    overlay = {
+        "a": {
+            "s": "it's a, b: c ${x} \\ 'q' \\'",  # quotes, a comma (a sweep), interpolation
+            "n": "1",  # a string that looks like a number
+            "f": 2,
+            "b": "true",  # a string that looks like a bool
+            "z": "null",
+            "l": ["resnet34", "x y", 0.25, None, True],
+        },
+        "t": "https://example.org/a b/CamVid.zip?x=1&y=2",
+        "w": "C:\\data\\",  # backslashes, one before the closing quote
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(base))
+    apply_overrides(path, preset.set_args(overlay))
+    assert yaml.safe_load(path.read_text()) == preset.merge(base, overlay)
+
+
+def test_plain_names_stay_unquoted():
+    args = preset.set_args({"unet": {"encoder": "resnet34"}, "train": {"monitor": "val_dice"}})
+    assert args == ["unet.encoder=resnet34", "train.monitor=val_dice"]
+    assert preset.set_args({"x": "none"}) == ["x=none"]
+    assert preset.set_args({"x": "True"}) == ["x='True'"]
+
+
+def test_print_shows_the_dvc_command_and_it_parses_back(params_copy, capsys):
+    preset.main(["ci-cpu", "--print"])
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("dvc exp run -n ci-cpu -S ")
+    words = shlex.split(printed)
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+    overlay, _ = preset.resolve("ci-cpu")
+    assert sets == preset.set_args(overlay)
+    assert "lr=0.01" in sets and "loss.ds_weights=[0.5,0.5]" in sets
+
+
+def test_default_mode_runs_dvc_exp_run_with_extra_args(params_copy, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(preset.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    preset.main(["ci-cpu", "--exp-name", "smoke", "--", "--temp"])
+    (cmd,) = calls
+    assert cmd[1:7] == ["-m", "dvc", "exp", "run", "-n", "smoke"]
+    assert cmd[-1] == "--temp"
+    overlay, _ = preset.resolve("ci-cpu")
+    assert cmd[7:-1] == [a for arg in preset.set_args(overlay) for a in ("-S", arg)]
+
+
+def test_a_failing_dvc_exp_run_is_one_line(params_copy, monkeypatch):
+    class Failed:
+        returncode = 2
+
+    monkeypatch.setattr(preset.subprocess, "run", lambda cmd, **kw: Failed())
+    assert _error(lambda: preset.main(["ci-cpu"])) == "dvc exp run exited with status 2"
+
+
+def test_a_bad_key_gives_one_line_naming_it(params_copy, own_presets):
+    (own_presets / "typo.yaml").write_text("train:\n  learning_rate: 0.1\n")
+    message = _error(lambda: preset.main(["typo", "--print"]))
+    assert message == "preset typo: train.learning_rate: not a key of params.yaml"
+    (own_presets / "deep.yaml").write_text("lr:\n  value: 0.1\n")
+    assert "lr.value: not a key" in _error(lambda: preset.main(["deep", "--print"]))
+
+
+def test_a_bad_value_gives_one_line_naming_the_key(params_copy, own_presets):
+    (own_presets / "neg.yaml").write_text("lr: -1\n")
+    message = _error(lambda: preset.main(["neg", "--print"]))
+    assert message.startswith("params.yaml + preset neg: lr: ")
+    assert "greater than 0" in message
+
+
+def test_unknown_preset_lists_the_available_ones(params_copy):
+    message = _error(lambda: preset.main(["nope", "--print"]))
+    assert message.startswith("unknown preset 'nope'; available: ")
+    assert "drive-gpu" in message
+
+
+def test_a_real_dataset_needs_a_source(params_copy):
+    message = _error(lambda: preset.main(["drive-gpu", "--print"]))
+    assert "needs --source" in message
+
+
+def test_apply_writes_valid_params_yaml_atomically(params_copy):
+    before = params_copy.read_text()
+    preset.main(["drive-gpu", "--source", "/data/DRIVE.zip", "--apply"])
+    after = params_copy.read_text()
+    params = load_params(params_copy)
+    _, merged = preset.resolve("drive-gpu", "/data/DRIVE.zip", params_path=PROJECT_PARAMS)
+    assert params == parse_params(merged)
+    assert params.dataset.source == "/data/DRIVE.zip" and params.epochs == 80
+    # DVC's -S code keeps the comments and the key order
+    assert after.splitlines()[0] == before.splitlines()[0]
+    assert list(yaml.safe_load(after)) == list(yaml.safe_load(before))
+    assert sorted(p.name for p in params_copy.parent.iterdir()) == ["params.yaml"]
+
+
+def test_small_values_survive_dvcs_yaml_writer(params_copy, own_presets):
+    # DVC writes 0.00001 as 1e-05 (an exponent without a dot): the stages read a float
+    (own_presets / "tiny-lr.yaml").write_text("train:\n  min_lr: 0.00001\n")
+    preset.main(["tiny-lr", "--apply"])
+    assert load_params(params_copy).train.min_lr == 1e-05
+    assert sorted(p.name for p in params_copy.parent.iterdir()) == ["params.yaml"]
+
+
+def test_apply_takes_no_dvc_arguments(params_copy):
+    message = _error(lambda: preset.main(["ci-cpu", "--apply", "--", "--temp"]))
+    assert "not --apply" in message
