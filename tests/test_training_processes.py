@@ -84,12 +84,13 @@ def epoch_log(repo: Path):
     return df[[c for c in df.columns if not any(t in c for t in TIMINGS)]]
 
 
-def mlflow_runs(repo: Path):
+def mlflow_runs(repo: Path, stage: str):
+    """The store's runs of one stage (download and preprocess log runs of their own)."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("unet-pipeline")
-    return client, client.search_runs([exp.experiment_id])
+    return client, client.search_runs([exp.experiment_id], f"tags.`dvc.stage` = '{stage}'")
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(prepared, repo):
@@ -119,7 +120,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(prepared, re
     assert not state_file.exists()
 
     # the same MLflow run carried on: one run, finished, with every epoch's metrics
-    client, runs = mlflow_runs(repo)
+    client, runs = mlflow_runs(repo, "train_unet")
     assert len(runs) == 1 and runs[0].info.run_id == state["run_id"]
     assert runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(state["run_id"], "val_miou")]
