@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 from pipeline.common import PipelineError
@@ -70,6 +69,10 @@ class SegmentationLoss(nn.Module):
         # a buffer so that .to(device) moves it with the module
         cw = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", cw, persistent=False)
+        # imported here: smp pulls in timm and torchvision (seconds), which the stages that
+        # only predict (prune, report, predict) do not need
+        from segmentation_models_pytorch.losses import DiceLoss
+
         self.dice = {
             mode: DiceLoss(mode, from_logits=True, ignore_index=ignore_index)
             for mode in ("binary", "multiclass")
