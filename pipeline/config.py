@@ -374,7 +374,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, BaseModel):
             value = value.model_dump()
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty mapping is a value of its own
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = value

@@ -132,9 +132,11 @@ def crops_dataset(manifest: dict[str, Any], augment: bool, seed: int) -> Segment
     )
 
 
-def split_dataset(manifest: dict[str, Any], split: str) -> SegmentationDataset:
-    """Full-size images of a split, normalised, not augmented."""
-    stems = manifest["splits"][split]
+def split_dataset(
+    manifest: dict[str, Any], split: str, limit: int | None = None
+) -> SegmentationDataset:
+    """Full-size images of a split (the first `limit` of them), normalised, not augmented."""
+    stems = manifest["splits"][split][:limit]
     if not stems:
         raise PipelineError(f"{paths.MANIFEST}: split {split!r} is empty")
     return SegmentationDataset(

@@ -36,7 +36,7 @@ import yaml
 
 from pipeline import paths
 from pipeline.common import PipelineError, run_cli
-from pipeline.config import load_params, load_yaml, parse_params
+from pipeline.config import flatten, load_params, load_yaml, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,6 @@ def load_overlay(name: str) -> dict[str, Any]:
     return data
 
 
-def leaves(overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and empty mappings are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in overlay.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def _key(node: Any, part: str) -> Any:
     """The key of mapping `node` spelled `part` (keys may be ints, e.g. a label mapping's), or
     None."""
@@ -83,7 +71,7 @@ def _key(node: Any, part: str) -> Any:
 def check_keys(overlay: dict[str, Any], base: dict[str, Any], source: str) -> None:
     """Every leaf of the overlay must name a key that params.yaml already has (`dvc exp run -S`
     only changes existing keys; a typo would otherwise add a key nothing reads)."""
-    for key in leaves(overlay):
+    for key in flatten(overlay):
         node: Any = base
         for part in key.split("."):
             found = _key(node, part)
@@ -95,7 +83,7 @@ def check_keys(overlay: dict[str, Any], base: dict[str, Any], source: str) -> No
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base` with the overlay's leaves set (their keys exist in `base`)."""
     out = copy.deepcopy(base)
-    for key, value in leaves(overlay).items():
+    for key, value in flatten(overlay).items():
         *parents, last = key.split(".")
         node = out
         for part in parents:
@@ -141,7 +129,7 @@ def quote(text: str) -> str:
 
 def set_args(overlay: dict[str, Any]) -> list[str]:
     """`key=value` for every leaf, as `dvc exp run -S` takes them."""
-    return [f"{key}={hydra_value(value)}" for key, value in leaves(overlay).items()]
+    return [f"{key}={hydra_value(value)}" for key, value in flatten(overlay).items()]
 
 
 def resolve(

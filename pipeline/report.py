@@ -32,7 +32,7 @@ from pipeline.config import (
     load_params,
     parse_params,
 )
-from pipeline.data import SegmentationDataset, load_manifest, transforms
+from pipeline.data import SegmentationDataset, load_manifest, split_dataset
 from pipeline.losses import predict
 from pipeline.predict import PALETTE
 from pipeline.report_html import Block, Figure, Heading, Table, Text, render_html
@@ -227,20 +227,6 @@ def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
 # --- qualitative panels ----------------------------------------------------------------------
 
 
-def first_test_images(manifest: dict[str, Any], n: int) -> tuple[list[str], SegmentationDataset]:
-    """The first n test images, normalised exactly as for evaluation (split_dataset's way)."""
-    stems = manifest["splits"]["test"][:n]
-    if not stems:
-        raise PipelineError(f"{paths.MANIFEST}: split 'test' is empty")
-    dataset = SegmentationDataset(
-        [paths.split_dir("test", "images") / f"{s}.png" for s in stems],
-        [paths.split_dir("test", "labels") / f"{s}.png" for s in stems],
-        transforms(manifest, augment=False),
-        manifest["in_channels"],
-    )
-    return stems, dataset
-
-
 def predict_arch(
     arch: str, dataset: SegmentationDataset, inference: InferenceParams, device: torch.device
 ) -> list[np.ndarray]:
@@ -327,7 +313,8 @@ def panels_figure(
 ) -> tuple[list[list[np.ndarray]], list[str]]:
     """(panel rows, their image names) for the first n test images; runs both checkpoints,
     so a missing or corrupt one stops the stage before anything is written."""
-    stems, dataset = first_test_images(manifest, n)
+    stems = manifest["splits"]["test"][:n]
+    dataset = split_dataset(manifest, "test", limit=n)  # normalised as for evaluation
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictions = {
         name: predict_arch(arch, dataset, inference, device) for arch, name in ARCH_NAMES.items()

@@ -61,7 +61,7 @@ def git_commit() -> str | None:
         return None
 
 
-EXECUTION_TAG = "pipeline.execution"  # the same key on a parent run and on its stage runs
+EXECUTION_TAG = "pipeline.execution"  # the parent run's key (children link by PARENT_TAG)
 ROLE_TAG = "pipeline.role"  # "execution" on parent runs
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs; works across processes
 
@@ -180,8 +180,7 @@ def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
         tags |= {EXECUTION_TAG: key, ROLE_TAG: "execution", "dvc.command": command}
         run_id = _retry(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
         everything = [Param(k, str(v)) for k, v in flatten(params).items()]
-        for i in range(0, len(everything), 100):  # MLflow's limit per batch
-            _retry(lambda i=i: client.log_batch(run_id, params=everything[i : i + 100]))
+        _retry(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
     log.info("MLflow parent run %s (%s) for this pipeline execution", run_id, name)
     return run_id
 

@@ -13,7 +13,7 @@ from dvc.utils.hydra import apply_overrides
 
 from pipeline import paths, preset
 from pipeline.common import PipelineError
-from pipeline.config import Params, load_params, parse_params
+from pipeline.config import Params, flatten, load_params, parse_params
 
 PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture repoints paths)
 SOURCES = {"drive-gpu": "/data/DRIVE.zip", "camvid-gpu": "https://example.org/CamVid.zip"}
@@ -53,8 +53,8 @@ def test_every_preset_merges_into_valid_params(name):
     params = parse_params(merged)
     assert isinstance(params, Params)
     # every leaf of the preset is in effect
-    flat = preset.leaves(merged)
-    for key, value in preset.leaves(overlay).items():
+    flat = flatten(merged)
+    for key, value in flatten(overlay).items():
         assert flat[key] == value, key
     if name in SOURCES:
         assert params.dataset.source == SOURCES[name]
