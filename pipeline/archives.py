@@ -237,9 +237,10 @@ def copy_folder(source: Path, target: Path) -> None:
         raise PipelineError(f"{source}: cannot copy the dataset folder ({exc})") from None
 
 
-def find_root(top: Path, marker: str, source: str) -> Path:
+def find_root(top: Path, marker: str, source: str, hint: str = "is it the right dataset?") -> Path:
     """The shallowest folder under `top` (itself included) holding the folder `marker`, e.g.
-    the DRIVE/ inside DRIVE.zip, or CamVid/ inside the SegNet tutorial's archive."""
+    the DRIVE/ inside DRIVE.zip, or CamVid/ inside the SegNet tutorial's archive. `hint` ends
+    the error when there is none (e.g. the param that names the folder)."""
     level = [top]
     while level:
         for folder in level:
@@ -252,4 +253,4 @@ def find_root(top: Path, marker: str, source: str) -> Path:
             # real folders only: a symlinked alias would be moved as a link and dangle
             if child.is_dir() and not child.is_symlink() and child.name != "__MACOSX"
         ]
-    raise PipelineError(f"{source}: no {marker}/ folder inside; is it the right dataset?")
+    raise PipelineError(f"{source}: no {marker}/ folder inside; {hint}")

@@ -40,6 +40,13 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         sys.exit(130)
 
 
+def clock(seconds: float) -> str:
+    """A duration as 1h02m03s, 2m03s or 3s."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -42,8 +42,10 @@ class FolderParams(Section):
     images: Annotated[str, Field(min_length=1)] = "images"
     labels: Annotated[str, Field(min_length=1)] = "labels"
     masks: str = ""  # optional FOV/ignore masks: 0 = ignore, anything else = keep
-    # raw label pixel value -> class index (255 = ignore); a value not listed is an error
-    # keys may also be digit strings ("255"), as `dvc exp run -S` or JSON would write them
+    # raw label pixel value (the key: 255 may well be a real class, e.g. white = foreground)
+    # -> class index (the value: 255 here means "ignore this pixel" in loss and metrics);
+    # a raw value not listed is an error. Keys may also be digit strings ("255"), as
+    # `dvc exp run -S` or JSON would write them
     mapping: dict[
         Annotated[int, Strict(False), Field(ge=0, le=65535)], Annotated[int, Field(ge=0, le=255)]
     ] = {
@@ -54,6 +56,10 @@ class FolderParams(Section):
         "background",
         "foreground",
     ]
+    # binary tasks: the class that sensitivity, precision, F1 (= Dice) and AUC score as
+    # positive, and the model's sigmoid channel: one of class_names, or "" for the second one
+    # (class index 1); unused with 3+ classes
+    positive: str = ""
     split: Literal["fractions", "folders"] = "fractions"  # folders: <images>/{train,val,test}
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
@@ -69,6 +75,11 @@ class FolderParams(Section):
             )
         if len(set(self.class_names)) != n:
             raise ValueError("dataset.folder.class_names: names must be unique")
+        if n == 2 and self.positive and self.positive not in self.class_names:
+            raise ValueError(
+                f"dataset.folder.positive: {self.positive!r} is not one of "
+                f"dataset.folder.class_names {self.class_names}"
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 "dataset.folder.val_fraction + test_fraction must leave training images (< 1)"
@@ -128,6 +139,8 @@ class PreprocessParams(Section):
     crop_stride: PositiveInt = 32
     # 0: crops on a grid every crop_stride px; N > 0: N random crops per training image (seeded)
     crops_per_image: Annotated[int, Field(ge=0)] = 0
+    # CLAHE clip limit applied to every image (all splits, and pipeline.predict); 0 = off
+    clahe: Annotated[float, Field(ge=0, le=40)] = 0.0
     border_weights: BorderWeightParams = BorderWeightParams()
 
     @model_validator(mode="after")

@@ -50,6 +50,13 @@ ROOT_MARKERS: dict[str, Callable[[Params], str]] = {
     "camvid": lambda p: "trainannot",
     "folder": lambda p: p.dataset.folder.images,
 }
+# what to change when the marker is missing
+ROOT_HINTS = {
+    "drive": "is it DRIVE (dataset.name, dataset.source)?",
+    "camvid": "is it CamVid in the SegNet layout (dataset.name, dataset.source)?",
+    "folder": "set dataset.folder.images and dataset.folder.labels to the folders that hold "
+    "your images and labels",
+}
 
 
 # --- reading files -------------------------------------------------------------------------
@@ -65,6 +72,23 @@ def read_image(path: Path, mode: str) -> np.ndarray:
         raise PipelineError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable or corrupt image ({exc})") from None
+
+
+def equalize(image: np.ndarray, clip: float) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (CLAHE, 8x8 tiles, `clip` limit) of a
+    uint8 image: on the lightness (CIELAB L) of an RGB image, on the grey values of a grey one.
+    `clip` 0 returns the image unchanged. Applied in preprocess and, from the checkpoint, in
+    pipeline.predict."""
+    if not clip:
+        return image
+    import cv2  # opencv comes with albumentations
+
+    clahe = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(8, 8))
+    if image.ndim == 2:
+        return clahe.apply(image)
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
 def read_label(path: Path) -> np.ndarray:
@@ -342,6 +366,13 @@ def _is_gray(path: Path) -> bool:
 def open_folder(params: Params, root: Path) -> RawDataset:
     fp = params.dataset.folder
     masks = root / fp.masks if fp.masks else None
+    for key, folder in (("images", fp.images), ("labels", fp.labels), ("masks", fp.masks)):
+        if folder and not (root / folder).is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise PipelineError(
+                f"{root / folder}: folder not found; set dataset.folder.{key} to one of the "
+                f"folders there: {', '.join(found) or '(none)'}"
+            )
     if fp.split == "folders":
         splits = {
             s: _pairs(root / fp.images / s, root / fp.labels / s, masks / s if masks else None)
@@ -367,13 +398,18 @@ def open_folder(params: Params, root: Path) -> RawDataset:
         splits = {s: [by[k] for k in stems[s]] for s in SPLITS}
     gray = all(_is_gray(i.image) for items in splits.values() for i in items)
     mode = "L" if gray else "RGB"
+    names, mapping = list(fp.class_names), dict(fp.mapping)
+    if len(names) == 2 and fp.positive == names[0]:
+        # a binary model's sigmoid channel is class index 1: the positive class goes there
+        names.reverse()
+        mapping = {raw: {0: 1, 1: 0}.get(c, c) for raw, c in mapping.items()}
     return RawDataset(
         "folder",
         root,
-        list(fp.class_names),
+        names,
         1 if gray else 3,
         splits,
-        _mapped_reader(fp.mapping, "dataset.folder.mapping", mode),
+        _mapped_reader(mapping, "dataset.folder.mapping", mode),
     )
 
 

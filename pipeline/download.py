@@ -33,7 +33,7 @@ from pipeline.archives import (
 )
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, load_params
-from pipeline.datasets import ROOT_MARKERS
+from pipeline.datasets import ROOT_HINTS, ROOT_MARKERS
 from pipeline.synthetic import generate
 from pipeline.tracking import mlflow_run
 
@@ -81,7 +81,7 @@ def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
         sha256 = verify_sha256(local, ds.sha256)
         log.info("extracting %s (sha256 %s)", local, sha256[:12])
         safe_extract(local, scratch)
-    root = find_root(scratch, ROOT_MARKERS[ds.name](params), ds.source)
+    root = find_root(scratch, ROOT_MARKERS[ds.name](params), ds.source, ROOT_HINTS[ds.name])
     root.rename(target)
     return {"source": ds.source, "sha256": sha256}
 

@@ -129,11 +129,14 @@ class SegmentationLoss(nn.Module):
 
 
 class DeepSupervisionLoss(nn.Module):
-    """Weighted sum of a loss over several heads' outputs (UNet++), shallowest head first."""
+    """Weighted sum of a loss over several heads' outputs (UNet++), shallowest head first.
+
+    After each call `final_loss` holds the deepest head's loss alone (detached)."""
 
     def __init__(self, loss: nn.Module, weights: list[float]):
         super().__init__()
         self.loss, self.weights = loss, list(weights)
+        self.final_loss: torch.Tensor | None = None
 
     def forward(
         self,
@@ -142,12 +145,15 @@ class DeepSupervisionLoss(nn.Module):
         weight: torch.Tensor | None = None,
     ):
         if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, target, weight)
+            self.final_loss = self.loss(outputs, target, weight)
+            return self.final_loss
         if len(outputs) != len(self.weights):
             raise ValueError(f"{len(outputs)} heads but {len(self.weights)} weights")
-        return sum(
-            w * self.loss(o, target, weight) for w, o in zip(self.weights, outputs, strict=True)
-        )
+        losses = [self.loss(o, target, weight) for o in outputs]
+        # the deepest head's loss, detached: what validation scores (the model's output in eval
+        # mode), so the training curve can be drawn on the same footing as the validation one
+        self.final_loss = losses[-1].detach()
+        return sum(w * loss for w, loss in zip(self.weights, losses, strict=True))
 
 
 def median_frequency_weights(class_pixels: list[int]) -> list[float]:

@@ -26,6 +26,7 @@ def learning_curves(
     logs: dict[str, pd.DataFrame], path: Path, metric: str = "val_miou", dpi: int = 110
 ) -> None:
     """Loss (train solid, val dashed) and a validation metric per epoch, one colour per arch.
+    Both losses are the final output's, computed alike (UNet++: the deepest head's).
 
     Every arch is drawn on the same two axes (one loss axis, one metric axis), and both panels
     share the epoch axis, so the curves compare directly."""
@@ -35,7 +36,11 @@ def learning_curves(
         ax_loss.plot(df["epoch"], df["train_loss"], color=color, label=f"{arch} train")
         ax_loss.plot(df["epoch"], df["val_loss"], color=color, ls="--", label=f"{arch} val")
         ax_metric.plot(df["epoch"], df[metric], color=color, marker="o", ms=3, label=arch)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    # train_loss is the final output's loss, as val_loss is (UNet++: its deepest head; the
+    # objective it minimises, the weighted sum over its heads, is train_objective in the log)
+    ax_loss.set(
+        xlabel="epoch", ylabel="loss", title="Loss of the final output (UNet++: deepest head)"
+    )
     ax_metric.set(xlabel="epoch", ylabel=metric, title=f"Validation {metric.removeprefix('val_')}")
     for ax in (ax_loss, ax_metric):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli
-from pipeline.datasets import read_image
+from pipeline.datasets import equalize, read_image
 from pipeline.losses import predict
 from pipeline.tiling import BLENDS, predict_tiled, tile_count
 
@@ -152,7 +152,8 @@ def predict_files(
     written: list[Path] = []
     for path in images:
         image = read_image(path, mode)  # (H, W) or (H, W, 3) uint8
-        x = torch.from_numpy(image).to(dev, torch.float32)
+        # the contrast equalisation preprocess applied to the training images, if any
+        x = torch.from_numpy(equalize(image, data.get("clahe", 0.0))).to(dev, torch.float32)
         x = x[..., None] if x.ndim == 2 else x  # (H, W, C)
         x = ((x / 255 - mean) / std).permute(2, 0, 1)[None]  # (1, C, H, W), as in training
         logits = predict_tiled(model, x, tile, overlap, multiple, blend)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
-from pipeline.datasets import RawDataset, open_dataset
+from pipeline.datasets import RawDataset, equalize, open_dataset
 from pipeline.tracking import mlflow_run
 from pipeline.weightmap import balanced_class_weights, border_weight_map
 
@@ -196,6 +196,7 @@ def preprocess(params: Params) -> Path:
             )
             for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2, disable=None):
                 sample = ds.read(item)
+                sample.image = equalize(sample.image, pp.clahe)
                 save_pair(images, labels, item.stem, sample.image, sample.label)
                 if sample.second is not None:
                     save_png(paths.split_dir(split, "second", tmp), item.stem, sample.second)
@@ -242,6 +243,8 @@ def preprocess(params: Params) -> Path:
             "dataset": ds.name,
             "num_classes": len(ds.class_names),
             "class_names": ds.class_names,
+            # binary tasks: the class the binary metrics score (the sigmoid channel, index 1)
+            "positive_class": ds.class_names[1] if len(ds.class_names) == 2 else None,
             "in_channels": ds.in_channels,
             "ignore_index": IGNORE_INDEX,
             "mean": mean,
@@ -250,6 +253,7 @@ def preprocess(params: Params) -> Path:
             "crop_size": pp.crop_size,
             "crop_stride": pp.crop_stride,
             "crops_per_image": pp.crops_per_image,
+            "clahe": pp.clahe,  # applied to every image before anything else (and by predict)
             "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},
             "crops": crops,
             # DRIVE: a second human's tracing of the test images, scored like a model

@@ -195,6 +195,8 @@ class Tables:
     best_depth: int
     logs: dict[str, pd.DataFrame]
     panels: int  # rows in panels.png; 0 = none
+    positive: str | None  # binary tasks: the class the binary metrics score
+    inference: str  # how full-size images were predicted, in words
 
 
 def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
@@ -221,6 +223,24 @@ def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
         best_depth=best,
         logs=epoch_logs(metric),
         panels=panels,
+        positive=positive_class(manifest),
+        inference=inference_text(params.inference),
+    )
+
+
+def positive_class(manifest: dict[str, Any]) -> str | None:
+    """The class binary metrics score: the model's sigmoid channel, class index 1."""
+    if manifest["num_classes"] != 2:
+        return None
+    return manifest.get("positive_class") or manifest["class_names"][1]
+
+
+def inference_text(inference: InferenceParams) -> str:
+    if not inference.tile_size:
+        return "whole-image inference (one forward per image, mirror-padded to the network's size)"
+    return (
+        f"overlap-tile inference ({inference.tile_size} px tiles overlapping by "
+        f"{inference.tile_overlap} px, {inference.blend} blending, mirror-padded borders)"
     )
 
 
@@ -360,7 +380,14 @@ def report_blocks(t: Tables) -> list[Block]:
         Heading("Test metrics"),
         Text(
             "Metrics are computed over all non-ignored test pixels (one confusion matrix per "
-            "split, never averaged per image)."
+            "split, never averaged per image), predicting each image full-size by "
+            f"{t.inference}."
+            + (
+                f" Binary metrics (sensitivity, specificity, precision, F1 = Dice, AUC-ROC, "
+                f"AUC-PR) treat **{t.positive}** as the positive class."
+                if t.positive
+                else ""
+            )
         ),
         Table(t.test),
         Text(f"Best test {t.metric}: **{winner(t.test, t.metric)}**."),
@@ -376,6 +403,11 @@ def report_blocks(t: Tables) -> list[Block]:
         blocks += [Heading("Per-class IoU"), Table(t.per_class)]
     blocks += [
         Heading("Learning curves"),
+        Text(
+            "Training and validation losses are both the final output's loss (for UNet++ its "
+            "deepest head; the objective it minimises, the weighted sum over its heads, is "
+            "train_objective in its epochs.csv), so the two curves compare directly."
+        ),
         Figure(paths.LEARNING_CURVES_PNG, "Learning curves: loss and validation metric per epoch"),
         Heading("UNet++ pruned to each deep-supervision depth"),
         Text(
@@ -392,7 +424,7 @@ def report_blocks(t: Tables) -> list[Block]:
             Heading("Qualitative results"),
             Text(
                 f"The first {t.panels} test image{'s' if t.panels > 1 else ''}, predicted "
-                "full-size by overlap-tile inference. Predictions are shown everywhere, also "
+                f"full-size by {t.inference}. Predictions are shown everywhere, also "
                 "where the label is ignored (no metric scores those pixels); the error maps show "
                 "correct pixels as the image in grey and colour the wrong ones."
             ),

@@ -39,7 +39,14 @@ from pipeline.checkpoint import (
     save_resume,
     set_rng_state,
 )
-from pipeline.common import PipelineError, atomic_path, run_cli, seed_everything, write_json
+from pipeline.common import (
+    PipelineError,
+    atomic_path,
+    clock,
+    run_cli,
+    seed_everything,
+    write_json,
+)
 from pipeline.config import Params, load_params
 from pipeline.data import EpochSampler, crops_dataset, load_manifest, split_dataset
 from pipeline.distributed import SINGLE, Dist
@@ -101,11 +108,15 @@ class Engine:
         return [images, *(t.to(self.device, non_blocking=True) for t in rest)]
 
     def step(self, images, labels, weight=None) -> torch.Tensor:
-        """Forward, backward and clipping; returns (loss, gradient norm), detached. The norm is
+        """Forward, backward and clipping; returns (loss, gradient norm, final-output loss),
+        detached. The loss is the objective (UNet++: the weighted sum over its heads), the
+        final-output loss the deepest head's alone (what validation scores). The norm is
         inf/NaN when the gradients are; with a scaler that only skips the step (expected)."""
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(images)
         loss = self.loss_fn(outputs, labels, weight)  # the losses compute in float32
+        final = getattr(self.loss_fn, "final_loss", None)
+        final = loss.detach() if final is None else final
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -115,7 +126,7 @@ class Engine:
         norm = loss.new_zeros(())  # with a scaler, inf gradients only skip the step (expected)
         if self.grad_clip or self.scaler is None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        return torch.stack([loss.detach().float(), norm.float()])
+        return torch.stack([loss.detach().float(), norm.float(), final.float()])
 
     def apply(self) -> None:
         if self.scaler is not None:
@@ -130,12 +141,13 @@ class Engine:
 def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, float]:
     """One pass over the training crops.
 
-    Returns the mean loss per image (over every rank), the images seen, and where the time
-    went: waiting for the loader vs computing the steps.
+    Returns the mean loss per image (over every rank): `loss` of the final output (comparable
+    with the validation loss) and `objective` (what is minimised: for UNet++ the weighted sum
+    over its heads); the images seen, and where the time went: loader vs steps.
     """
     ctx = engine.ctx
     engine.model.train()
-    loss_sum, n_seen, data_s, compute_s = 0.0, 0, 0.0, 0.0
+    loss_sum, objective_sum, n_seen, data_s, compute_s = 0.0, 0.0, 0, 0.0, 0.0
     bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None if ctx.main else True)
     t = time.perf_counter()
     for i, batch in enumerate(bar, start=1):
@@ -143,7 +155,7 @@ def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, floa
         t_data = time.perf_counter()
         data_s += t_data - t
         out = engine.step(images, labels, weight[0] if weight else None)
-        value, norm = distributed.mean_values(out, ctx)  # every rank takes the same decision
+        value, norm, final = distributed.mean_values(out, ctx)  # every rank takes the same decision
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{desc}, batch {i}: loss is {value}")
         if not math.isfinite(norm):
@@ -152,11 +164,13 @@ def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, floa
         t = time.perf_counter()
         compute_s += t - t_data
         batch_images = len(images) * ctx.world
-        loss_sum += value * batch_images
+        objective_sum += value * batch_images
+        loss_sum += final * batch_images
         n_seen += batch_images
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{n_seen / (data_s + compute_s):.0f}")
     return {
         "loss": loss_sum / max(n_seen, 1),
+        "objective": objective_sum / max(n_seen, 1),
         "images": n_seen,
         "data_seconds": data_s,
         "compute_seconds": compute_s,
@@ -272,13 +286,19 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress) -> None:
     )
 
 
-def _epoch_summary(arch: str, row: dict[str, Any], epochs: int) -> None:
+def _epoch_summary(arch: str, row: dict[str, Any], epochs: int, progress: Progress) -> None:
+    """One INFO line per epoch (progress bars are hidden when stderr is not a terminal, e.g.
+    under `dvc repro > log`), with the time spent and an ETA for the remaining epochs."""
+    per_epoch = progress.train_seconds / len(progress.rows)
     log.info(
-        "%s epoch %d/%d: train_loss %.4f val_loss %.4f val_miou %.4f val_dice %.4f | "
-        "%.1fs: data %.1fs, compute %.1fs, validation %.1fs; loader %.0f img/s vs step %.0f img/s",
+        "%s epoch %d/%d (elapsed %s, ETA %s): train_loss %.4f val_loss %.4f val_miou %.4f "
+        "val_dice %.4f | %.1fs: data %.1fs, compute %.1fs, validation %.1fs; "
+        "loader %.0f img/s vs step %.0f img/s",
         arch,
         row["epoch"],
         epochs,
+        clock(progress.train_seconds),
+        clock(per_epoch * (epochs - row["epoch"])),
         row["train_loss"],
         row["val_loss"],
         row["val_miou"],
@@ -430,7 +450,8 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             row = {
                 "epoch": epoch,
                 "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": fit["loss"],
+                "train_loss": fit["loss"],  # the final output's, as val_loss
+                "train_objective": fit["objective"],  # UNet++: the sum over its heads
                 **{f"val_{k}": v for k, v in val.items()},
                 "data_seconds": fit["data_seconds"],
                 "compute_seconds": fit["compute_seconds"],
@@ -457,7 +478,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
                 )
             if ctx.main:
                 _save_resume(arch, params, ctx, model, engine, progress)
-                _epoch_summary(arch, row, params.epochs)
+                _epoch_summary(arch, row, params.epochs, progress)
             distributed.barrier(ctx)
 
         if progress.best_state is None:
@@ -466,6 +487,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         test = score(test_ds)
         metrics = {
             **test,
+            **({"positive_class": classes[1]} if len(classes) == 2 else {}),
             "best_epoch": progress.best_epoch,
             f"best_{monitor}": progress.best,
             "train_seconds": round(progress.train_seconds, 2),
@@ -511,7 +533,10 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
         params=params.model_dump(),
         metrics=metrics,
         best_epoch=progress.best_epoch,
-        data={k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")},
+        data={
+            **{k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")},
+            "clahe": manifest.get("clahe", 0.0),  # pipeline.predict equalises images alike
+        },
     )
     write_json(out / "metrics.json", metrics)
     if run:

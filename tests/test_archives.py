@@ -736,7 +736,9 @@ def test_missing_source_names_the_path(project, tmp_path):
 def test_archive_without_the_dataset_layout_names_the_missing_folder(project, tmp_path):
     archive = zip_members(tmp_path / "photos.zip", {"photos/a.jpg": b"a", "readme.txt": b"r"})
     message = error_of(lambda: download(drive_params(str(archive))))
-    assert message == f"{archive}: no training/images/ folder inside; is it the right dataset?"
+    assert message == (
+        f"{archive}: no training/images/ folder inside; is it DRIVE (dataset.name, dataset.source)?"
+    )
     assert leftovers(project) == []
 
 

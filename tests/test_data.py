@@ -303,6 +303,8 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "splits",
         "crops",
         "second_observer",
+        "positive_class",
+        "clahe",
     }
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["background", "vessel"]
     assert manifest["in_channels"] == 3 and manifest["ignore_index"] == 255

@@ -329,3 +329,81 @@ def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
         for image, label in loader:  # collates without error
             assert image.shape[-2:] == label.shape[-2:]
     assert len(sizes) > 1
+
+
+# --- the positive class and the folder params ---------------------------------------------------
+
+
+def test_folder_positive_class_is_the_sigmoid_channel_and_is_recorded(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=6)
+    manifest = run(
+        params("folder", top, folder={"class_names": ["bg", "cell"], "positive": "cell"})
+    )
+    assert manifest["positive_class"] == "cell" and manifest["class_names"] == ["bg", "cell"]
+    stem = manifest["splits"]["train"][0]
+    raw = png(top / "labels" / f"{stem}.png")
+    label = png(project / "data" / "processed" / "train" / "labels" / f"{stem}.png")
+    assert np.array_equal(label, (raw == 255).astype(np.uint8))
+
+
+def test_naming_the_first_class_positive_swaps_the_class_indices(project, tmp_path):
+    """Raw 0 (black) becomes the positive class: index 1, the sigmoid channel."""
+    top = make_folder(tmp_path / "src", count=6)
+    folder = {"class_names": ["pore", "solid"], "mapping": {0: 0, 255: 1}, "positive": "pore"}
+    manifest = run(params("folder", top, folder=folder))
+    assert manifest["class_names"] == ["solid", "pore"] and manifest["positive_class"] == "pore"
+    stem = manifest["splits"]["train"][0]
+    raw = png(top / "labels" / f"{stem}.png")
+    label = png(project / "data" / "processed" / "train" / "labels" / f"{stem}.png")
+    assert np.array_equal(label, (raw == 0).astype(np.uint8))
+
+
+def test_a_positive_class_that_is_not_a_class_name_is_one_line():
+    with pytest.raises(PipelineError) as err:
+        params("folder", Path("x"), folder={"class_names": ["bg", "cell"], "positive": "Cell"})
+    assert str(err.value) == (
+        "params.yaml: dataset.folder.positive: 'Cell' is not one of "
+        "dataset.folder.class_names ['bg', 'cell']"
+    )
+
+
+def test_by_default_the_second_class_is_positive(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=6)
+    manifest = run(params("folder", top, folder={"class_names": ["bg", "cell"]}))
+    assert manifest["positive_class"] == "cell"
+
+
+def test_multiclass_folders_have_no_positive_class(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=6)
+    folder = {"class_names": ["bg", "a", "b"], "mapping": {0: 0, 255: 2}}
+    assert run(params("folder", top, folder=folder))["positive_class"] is None
+
+
+def test_drive_like_data_names_vessel_positive(project, tmp_path):
+    manifest = run(params("drive", zip_dir(make_drive(tmp_path / "src"), tmp_path / "d.zip")))
+    assert manifest["positive_class"] == "vessel"
+
+
+@pytest.mark.parametrize("key", ["images", "labels"])
+def test_folder_layout_errors_name_the_param_to_change(project, tmp_path, key):
+    top = make_folder(tmp_path / "src", count=6)
+    (top / key).rename(top / key.removesuffix("s"))  # image/ and label/, as a user had them
+    message = str(pytest.raises(PipelineError, run, params("folder", top)).value)
+    assert f"dataset.folder.{key}" in message and "\n" not in message
+
+
+def test_clahe_equalises_every_split_and_is_recorded(project, tmp_path):
+    from pipeline.datasets import equalize
+
+    top = make_folder(tmp_path / "src", count=6)
+    pre = {"crop_size": 32, "crop_stride": 16, "clahe": 2.0}
+    p = parse_params({**params("folder", top).model_dump(), "preprocess": pre})
+    manifest = run(p)
+    assert manifest["clahe"] == 2.0
+    for split in ("train", "val", "test"):
+        stem = manifest["splits"][split][0]
+        raw = np.array(Image.open(top / "images" / f"{stem}.png").convert("RGB"))
+        got = png(project / "data" / "processed" / split / "images" / f"{stem}.png")
+        np.testing.assert_array_equal(got, equalize(raw, 2.0))
+        assert not np.array_equal(got, raw)
+    assert np.array_equal(equalize(raw[..., 0], 0.0), raw[..., 0])  # 0: off

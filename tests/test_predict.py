@@ -249,3 +249,18 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
     save_image(tmp_path / "x.png", (8, 8))
     with pytest.raises(PipelineError, match="--device cuda: no CUDA device available"):
         predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "out", device="cuda")
+
+
+def test_the_checkpoints_contrast_equalisation_is_applied_before_predicting(tmp_path):
+    """preprocess.clahe equalised the training images: predict equalises new images alike."""
+    from pipeline.datasets import equalize
+
+    data = {"dataset": "folder", "class_names": ["background", "vessel"], "mean": [0.5] * 3,
+            "std": [0.2] * 3, "ignore_index": 255, "clahe": 2.0}  # fmt: skip
+    model = save_model(tmp_path / "model.pt", data=data)
+    image = save_image(tmp_path / "a.png", (48, 40))
+    predict_files(tmp_path / "model.pt", [tmp_path / "a.png"], tmp_path / "out", device="cpu")
+    labels, _ = read_png(tmp_path / "out" / "a_label.png")
+    equalised = equalize(image, 2.0)
+    assert not np.array_equal(equalised, image)
+    np.testing.assert_array_equal(labels, by_hand(model, equalised))

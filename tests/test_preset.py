@@ -16,7 +16,12 @@ from pipeline.common import PipelineError
 from pipeline.config import Params, flatten, load_params, parse_params
 
 PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture repoints paths)
-SOURCES = {"drive-gpu": "/data/DRIVE.zip", "camvid-gpu": "https://example.org/CamVid.zip"}
+SOURCES = {
+    "drive-gpu": "/data/DRIVE.zip",
+    "camvid-gpu": "https://example.org/CamVid.zip",
+    "drive-cpu": "/data/DRIVE.zip",
+    "camvid-cpu": "/data/CamVid.zip",
+}
 
 
 def _error(call) -> str:
@@ -44,7 +49,9 @@ def own_presets(tmp_path, monkeypatch):
 
 
 def test_the_presets_are_there():
-    assert {"drive-gpu", "camvid-gpu", "ci-cpu"} <= set(preset.available())
+    assert {"drive-gpu", "camvid-gpu", "drive-cpu", "camvid-cpu", "ci-cpu"} <= set(
+        preset.available()
+    )
 
 
 @pytest.mark.parametrize("name", preset.available())
@@ -58,9 +65,10 @@ def test_every_preset_merges_into_valid_params(name):
         assert flat[key] == value, key
     if name in SOURCES:
         assert params.dataset.source == SOURCES[name]
+    if name.endswith("-gpu"):
         assert params.train.device == "cuda" and params.train.amp == "bf16"
     else:
-        assert params.train.device == "cpu"
+        assert params.train.device == "cpu" and not params.train.compile
 
 
 def test_gpu_presets_choices():

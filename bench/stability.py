@@ -1,0 +1,123 @@
+"""How stable a recipe is across seeds: the pipeline's stages run once per seed, in a temporary
+copy of the project (MLflow off), and the test mIoU spread and any late-epoch collapse of the
+validation curve are printed and written to reports/benchmarks/stability.{json,md}.
+
+    uv run python bench/stability.py                       # params.yaml, seeds 1 2 3
+    uv run python bench/stability.py --seeds 1 2 3 -S train.scheduler=none
+
+The seed drives everything a run draws: the synthetic images, the splits, the crops, the
+initial weights and the augmentation. Run it with nothing else on the machine (two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
+    sys.path.insert(0, str(ROOT))
+
+from bench.benchlib import environment, out_stem, write_outputs  # noqa: E402
+from pipeline.common import read_json  # noqa: E402
+from pipeline.preset import merge  # noqa: E402
+
+STAGES = (
+    ["pipeline.download"],
+    ["pipeline.preprocess"],
+    ["pipeline.train", "unet"],
+    ["pipeline.train", "unetpp"],
+)
+
+
+def late_drop(val: pd.Series) -> float:
+    """The largest fall of the validation metric below its best so far, over the second half
+    of training (a collapse that a best-epoch checkpoint would hide)."""
+    half = len(val) // 2
+    best = val.cummax()
+    return float((best - val).iloc[half:].max()) if len(val) > 1 else 0.0
+
+
+def run_seed(seed: int, overrides: dict, workdir: Path) -> dict:
+    shutil.copytree(ROOT / "pipeline", workdir / "pipeline")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = merge(overrides, {"seed": seed, "mlflow": {"enabled": False}})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    for stage in STAGES:
+        subprocess.run(
+            [sys.executable, "-m", *stage], cwd=workdir, env=env, check=True, capture_output=True
+        )
+    row: dict = {"seed": seed}
+    for arch in ("unet", "unetpp"):
+        metrics = read_json(workdir / "reports" / arch / "metrics.json")
+        epochs = pd.read_csv(workdir / "reports" / arch / "epochs.csv")
+        row[f"{arch}_miou"] = round(metrics["miou"], 4)
+        row[f"{arch}_best_epoch"] = metrics["best_epoch"]
+        row[f"{arch}_late_drop"] = round(late_drop(epochs["val_miou"]), 4)
+        row[f"{arch}_seconds"] = round(metrics["train_seconds"], 1)
+    return row
+
+
+def parse_sets(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("-S", "--set", action="append", default=[], help="key=value override")
+    parser.add_argument("--out", help="output stem (default reports/benchmarks/stability)")
+    args = parser.parse_args()
+    overrides = parse_sets(args.set)
+    rows = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
+            rows.append(run_seed(seed, overrides, Path(tmp)))
+        print(rows[-1], flush=True)
+    summary = {"seed": "spread (max - min)"}
+    for arch in ("unet", "unetpp"):
+        values = [r[f"{arch}_miou"] for r in rows]
+        summary[f"{arch}_miou"] = round(max(values) - min(values), 4)
+        summary[f"{arch}_late_drop"] = max(r[f"{arch}_late_drop"] for r in rows)
+        summary[f"{arch}_seconds"] = statistics.median(r[f"{arch}_seconds"] for r in rows)
+    columns = {
+        "seed": "seed",
+        "unet_miou": "UNet test mIoU",
+        "unetpp_miou": "UNet++ test mIoU",
+        "unet_late_drop": "UNet late val drop",
+        "unetpp_late_drop": "UNet++ late val drop",
+        "unet_seconds": "UNet train s",
+        "unetpp_seconds": "UNet++ train s",
+    }
+    notes = "Overrides of params.yaml: " + (", ".join(args.set) or "none") + "."
+    md = write_outputs(
+        out_stem(args.out, "stability"),
+        "Test mIoU across seeds (default synthetic recipe)",
+        environment([__import__("torch").device("cpu")]),
+        [*rows, summary],
+        columns,
+        notes,
+    )
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""`python -m pipeline.plan`: what `dvc repro` will cost with the current params, on this machine,
+before paying for it.
+
+Nothing is trained. For each architecture a few real training steps run at the real crop size
+and batch (forward, loss, backward, optimizer step, plus the loader's augmentation of a batch),
+and one full-size image of each split goes through the real evaluation (overlap-tile or
+whole-image prediction, loss and metrics); the stage times follow from the counts of crops and
+images:
+
+    train_<arch> = start-up + load crops + epochs x (steps x step + val images x val image)
+                   + test images x test image + latency forwards
+    prune        = start-up + for each depth: test images x its test image + latency forwards
+                   (+ ONNX exports)
+    report       = start-up + report.panels x 2 predictions
+
+Start-up (imports, the MLflow store, DVC's bookkeeping) is a fixed cost per stage measured on a
+2-core machine (START_UP). The counts come from data/processed/manifest.json when it was made
+from the current dataset params, otherwise from the dataset's known layout (DRIVE, CamVid,
+synthetic); a folder dataset needs `dvc repro preprocess` first.
+
+    uv run python -m pipeline.plan              # a table; --json PATH also writes the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import paths
+from pipeline.common import PipelineError, clock, run_cli, seed_everything, write_json
+from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
+from pipeline.models import build_model
+
+log = logging.getLogger(__name__)
+
+# Seconds each stage spends outside the work timed here: Python imports, opening the MLflow
+# store and logging runs/models/artifacts, DVC hashing its outputs (measured under `dvc repro`
+# on an idle 2-core machine: reports/results/ and issue 16's breakdown).
+START_UP = {
+    "download": 8.0,
+    "preprocess": 8.0,
+    "train": 14.0,
+    "prune": 10.0,
+    "report": 12.0,
+}
+MLFLOW = {"download": 5.0, "preprocess": 5.0, "train": 12.0, "prune": 4.0, "report": 4.0}
+ONNX_EXPORT_S = 4.0  # one ONNX export of a UNet++ (torch.onnx + onnxruntime check), roughly
+
+# (height, width) and split sizes of the datasets with a known layout
+KNOWN_SIZES = {"drive": (584, 565), "camvid": (360, 480)}
+CAMVID_SPLITS = {"train": 367, "val": 101, "test": 233}
+
+
+@dataclass
+class DataPlan:
+    """What the stages iterate over: counts and sizes, (H, W) per split."""
+
+    dataset: str
+    in_channels: int
+    num_classes: int
+    crops: int
+    sizes: dict[str, tuple[int, int]]
+    counts: dict[str, int]
+    source: str  # where the counts come from
+
+
+@dataclass
+class ArchPlan:
+    arch: str
+    step_s: float  # one training step (batch_size crops), the loader's share included
+    loader_s: float  # the loader's share: augmenting and collating one batch
+    steps_per_epoch: int
+    eval_image_s: dict[str, float]  # one full-size image of each split, evaluated
+    latency_forward_s: float  # one full-size forward (model_stats' latency runs)
+    epoch_s: float = 0.0
+    stage_s: float = 0.0
+    depth_eval_s: dict[int, float] = field(default_factory=dict)  # UNet++: pruned depths
+
+
+def _manifest_matches(manifest: dict[str, Any], params: Params) -> bool:
+    pp = params.preprocess
+    return manifest.get("dataset") == params.dataset.name and (
+        manifest.get("crop_size"),
+        manifest.get("crop_stride"),
+        manifest.get("crops_per_image"),
+    ) == (pp.crop_size, pp.crop_stride, pp.crops_per_image)
+
+
+def _grid(length: int, size: int, stride: int) -> int:
+    return 1 if length <= size else math.ceil((length - size) / stride) + 1
+
+
+def data_plan(params: Params) -> DataPlan:
+    ds, pp = params.dataset, params.preprocess
+    manifest = None
+    if paths.MANIFEST.is_file():
+        manifest = json.loads(paths.MANIFEST.read_text())
+        if manifest.get("dataset") != ds.name:
+            manifest = None
+    if manifest is not None:
+        counts = {s: len(v) for s, v in manifest["splits"].items()}
+        sizes = {}
+        for split, stems in manifest["splits"].items():
+            with Image.open(paths.split_dir(split, "images") / f"{stems[0]}.png") as img:
+                sizes[split] = (img.height, img.width)
+        classes, channels = manifest["num_classes"], manifest["in_channels"]
+        source = str(paths.MANIFEST.relative_to(paths.ROOT))
+    elif ds.name == "folder":
+        raise PipelineError(
+            "dataset.name folder: the plan needs the images' sizes; run "
+            "`dvc repro preprocess` first"
+        )
+    else:
+        if ds.name == "synthetic":
+            side = ds.image_size
+            counts = {"val": ds.val_count, "test": ds.test_count}
+            counts["train"] = ds.num_images - ds.val_count - ds.test_count
+            hw = (side, side)
+        elif ds.name == "drive":
+            counts = {"train": DRIVE_TRAIN_IMAGES - ds.val_count, "val": ds.val_count, "test": 20}
+            hw = KNOWN_SIZES["drive"]
+        else:
+            counts, hw = dict(CAMVID_SPLITS), KNOWN_SIZES["camvid"]
+        sizes = dict.fromkeys(counts, hw)
+        classes, channels = (11, 3) if ds.name == "camvid" else (2, 3)
+        source = f"the {ds.name} layout (no matching data/processed yet)"
+    if manifest is not None and _manifest_matches(manifest, params):
+        crops = len(manifest["crops"])
+    else:
+        h, w = (max(n, pp.crop_size) for n in sizes["train"])
+        per_image = pp.crops_per_image or (
+            _grid(h, pp.crop_size, pp.crop_stride) * _grid(w, pp.crop_size, pp.crop_stride)
+        )
+        crops = counts["train"] * per_image
+    return DataPlan(ds.name, channels, classes, crops, sizes, counts, source)
+
+
+def _fake_manifest(data: DataPlan) -> dict[str, Any]:
+    return {
+        "num_classes": data.num_classes,
+        "class_names": [f"class{i}" for i in range(data.num_classes)],
+        "in_channels": data.in_channels,
+        "ignore_index": IGNORE_INDEX,
+        "mean": [0.5] * data.in_channels,
+        "std": [0.25] * data.in_channels,
+        "train_class_pixels": [1000 * (i + 1) for i in range(data.num_classes)],
+    }
+
+
+def _labels(num_classes: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, num_classes, shape)
+
+
+def time_steps(engine, batch, seconds: float, max_steps: int = 12) -> float:
+    """Median seconds of one training step, after two warm-up steps."""
+    engine.model.train()
+    times: list[float] = []
+    for i in range(max_steps + 2):
+        t = time.perf_counter()
+        engine.step(*batch)
+        engine.apply()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+        if len(times) >= 3 and sum(times) > seconds:
+            break
+    return statistics.median(times)
+
+
+def time_loader(manifest: dict[str, Any], params: Params) -> float:
+    """Seconds to augment, normalise and collate one batch of crops (the DataLoader's work)."""
+    from pipeline.data import _hwc, transforms
+
+    crop = params.preprocess.crop_size
+    rng = np.random.default_rng(0)
+    image = _hwc(rng.integers(0, 256, (crop, crop, manifest["in_channels"]), np.uint8))
+    label = rng.integers(0, 2, (crop, crop), np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image.squeeze()).save(png, format="PNG")
+    transform = transforms(manifest, params.train.augment, params.seed)
+    n = min(params.batch_size, 16)
+    t = time.perf_counter()
+    for _ in range(n):
+        out = transform(image=image, mask=label)
+        torch.from_numpy(out["image"].transpose(2, 0, 1).copy())
+    per_item = (time.perf_counter() - t) / n
+    return per_item * params.batch_size
+
+
+def time_crop_read(manifest: dict[str, Any], params: Params) -> float:
+    """Seconds to decode one training crop and its label from PNG (the stage loads them all)."""
+    crop = params.preprocess.crop_size
+    rng = np.random.default_rng(0)
+    # a smooth image compresses like a photograph, unlike noise
+    ramp = np.linspace(0, 255, crop, dtype=np.float32)
+    image = np.clip(ramp[:, None] + rng.normal(0, 8, (crop, crop)), 0, 255).astype(np.uint8)
+    image = np.repeat(image[..., None], manifest["in_channels"], -1).squeeze()
+    blobs = []
+    for array in (image, (ramp[:, None] > 128).astype(np.uint8).repeat(crop, 1)):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+        blobs.append(buf.getvalue())
+    t = time.perf_counter()
+    for _ in range(20):
+        for blob in blobs:
+            with Image.open(io.BytesIO(blob)) as img:
+                np.array(img)
+    return (time.perf_counter() - t) / 20
+
+
+def _amp(params: Params):
+    from pipeline.train import amp_dtype
+
+    return amp_dtype(params.train.amp, torch.device("cpu"))
+
+
+def time_eval(
+    model, data: DataPlan, params: Params, split: str, loss_fn=None, amp: bool = True
+) -> float:
+    """Seconds to evaluate one full-size image of `split` (prediction, loss, metrics), under
+    train.amp's autocast as the training stage does (`amp`), or in float32 as prune does."""
+    from pipeline.inference import evaluate
+
+    h, w = data.sizes[split]
+    image = torch.randn(data.in_channels, h, w)
+    label = _labels(data.num_classes, h, w)
+    dataset = [(image, label)]
+    classes = [str(i) for i in range(data.num_classes)]
+    device = torch.device("cpu")
+    args = (classes, device, model.size_multiple, params.inference, loss_fn)
+    t = time.perf_counter()
+    dtype = _amp(params) if amp else None
+    evaluate(model, dataset, *args, batch_size=params.batch_size, amp_dtype=dtype)
+    return time.perf_counter() - t
+
+
+def time_forward(model, data: DataPlan, params: Params) -> float:
+    """Seconds of one full-size forward, as model_stats' latency runs (no autocast there)."""
+    from pipeline.inference import pad_to_multiple
+
+    h, w = data.sizes["test"]
+    x, _ = pad_to_multiple(torch.randn(1, data.in_channels, h, w), model.size_multiple)
+    model.eval()
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(x)
+    return time.perf_counter() - t
+
+
+def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> ArchPlan:
+    from pipeline.losses import build_eval_loss, build_loss
+    from pipeline.optim import make_optimizer
+    from pipeline.train import Engine
+
+    seed_everything(params.seed)
+    manifest = _fake_manifest(data)
+    mp = params.model(arch)
+    model = build_model(arch, data.in_channels, data.num_classes, **mp.model_dump())
+    deep = arch == "unetpp" and params.unetpp.deep_supervision
+    engine = Engine(
+        model=model,
+        loss_fn=build_loss(params.loss, deep, manifest),
+        optimizer=make_optimizer(params, model),
+        amp_dtype=_amp(params),
+        grad_clip=params.train.grad_clip,
+    )
+    b, crop = params.batch_size, params.preprocess.crop_size
+    batch = (torch.randn(b, data.in_channels, crop, crop), _labels(data.num_classes, b, crop, crop))
+    step = time_steps(engine, batch, seconds)
+    loader = time_loader(manifest, params)
+    workers = params.train.num_workers
+    # workers load in parallel with the step (on other cores); without them it adds up
+    step_total = max(step, loader / workers) if workers else step + loader
+    eval_loss = build_eval_loss(params.loss, manifest)
+    evals = {
+        "val": time_eval(model, data, params, "val", eval_loss),
+        "test": time_eval(model, data, params, "test"),
+    }
+    steps = math.ceil(data.crops / b)
+    return ArchPlan(arch, step_total, loader, steps, evals, time_forward(model, data, params))
+
+
+def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]]:
+    """(test image evaluation, one forward) seconds of each pruned UNet++ depth."""
+    mp = params.unetpp
+    model = build_model("unetpp", data.in_channels, data.num_classes, **mp.model_dump())
+    out = {}
+    for k in sorted(params.pruning.depths):
+        sub = model.prune(k).eval()
+        # the prune stage scores on the CPU in float32
+        out[k] = (time_eval(sub, data, params, "test", amp=False), time_forward(sub, data, params))
+    return out
+
+
+def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
+    """Every stage's estimated wall time in seconds, with the figures they come from."""
+    data = data_plan(params)
+    mlflow = params.mlflow.enabled
+    pr = params.pruning
+    latency_forwards = pr.latency_runs + pr.latency_warmup + 1  # +1: the FLOP count
+    stages: dict[str, float] = {}
+
+    def fixed(stage: str) -> float:
+        return START_UP[stage] + (MLFLOW[stage] if mlflow else 0.0)
+
+    stages["download"] = fixed("download")
+    manifest = _fake_manifest(data)
+    crop_read = time_crop_read(manifest, params)
+    images = sum(data.counts.values())
+    # preprocess writes what the train stage reads (about as costly as decoding), twice
+    # for a full image (read the raw file, write the PNG)
+    full_px = statistics.fmean(h * w for h, w in data.sizes.values())
+    px_ratio = full_px / params.preprocess.crop_size**2
+    stages["preprocess"] = fixed("preprocess") + crop_read * 2 * (data.crops + images * px_ratio)
+    archs = {}
+    for arch in ("unet", "unetpp"):
+        a = plan_arch(arch, params, data, seconds)
+        a.epoch_s = a.steps_per_epoch * a.step_s + data.counts["val"] * a.eval_image_s["val"]
+        a.stage_s = (
+            fixed("train")
+            + data.crops * crop_read
+            + params.epochs * a.epoch_s
+            + data.counts["test"] * a.eval_image_s["test"]
+            + latency_forwards * a.latency_forward_s
+        )
+        archs[arch] = a
+        stages[f"train_{arch}"] = a.stage_s
+        log.info(
+            "%s: step %.3f s (%d crops of %d px; loader %.3f s), %d steps per epoch; "
+            "a full-size image %.2f s (val) %.2f s (test)",
+            arch,
+            a.step_s,
+            params.batch_size,
+            params.preprocess.crop_size,
+            a.loader_s,
+            a.steps_per_epoch,
+            a.eval_image_s["val"],
+            a.eval_image_s["test"],
+        )
+    depths = plan_depths(params, data)
+    archs["unetpp"].depth_eval_s = {k: v[0] for k, v in depths.items()}
+    prune = fixed("prune") + sum(
+        data.counts["test"] * ev + latency_forwards * fw for ev, fw in depths.values()
+    )
+    if pr.onnx:
+        prune += ONNX_EXPORT_S * (len(pr.depths) + 1)
+    stages["prune"] = prune
+    panels = min(params.report.panels, data.counts["test"])
+    stages["report"] = fixed("report") + panels * sum(
+        a.eval_image_s["test"] for a in archs.values()
+    )
+    return {
+        "data": asdict(data),
+        "archs": {k: asdict(v) for k, v in archs.items()},
+        "stages": {k: round(v, 1) for k, v in stages.items()},
+        "total": round(sum(stages.values()), 1),
+        "epochs": params.epochs,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    data = plan["data"]
+    lines = [
+        f"dataset {data['dataset']} ({data['source']}): {data['crops']} training crops, "
+        + ", ".join(f"{data['counts'][s]} {s} images" for s in ("train", "val", "test")),
+        f"{'stage':<14}{'estimate':>10}  from",
+    ]
+    how = {
+        "download": "start-up",
+        "preprocess": "start-up + writing crops and images",
+        "prune": "start-up + each depth on the test split + latency"
+        + (" + ONNX" if plan.get("onnx") else ""),
+        "report": "start-up + qualitative panels",
+    }
+    for arch, a in plan["archs"].items():
+        how[f"train_{arch}"] = (
+            f"{plan['epochs']} epochs x {clock(a['epoch_s'])} "
+            f"({a['steps_per_epoch']} steps x {a['step_s']:.2f} s + validation) + test"
+        )
+    for stage, seconds in plan["stages"].items():
+        lines.append(f"{stage:<14}{clock(seconds):>10}  {how[stage]}")
+    lines.append(f"{'total':<14}{clock(plan['total']):>10}  on {plan['threads']} torch threads")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the estimates to this JSON file")
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="time spent timing steps, per architecture"
+    )
+    args = parser.parse_args(argv)
+    params = load_params()
+    if params.train.device == "cuda" or (
+        params.train.device == "auto" and torch.cuda.is_available()
+    ):
+        log.warning("the plan times the CPU; training will run on CUDA")
+    plan = estimate(params, args.seconds)
+    plan["onnx"] = params.pruning.onnx
+    sys.stdout.write(format_plan(plan) + "\n")  # the table is this command's output
+    if args.json:
+        write_json(args.json, plan)
+
+
+if __name__ == "__main__":
+    run_cli(main)
