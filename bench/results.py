@@ -127,7 +127,8 @@ def timed_run(cmd: list[str], log_path: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
-        log.write(f"{time.time():.3f} $ {' '.join(cmd)}\n")
+        shown = ["python" if c == sys.executable else c for c in cmd]  # no local paths
+        log.write(f"{time.time():.3f} $ {' '.join(shown)}\n")
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -271,7 +272,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"## {result['name']}: {result['dataset']}",
         "",
-        f"Commit `{result['commit']}`, {result['date']}, on {hw}."
+        (f"Preset `{result['preset']}`. " if result.get("preset") else "")
+        + f"Commit `{result['commit']}`, {result['date']}, on {hw}."
         + (f" Command: `{result['command']}`." if result.get("command") else ""),
         f"Splits {result['splits']}, {result['training_crops']} training crops; "
         f"{result['params']['epochs']} epochs, batch {result['params']['batch_size']}, "
@@ -337,7 +339,7 @@ def index() -> Path:
     body = [render(r) for r in results] or ["No results yet.\n"]
     path = out_dir() / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(head) + "\n".join(body))
+    path.write_text("\n".join(head) + "\n" + "\n".join(body))
     return path
 
 
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         name = args.name or args.preset or "default"
         py = sys.executable
         if args.preset:
-            cmd = [py, "-m", "pipeline.preset", args.preset, "--apply"]
+            cmd = [py, "-m", "pipeline.preset", args.preset, "--apply"]  # params.yaml only
             if args.source:
                 cmd += ["--source", args.source]
             subprocess.run(cmd, cwd=ROOT, check=True)
@@ -376,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise PipelineError(f"dvc repro exited with status {code}; see {log_path}")
         result = collect(name, log_path, plan_path)
+        if args.preset:
+            result["preset"] = args.preset
+            result["command"] = f"python -m pipeline.preset {args.preset} --apply; dvc repro"
     write_json(out_dir() / f"{result['name']}.json", result)
     print(index())
 

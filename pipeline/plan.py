@@ -50,14 +50,17 @@ log = logging.getLogger(__name__)
 # store and logging runs/models/artifacts, DVC hashing its outputs (measured under `dvc repro`
 # on an idle 2-core machine: reports/results/ and issue 16's breakdown).
 START_UP = {
-    "download": 8.0,
+    "download": 4.0,
     "preprocess": 8.0,
     "train": 14.0,
-    "prune": 10.0,
-    "report": 12.0,
+    "prune": 12.0,
+    "report": 14.0,
 }
-MLFLOW = {"download": 5.0, "preprocess": 5.0, "train": 12.0, "prune": 4.0, "report": 4.0}
-ONNX_EXPORT_S = 4.0  # one ONNX export of a UNet++ (torch.onnx + onnxruntime check), roughly
+MLFLOW = {"download": 5.0, "preprocess": 5.0, "train": 12.0, "prune": 6.0, "report": 8.0}
+# ONNX export (pipeline.export): importing onnx/onnxruntime once, then per model a fixed cost
+# plus tracing and checking onnxruntime against torch at two input sizes, about 12 full-size
+# forwards (measured on DRIVE: 4 s for L1 to 17 s for L4)
+ONNX_IMPORT_S, ONNX_MODEL_S, ONNX_FORWARDS = 5.0, 3.0, 12
 
 # (height, width) and split sizes of the datasets with a known layout
 KNOWN_SIZES = {"drive": (584, 565), "camvid": (360, 480)}
@@ -293,10 +296,11 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
 
 
 def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]]:
-    """(test image evaluation, one forward) seconds of each pruned UNet++ depth."""
+    """(test image evaluation, one forward) seconds of each pruned UNet++ depth, and of the
+    full model (depth 0: the prune stage exports it too)."""
     mp = params.unetpp
     model = build_model("unetpp", data.in_channels, data.num_classes, **mp.model_dump())
-    out = {}
+    out = {0: (0.0, time_forward(model, data, params))}
     for k in sorted(params.pruning.depths):
         sub = model.prune(k).eval()
         # the prune stage scores on the CPU in float32
@@ -350,12 +354,12 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
             a.eval_image_s["test"],
         )
     depths = plan_depths(params, data)
-    archs["unetpp"].depth_eval_s = {k: v[0] for k, v in depths.items()}
+    archs["unetpp"].depth_eval_s = {k: v[0] for k, v in depths.items() if k}
     prune = fixed("prune") + sum(
-        data.counts["test"] * ev + latency_forwards * fw for ev, fw in depths.values()
+        data.counts["test"] * ev + latency_forwards * fw for k, (ev, fw) in depths.items() if k
     )
-    if pr.onnx:
-        prune += ONNX_EXPORT_S * (len(pr.depths) + 1)
+    if pr.onnx:  # the full UNet++ and every pruned depth
+        prune += ONNX_IMPORT_S + sum(ONNX_MODEL_S + ONNX_FORWARDS * fw for _, fw in depths.values())
     stages["prune"] = prune
     panels = min(params.report.panels, data.counts["test"])
     stages["report"] = fixed("report") + panels * sum(

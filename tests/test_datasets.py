@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import data
@@ -329,6 +330,16 @@ def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
         for image, label in loader:  # collates without error
             assert image.shape[-2:] == label.shape[-2:]
     assert len(sizes) > 1
+
+
+def test_cpu_evaluation_batches_stop_at_a_pixel_budget():
+    """Large images go one at a time on a CPU (faster there); small ones still batch."""
+    big = [(torch.zeros(3, 584, 565), torch.zeros(584, 565)) for _ in range(3)]
+    small = [(torch.zeros(3, 64, 64), torch.zeros(64, 64)) for _ in range(3)]
+    assert eval_shard(big, SINGLE, 8, max_pixels=2**18).batch_size == 1
+    assert eval_shard(small, SINGLE, 8, max_pixels=2**18).batch_size == 8
+    assert eval_shard(small, SINGLE, 8, max_pixels=2 * 64 * 64).batch_size == 2
+    assert eval_shard(big, SINGLE, 8).batch_size == 8  # no budget (CUDA)
 
 
 # --- the positive class and the folder params ---------------------------------------------------
