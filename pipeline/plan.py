@@ -167,19 +167,21 @@ def _labels(num_classes: int, *shape: int) -> torch.Tensor:
     return torch.randint(0, num_classes, shape)
 
 
-def time_steps(engine, batch, seconds: float, max_steps: int = 12) -> float:
-    """Median seconds of one training step, after two warm-up steps."""
+def time_steps(engine, batch, seconds: float, max_steps: int = 20) -> float:
+    """Seconds of one training step: the lower quartile of up to `max_steps` steps after three
+    warm-up steps (robust to a step slowed by something else on the machine, which a median
+    of a dozen steps was not: a plan once read 0.19 s for 0.12 s steps)."""
     engine.model.train()
     times: list[float] = []
-    for i in range(max_steps + 2):
+    for i in range(max_steps + 3):
         t = time.perf_counter()
         engine.step(*batch)
         engine.apply()
-        if i >= 2:
+        if i >= 3:
             times.append(time.perf_counter() - t)
-        if len(times) >= 3 and sum(times) > seconds:
+        if len(times) >= 5 and sum(times) > seconds:
             break
-    return statistics.median(times)
+    return statistics.quantiles(times, n=4)[0]
 
 
 def time_loader(manifest: dict[str, Any], params: Params) -> float:
