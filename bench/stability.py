@@ -49,9 +49,10 @@ def late_drop(val: pd.Series) -> float:
 
 def run_seed(seed: int, overrides: dict, workdir: Path) -> dict:
     shutil.copytree(ROOT / "pipeline", workdir / "pipeline")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    overrides = merge(overrides, {"seed": seed, "mlflow": {"enabled": False}})
-    (workdir / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides)))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    params["seed"] = seed
+    params["mlflow"]["enabled"] = False  # the figures, not a tracking store
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     for stage in STAGES:
         subprocess.run(
@@ -92,7 +93,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
             rows.append(run_seed(seed, overrides, Path(tmp)))
         print(rows[-1], flush=True)
-    summary = {"seed": "spread (max - min)"}
+    summary = {"seed": "spread (max - min); seconds: median"}
     for arch in ("unet", "unetpp"):
         values = [r[f"{arch}_miou"] for r in rows]
         summary[f"{arch}_miou"] = round(max(values) - min(values), 4)
