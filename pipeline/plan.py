@@ -43,6 +43,7 @@ from pipeline import paths
 from pipeline.common import PipelineError, clock, run_cli, seed_everything, write_json
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.models import build_model
+from pipeline.preprocess import crop_origins
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,6 @@ def _manifest_matches(manifest: dict[str, Any], params: Params) -> bool:
     ) == (pp.crop_size, pp.crop_stride, pp.crops_per_image)
 
 
-def _grid(length: int, size: int, stride: int) -> int:
-    return 1 if length <= size else math.ceil((length - size) / stride) + 1
-
-
 def data_plan(params: Params) -> DataPlan:
     ds, pp = params.dataset, params.preprocess
     manifest = None
@@ -145,7 +142,8 @@ def data_plan(params: Params) -> DataPlan:
     else:
         h, w = (max(n, pp.crop_size) for n in sizes["train"])
         per_image = pp.crops_per_image or (
-            _grid(h, pp.crop_size, pp.crop_stride) * _grid(w, pp.crop_size, pp.crop_stride)
+            len(crop_origins(h, pp.crop_size, pp.crop_stride))
+            * len(crop_origins(w, pp.crop_size, pp.crop_stride))
         )
         crops = counts["train"] * per_image
     return DataPlan(ds.name, channels, classes, crops, sizes, counts, source)
@@ -192,8 +190,6 @@ def time_loader(manifest: dict[str, Any], params: Params) -> float:
     rng = np.random.default_rng(0)
     image = _hwc(rng.integers(0, 256, (crop, crop, manifest["in_channels"]), np.uint8))
     label = rng.integers(0, 2, (crop, crop), np.uint8)
-    png = io.BytesIO()
-    Image.fromarray(image.squeeze()).save(png, format="PNG")
     transform = transforms(manifest, params.train.augment, params.seed)
     n = min(params.batch_size, 16)
     t = time.perf_counter()
@@ -251,7 +247,7 @@ def time_eval(
     return time.perf_counter() - t
 
 
-def time_forward(model, data: DataPlan, params: Params) -> float:
+def time_forward(model, data: DataPlan) -> float:
     """Seconds of one full-size forward, as model_stats' latency runs (no autocast there)."""
     from pipeline.inference import pad_to_multiple
 
@@ -294,7 +290,7 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
         "test": time_eval(model, data, params, "test"),
     }
     steps = math.ceil(data.crops / b)
-    return ArchPlan(arch, step_total, loader, steps, evals, time_forward(model, data, params))
+    return ArchPlan(arch, step_total, loader, steps, evals, time_forward(model, data))
 
 
 def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]]:
@@ -302,11 +298,11 @@ def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]
     full model (depth 0: the prune stage exports it too)."""
     mp = params.unetpp
     model = build_model("unetpp", data.in_channels, data.num_classes, **mp.model_dump())
-    out = {0: (0.0, time_forward(model, data, params))}
+    out = {0: (0.0, time_forward(model, data))}
     for k in sorted(params.pruning.depths):
         sub = model.prune(k).eval()
         # the prune stage scores on the CPU in float32
-        out[k] = (time_eval(sub, data, params, "test", amp=False), time_forward(sub, data, params))
+        out[k] = (time_eval(sub, data, params, "test", amp=False), time_forward(sub, data))
     return out
 
 
