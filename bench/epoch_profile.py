@@ -59,7 +59,7 @@ def bare_loader(epochs: int, workers: int) -> float:
     from pipeline.config import load_params
     from pipeline.data import EpochSampler, crops_dataset, load_manifest
 
-    params = load_params()
+    params = load_params(complete=False)
     ds = crops_dataset(load_manifest(), params.train.augment, params.seed)
     sampler = EpochSampler(len(ds), params.seed)
     loader = DataLoader(ds, params.batch_size, sampler=sampler, num_workers=workers)

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.data import load_manifest
 
     try:
-        params, manifest = load_params(), load_manifest()
+        params, manifest = load_params(complete=False), load_manifest()
     except PipelineError as exc:
         sys.exit(f"{exc} (run `uv run dvc repro preprocess` first)")
     device = pick_device(args.device)

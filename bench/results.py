@@ -185,7 +185,7 @@ def _pick(metrics: dict[str, Any], keys=HEADLINE) -> dict[str, float]:
 def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[str, Any]:
     from pipeline.config import load_params
 
-    params = load_params()
+    params = load_params(complete=False)
     locked = locked_outputs()
     manifest = json.loads(paths.MANIFEST.read_text())
     archs = {}

@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,6 +29,11 @@ from pipeline.common import PipelineError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# a download that brings fewer than STALL_BYTES in STALL_SECONDS has stalled: the socket
+# timeout alone never fires on a server that trickles a byte every few seconds
+STALL_SECONDS = 60.0
+STALL_BYTES = 64 << 10
+PROGRESS_SECONDS = 10.0  # a log line this often when no terminal shows the progress bar
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ARCHIVE_SUFFIXES = (".zip", *TAR_SUFFIXES)
 
@@ -59,6 +65,33 @@ def url_filename(url: str) -> str:
     return name or "download"
 
 
+class _Progress:
+    """The stall rule (STALL_BYTES per STALL_SECONDS) and, where no progress bar shows, a log
+    line every PROGRESS_SECONDS with the bytes so far and the rate."""
+
+    def __init__(self, url: str, total: int, hint: str):
+        self.url, self.total, self.hint = url, total, hint
+        self.start = self.window_start = self.last_line = time.monotonic()
+        self.size = self.window_bytes = 0
+
+    def update(self, n: int, quiet: bool = False) -> None:
+        now = time.monotonic()
+        self.size += n
+        self.window_bytes += n
+        if now - self.window_start >= STALL_SECONDS:
+            if self.window_bytes < STALL_BYTES:
+                raise PipelineError(
+                    f"{self.url}: download stalled ({self.window_bytes} bytes in the last "
+                    f"{now - self.window_start:.0f} s, {self.size} in all); {self.hint}"
+                )
+            self.window_start, self.window_bytes = now, 0
+        if not quiet and now - self.last_line >= PROGRESS_SECONDS:
+            self.last_line = now
+            of = f" of {self.total / 1e6:.1f}" if self.total else ""
+            rate = self.size / 1e6 / max(now - self.start, 1e-9)
+            log.info("downloaded %.1f%s MB (%.2f MB/s)", self.size / 1e6, of, rate)
+
+
 def fetch_url(url: str, dest_dir: Path, sha256: str = "", timeout: float = 30.0) -> Path:
     """Stream `url` into dest_dir/<name> with a progress bar.
 
@@ -77,13 +110,16 @@ def fetch_url(url: str, dest_dir: Path, sha256: str = "", timeout: float = 30.0)
         h = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
             total = int(resp.headers.get("Content-Length") or 0)
+            watch = _Progress(url, total, hint)
             with tqdm(
                 total=total or None, unit="B", unit_scale=True, desc=name, delay=1, disable=None
             ) as bar:
-                while chunk := resp.read(CHUNK):
+                # read1: whatever has arrived (read(n) would wait for all n bytes)
+                while chunk := resp.read1(CHUNK):
                     f.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
+                    watch.update(len(chunk), quiet=not bar.disable)
             size = f.tell()
         if total and size != total:
             raise PipelineError(f"{url}: download truncated ({size} of {total} bytes); {hint}")

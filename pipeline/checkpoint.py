@@ -6,7 +6,9 @@ Only tensors, numbers, strings, lists and dicts go in, so `torch.load(weights_on
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,23 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def torch_save(obj: Any, path: Path, target: Path) -> None:
+    """torch.save to `path` (the temporary of `target`); a failed write (torch reports a full
+    disk as "unexpected pos 64 vs 0") is one line naming the file and the cause."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(path.parent).free
+        if getattr(exc, "errno", None) == errno.ENOSPC or free < 64 * 2**20:
+            cause = f"no space left on the device ({free / 2**20:.0f} MiB free)"
+        else:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{target}: could not be written: {cause}") from None
+
+
 def save_checkpoint(path: Path, model: nn.Module, **info: Any) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": cpu_state(model), **info}, tmp)
+        torch_save({"state_dict": cpu_state(model), **info}, tmp, path)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -91,7 +107,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_resume(path: Path, state: dict[str, Any]) -> None:
     """Atomically: a kill while writing leaves the previous epoch's state in place."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp, path)
 
 
 def load_resume(path: Path, fingerprint: str) -> dict[str, Any] | None:

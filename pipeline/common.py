@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +59,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_writable(*folders: Path) -> None:
+    """Each folder exists (created if need be) and takes a new file, or one line naming it:
+    checked before hours of work whose results would land there."""
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PipelineError(
+                f"{folder}: not writable ({exc.strerror or type(exc).__name__}); the results "
+                "go there: fix its permissions (or free the disk) before running"
+            ) from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what atomic_path writers of `path` that were killed (SIGKILL, power loss) left
+    behind: siblings named .<stem>.<pid>.<random>.tmp<suffix> whose process is gone, and the
+    .<name>.old a folder swap left (put back if the swap was cut short). Only these names:
+    nothing else is touched."""
+    suffix = "".join(path.suffixes)
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.(\d+)\.[A-Za-z0-9_]+\.tmp{re.escape(suffix)}")
+    stale = [
+        p
+        for p in path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(suffix)}")
+        if (m := pattern.fullmatch(p.name)) and not _alive(int(m.group(1)))
+    ]
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():  # killed mid-swap: the old copy is the output
+        log.info("restoring %s from %s, left by an interrupted run", path, old.name)
+        old.rename(path)
+    elif old.is_dir() and path.is_dir():  # the swap finished: the old copy is garbage
+        stale.append(old)
+    for p in stale:
+        log.info("removing %s, left by an interrupted run", p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
@@ -66,8 +122,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
+    remove_stale_temporaries(path)
+    # the writer's pid in the name: a later run can tell a killed writer's leftover from a
+    # temporary that a running one is still filling
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent
+        prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -91,9 +150,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON parsers (and dashboards) reject a bare NaN,
+    which is what json.dumps writes for an undefined metric."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def read_json(path: Path, what: str = "file") -> Any:

@@ -6,12 +6,22 @@ key, e.g. ``params.yaml: lr: must be > 0 (got -1)``.
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline import paths
 from pipeline.common import PipelineError
@@ -60,6 +70,9 @@ class FolderParams(Section):
     # positive, and the model's sigmoid channel: one of class_names, or "" for the second one
     # (class index 1); unused with 3+ classes
     positive: str = ""
+    # 16-bit images are scaled by 2**bit_depth - 1: 0 = the file's 16 bits; e.g. 12 for a
+    # camera's 12-bit values stored in 16-bit TIFFs (8-bit images are read as they are)
+    bit_depth: Annotated[int, Field(ge=0, le=16)] = 0
     split: Literal["fractions", "folders"] = "fractions"  # folders: <images>/{train,val,test}
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
@@ -97,6 +110,10 @@ class DatasetParams(Section):
     image_size: Annotated[int, Field(ge=32, le=4096)] = 128  # synthetic
     val_count: PositiveInt = 4  # synthetic and drive (out of DRIVE's 20 training images)
     test_count: PositiveInt = 8  # synthetic
+    # what the data is: the synthetic images and every seeded split (drive's validation
+    # images, a folder's fractions). The top-level `seed` varies the training run only (crops,
+    # init, shuffling, augmentation), so runs over seeds are scored on the same test images.
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     folder: FolderParams = FolderParams()
 
     @model_validator(mode="after")
@@ -171,6 +188,23 @@ class ModelParams(Section):
         """Input sides must divide by this (an smp encoder starts at stride 2: one more)."""
         return 2 ** (self.depth + (self.encoder != "none"))
 
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        """An unknown name fails when params load, not as a traceback when a stage builds the
+        model (smp is imported only when an smp encoder is asked for)."""
+        if name != "none":
+            from segmentation_models_pytorch.encoders import encoders
+
+            if name not in encoders:
+                close = difflib.get_close_matches(name, list(encoders), n=3, cutoff=0.6)
+                examples = close or ["resnet34", "efficientnet-b0", "mobilenet_v2"]
+                raise ValueError(
+                    f"unknown encoder {name!r}: 'none' (the classic one) or an smp encoder, "
+                    f"e.g. {', '.join(examples)} ({len(encoders)} in all)"
+                )
+        return name
+
 
 class UNetPPParams(ModelParams):
     deep_supervision: bool = True
@@ -241,6 +275,8 @@ class InferenceParams(Section):
     tile_size: Annotated[int, Field(ge=0)] = 128  # 0 = the whole image in one forward
     tile_overlap: Annotated[int, Field(ge=0)] = 32
     blend: Literal["gaussian", "constant"] = "gaussian"
+    # test-time augmentation: average the logits of the image and its flips (x2 or x4 cost)
+    tta: Literal["none", "hflip", "flips"] = "none"
 
     @model_validator(mode="after")
     def _overlap(self) -> InferenceParams:
@@ -268,7 +304,7 @@ class MlflowParams(Section):
 
 
 class Params(Section):
-    seed: Annotated[int, Field(ge=0)] = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42  # numpy's seeds stop at 2**32 - 1
     lr: Annotated[float, Field(gt=0, le=10)] = 0.003
     epochs: PositiveInt = 12
     batch_size: PositiveInt = 16
@@ -364,7 +400,33 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_params(path: Path | None = None) -> Params:
+def missing_keys(model: type[BaseModel], data: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the keys `model` defines that the mapping `data` lacks, in order."""
+    if not isinstance(data, dict):
+        return []  # not a mapping: validation says so
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            out.append(key)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            out += missing_keys(field.annotation, data[name], f"{key}.")
+    return out
+
+
+def _default_hint(key: str) -> str:
+    value: Any = Params()
+    for part in key.split("."):
+        value = getattr(value, part)
+    if isinstance(value, BaseModel):
+        return "the whole section, as in the project's params.yaml"
+    return f"its default is {json.dumps(value)}"
+
+
+def load_params(path: Path | None = None, complete: bool = True) -> Params:
+    """The params file, validated. `complete` (what every stage asks for): a key the file
+    lacks is an error naming it, never a silent default the run was not asked for. The
+    benchmark scripts read partial files (complete=False: the rest are defaults)."""
     path = Path(path or paths.PARAMS)
     try:
         data = load_yaml(path.read_text())
@@ -374,7 +436,15 @@ def load_params(path: Path | None = None) -> Params:
         raise PipelineError(f"{path}: cannot read params file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_params(data, path.name)
+    params = parse_params(data, path.name)
+    missing = missing_keys(Params, data if data is not None else {})
+    if complete and missing:
+        more = f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""
+        raise PipelineError(
+            f"{path.name}: {missing[0]}: missing (the stages read every key of params.yaml; "
+            f"add it back, {_default_hint(missing[0])}{more})"
+        )
+    return params
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,13 +6,14 @@ and a uint8 label of class indices with 255 = ignore:
 - synthetic / drive: the vessel tracing and the field-of-view mask merge into 1 vessel,
   0 background, 255 outside the FOV. DRIVE keeps its 20 test images as the test split (with the
   second observer's tracing as a reference) and draws `dataset.val_count` validation images from
-  its 20 training images (seeded).
+  its 20 training images (seeded by `dataset.seed`, as every split here).
 - camvid: the SegNet 11-class layout; class 11 (void) becomes 255.
 - folder: your own images and labels, mapped through `dataset.folder.mapping`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import paths
 from pipeline.common import PipelineError
 from pipeline.config import IGNORE_INDEX, Params
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 SPLITS = ("train", "val", "test")
@@ -62,16 +65,67 @@ ROOT_HINTS = {
 # --- reading files -------------------------------------------------------------------------
 
 
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad."""
+# 8-bit modes PIL converts faithfully; 16-bit and float ones are scaled here by their range
+EIGHT_BIT = {"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
+    """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad.
+
+    8-bit images as they are. 16-bit greyscale (microscopy TIFFs, PNGs) is scaled by its
+    range, 2**bit_depth - 1 (bit_depth 0: the file's 16 bits; 12 for 12-bit data stored in
+    16-bit files), and float images must hold values in [0, 1]: never clipped to 255, which
+    PIL's convert("L") would do. Other modes (32-bit integers) are an error."""
     try:
         with Image.open(path) as img:
             img.load()
-            return np.array(img.convert(mode))  # writable copy
+            if img.mode in EIGHT_BIT:
+                return np.array(img.convert(mode))  # writable copy
+            arr = np.array(img)
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable or corrupt image ({exc})") from None
+    if img.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        sixteen = True  # how some PIL versions open 16-bit PNGs
+    else:
+        sixteen = img.mode in SIXTEEN_BIT
+    if sixteen:
+        top = 2 ** (bit_depth or 16) - 1
+        peak = int(arr.max())
+        if peak > top:
+            raise PipelineError(
+                f"{path}: 16-bit values up to {peak} exceed dataset.folder.bit_depth "
+                f"{bit_depth} (max {top}); set it to {int(peak).bit_length()} or 0 (16 bits)"
+            )
+        if not bit_depth and 0 < peak < 2**12:
+            log.warning(
+                "%s: 16-bit image with values up to %d only: if the data are %d-bit, set "
+                "dataset.folder.bit_depth: %d (read as 16-bit, it is nearly black)",
+                path,
+                peak,
+                peak.bit_length(),
+                peak.bit_length(),
+            )
+        scaled = arr.astype(np.float64) * (255.0 / top)
+    elif img.mode == "F":
+        finite = np.isfinite(arr)
+        low, high = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 0)
+        if not finite.all() or low < 0 or high > 1:
+            raise PipelineError(
+                f"{path}: float image with values in [{low:g}, {high:g}]"
+                + ("" if finite.all() else " and NaN/inf")
+                + ": float images must hold intensities in [0, 1]"
+            )
+        scaled = arr.astype(np.float64) * 255.0
+    else:
+        raise PipelineError(
+            f"{path}: image mode {img.mode} is not supported (8-bit, 16-bit greyscale and "
+            "float greyscale in [0, 1] are); convert the file"
+        )
+    grey = np.rint(scaled).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[..., None], 3, axis=2) if mode == "RGB" else grey
 
 
 def equalize(image: np.ndarray, clip: float) -> np.ndarray:
@@ -250,7 +304,7 @@ def open_synthetic(params: Params, root: Path) -> RawDataset:
         if not label.is_file():
             raise _missing(image, label)
         items[stem] = Item(stem, image, label, mask)
-    splits = split_stems(sorted(items), ds.val_count, ds.test_count, params.seed)
+    splits = split_stems(sorted(items), ds.val_count, ds.test_count, ds.seed)
     return RawDataset(
         "synthetic",
         root,
@@ -295,7 +349,7 @@ def open_drive(params: Params, root: Path) -> RawDataset:
             f"{root / 'training' / 'images'}: {len(train)} images leave no training images "
             f"after dataset.val_count={val_count}"
         )
-    split = split_stems([i.stem for i in train], val_count, 0, params.seed)
+    split = split_stems([i.stem for i in train], val_count, 0, params.dataset.seed)
     by = {i.stem: i for i in train}
     return RawDataset(
         "drive",
@@ -311,9 +365,11 @@ def open_drive(params: Params, root: Path) -> RawDataset:
     )
 
 
-def _mapped_reader(mapping: dict[int, int], key: str, mode: str) -> Callable[[Item], Sample]:
+def _mapped_reader(
+    mapping: dict[int, int], key: str, mode: str, bit_depth: int = 0
+) -> Callable[[Item], Sample]:
     def read(item: Item) -> Sample:
-        image = read_image(item.image, mode)
+        image = read_image(item.image, mode, bit_depth)
         raw = read_label(item.label)
         check_same_size(item, image, raw, item.label)
         label = map_labels(raw, mapping, item.label, key)
@@ -394,7 +450,7 @@ def open_folder(params: Params, root: Path) -> RawDataset:
                 f"in {root / fp.images}"
             )
         by = {i.stem: i for i in items}
-        stems = split_stems(sorted(by), val, test, params.seed)
+        stems = split_stems(sorted(by), val, test, params.dataset.seed)
         splits = {s: [by[k] for k in stems[s]] for s in SPLITS}
     gray = all(_is_gray(i.image) for items in splits.values() for i in items)
     mode = "L" if gray else "RGB"
@@ -409,7 +465,7 @@ def open_folder(params: Params, root: Path) -> RawDataset:
         names,
         1 if gray else 3,
         splits,
-        _mapped_reader(mapping, "dataset.folder.mapping", mode),
+        _mapped_reader(mapping, "dataset.folder.mapping", mode, fp.bit_depth),
     )
 
 

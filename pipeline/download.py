@@ -1,6 +1,6 @@
 """Stage `download`: put the raw dataset named in params under data/raw/<name>/.
 
-- `synthetic` (the default) is generated offline and deterministically from the seed, in
+- `synthetic` (the default) is generated offline and deterministically from `dataset.seed`, in
   DRIVE's three-file layout: images/<stem>.png (RGB), manual/<stem>.png (vessel tracing,
   0/255) and mask/<stem>.png (field of view, 0/255).
 - `drive`, `camvid` and `folder` come from `dataset.source`: an http(s) URL (streamed to
@@ -35,7 +35,7 @@ from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import Params, load_params
 from pipeline.datasets import ROOT_HINTS, ROOT_MARKERS
 from pipeline.synthetic import generate
-from pipeline.tracking import mlflow_run
+from pipeline.tracking import failures_recorded, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,21 @@ log = logging.getLogger(__name__)
 def write_synthetic(params: Params, target: Path) -> dict:
     ds = params.dataset
     log.info(
-        "generating %d synthetic %dx%d images (seed %d)",
+        "generating %d synthetic %dx%d images (dataset.seed %d)",
         ds.num_images,
         ds.image_size,
         ds.image_size,
-        params.seed,
+        ds.seed,
     )
     for sub in ("images", "manual", "mask"):
         (target / sub).mkdir(parents=True)
-    samples = generate(params.seed, ds.num_images, ds.image_size)
+    samples = generate(ds.seed, ds.num_images, ds.image_size)
     for i, sample in enumerate(tqdm(samples, desc="synthetic", unit="img", delay=2, disable=None)):
         stem = f"{i:03d}"
         Image.fromarray(sample.image).save(target / "images" / f"{stem}.png")
         Image.fromarray(sample.vessels).save(target / "manual" / f"{stem}.png")
         Image.fromarray(sample.fov).save(target / "mask" / f"{stem}.png")
-    return {"seed": params.seed, "num_images": ds.num_images, "size": ds.image_size}
+    return {"seed": ds.seed, "num_images": ds.num_images, "size": ds.image_size}
 
 
 def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
@@ -82,8 +82,9 @@ def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
         log.info("extracting %s (sha256 %s)", local, sha256[:12])
         safe_extract(local, scratch)
     root = find_root(scratch, ROOT_MARKERS[ds.name](params), ds.source, ROOT_HINTS[ds.name])
+    inside = root.relative_to(scratch).as_posix()  # where the layout sat in the source
     root.rename(target)
-    return {"source": ds.source, "sha256": sha256}
+    return {"source": ds.source, "sha256": sha256, "root": "" if inside == "." else inside}
 
 
 def download(params: Params) -> Path:
@@ -101,7 +102,7 @@ def download(params: Params) -> Path:
         files = sum(1 for p in dest.rglob("*") if p.is_file())
         write_json(dest / "source.json", {"dataset": name, **info, "files": files})
     log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
-    used = {"seed": params.seed, "dataset": params.dataset.model_dump(exclude={"folder"})}
+    used = {"dataset": params.dataset.model_dump(exclude={"folder"})}
     with mlflow_run(params, "download", "download", used=used) as run:
         if run:
             import mlflow
@@ -113,7 +114,9 @@ def download(params: Params) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    download(load_params())
+    params = load_params()
+    with failures_recorded(params, "download"):
+        download(params)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def evaluate(
     histogram) summed over every pixel of every image and every DDP rank; never a mean of
     per-batch or per-image figures. `loss` is the pixel-weighted mean loss.
 
-    Images are predicted full-size by mirror-padded overlap-tile prediction (`inference.*`).
+    Images are predicted full-size by mirror-padded overlap-tile prediction (`inference.*`,
+    with test-time flips where `inference.tta` asks for them).
     """
     from pipeline.tiling import predict_tiled  # tiling builds on this module's padding
 
@@ -95,6 +96,7 @@ def evaluate(
                 multiple,
                 inference.blend,
                 batch_size=max(batch_size, 4),
+                tta=inference.tta,
             ).float()  # (B, 1 | C, H, W)
         cm.update(predict(logits), labels)
         if scores is not None:

@@ -231,7 +231,7 @@ def time_eval(
     model, data: DataPlan, params: Params, split: str, loss_fn=None, amp: bool = True
 ) -> float:
     """Seconds to evaluate one full-size image of `split` (prediction, loss, metrics), under
-    train.amp's autocast as the training stage does (`amp`), or in float32 as prune does."""
+    train.amp's autocast as the training and prune stages do (`amp`), or in float32."""
     from pipeline.inference import evaluate
 
     h, w = data.sizes[split]
@@ -301,8 +301,8 @@ def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]
     out = {0: (0.0, time_forward(model, data))}
     for k in sorted(params.pruning.depths):
         sub = model.prune(k).eval()
-        # the prune stage scores on the CPU in float32
-        out[k] = (time_eval(sub, data, params, "test", amp=False), time_forward(sub, data))
+        # the prune stage scores on the CPU under train.amp, as the training stage's test
+        out[k] = (time_eval(sub, data, params, "test"), time_forward(sub, data))
     return out
 
 

@@ -4,7 +4,8 @@
 
 Images of any size are predicted tile by tile as in validation (`inference` in the checkpoint's
 params: mirror-padded borders, overlapping blended tiles; `--tile 0` predicts the whole image
-at once). For each image it writes `<stem>_label.png`, a palette PNG whose pixel values are the
+at once; `inference.tta` or `--tta hflip|flips` averages the predictions of flipped copies).
+For each image it writes `<stem>_label.png`, a palette PNG whose pixel values are the
 class indices, and `<stem>_overlay.png`, the image with every non-background class blended in
 its colour. Every input is read before anything is written, so a bad one leaves nothing behind.
 """
@@ -23,10 +24,10 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.common import PipelineError, atomic_path, run_cli
+from pipeline.common import PipelineError, atomic_path, clock, run_cli
 from pipeline.datasets import equalize, read_image
 from pipeline.losses import predict
-from pipeline.tiling import BLENDS, predict_tiled, tile_count
+from pipeline.tiling import BLENDS, TTA_FLIPS, predict_tiled, tile_count
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,11 @@ def predict_files(
     tile: int | None = None,
     overlap: int | None = None,
     device: str = "auto",
+    tta: str | None = None,
 ) -> list[Path]:
     """Predict each image with the checkpoint at `model_path` (UNet++ pruned to `depth` if
-    given) and write its label and overlay PNGs to `out_dir`. `tile`/`overlap` default to the
-    checkpoint's `inference` params (whole-image prediction for older checkpoints). Returns
+    given) and write its label and overlay PNGs to `out_dir`. `tile`/`overlap`/`tta` default to
+    the checkpoint's `inference` params (whole-image prediction for older checkpoints). Returns
     the files written, label and overlay per image in input order."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     images = [Path(p) for p in images]
@@ -130,7 +132,7 @@ def predict_files(
             f"{model_path}: a valid-convolution UNet (padding 0) predicts a smaller map than "
             "its input; pipeline.predict needs a same-padding model"
         )
-    tile, overlap, blend = _tiling(ckpt, model_path, tile, overlap, multiple)
+    tile, overlap, blend, tta = _tiling(ckpt, model_path, tile, overlap, multiple, tta)
     data = ckpt.get("data") or {}
     in_channels = ckpt["model_config"]["in_channels"]
     mean, std = _normalisation(data, in_channels, model_path)
@@ -145,18 +147,20 @@ def predict_files(
 
     # read every image once before writing: a missing or corrupt one stops the run up front
     # (read again below, so only one image is held at a time)
+    bit_depth = int(data.get("bit_depth", 0))  # 16-bit images scaled as in training
     for path in images:
-        read_image(path, mode)
+        read_image(path, mode, bit_depth)
 
     start = time.perf_counter()
     written: list[Path] = []
     for path in images:
-        image = read_image(path, mode)  # (H, W) or (H, W, 3) uint8
+        image = read_image(path, mode, bit_depth)  # (H, W) or (H, W, 3) uint8
         # the contrast equalisation preprocess applied to the training images, if any
         x = torch.from_numpy(equalize(image, data.get("clahe", 0.0))).to(dev, torch.float32)
         x = x[..., None] if x.ndim == 2 else x  # (H, W, C)
         x = ((x / 255 - mean) / std).permute(2, 0, 1)[None]  # (1, C, H, W), as in training
-        logits = predict_tiled(model, x, tile, overlap, multiple, blend)
+        bar = TileProgress(path.name)
+        logits = predict_tiled(model, x, tile, overlap, multiple, blend, tta=tta, progress=bar)
         labels = predict(logits)[0].cpu().numpy().astype(np.uint8)  # (H, W) class indices
 
         label_path = out_dir / f"{path.stem}_label.png"
@@ -186,6 +190,7 @@ def predict_files(
             shares,
         )
     how = f"tiles {tile} px, overlap {overlap}, {blend}" if tile else "whole image"
+    how += f", tta {tta}" if tta != "none" else ""
     log.info(
         "predicted %d image(s) with %s (%s, %s) into %s in %.1f s",
         len(images),
@@ -211,10 +216,41 @@ def _select_depth(model, ckpt: dict[str, Any], model_path: Path, depth: int | No
         raise PipelineError(f"{model_path}: --depth {depth}: {exc}") from None
 
 
+class TileProgress:
+    """predict_tiled's progress callback: on a large image (thousands of tiles), a line every
+    PROGRESS_SECONDS with the tiles done and the time left at the speed so far."""
+
+    PROGRESS_SECONDS = 10.0
+
+    def __init__(self, name: str):
+        self.name = name
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.PROGRESS_SECONDS or done >= total:
+            return
+        self.last = now
+        left = (now - self.start) / done * (total - done)
+        log.info(
+            "%s: %s of %s tiles (%d%%), about %s left",
+            self.name,
+            f"{done:,}",
+            f"{total:,}",
+            100 * done // total,
+            clock(left),
+        )
+
+
 def _tiling(
-    ckpt: dict[str, Any], model_path: Path, tile: int | None, overlap: int | None, multiple: int
-) -> tuple[int, int, str]:
-    """(tile, overlap, blend): the arguments over the checkpoint's `inference` params."""
+    ckpt: dict[str, Any],
+    model_path: Path,
+    tile: int | None,
+    overlap: int | None,
+    multiple: int,
+    tta: str | None = None,
+) -> tuple[int, int, str, str]:
+    """(tile, overlap, blend, tta): the arguments over the checkpoint's `inference` params."""
     params = ckpt.get("params") or {}
     inference = params.get("inference") or {}  # older checkpoints: whole-image prediction
     # name where a bad value came from: the argument, or the params saved with the model
@@ -225,6 +261,10 @@ def _tiling(
     blend = inference.get("blend", "gaussian")
     if blend not in BLENDS:
         raise PipelineError(f"{model_path}: inference.blend {blend!r}; valid: {', '.join(BLENDS)}")
+    tta_from = "--tta" if tta is not None else f"{model_path}: inference.tta"
+    tta = inference.get("tta", "none") if tta is None else tta  # older checkpoints: none
+    if tta not in TTA_FLIPS:
+        raise PipelineError(f"{tta_from} {tta!r}; valid: {', '.join(TTA_FLIPS)}")
     if tile < 0 or tile % multiple:
         raise PipelineError(
             f"{tile_from} {tile}: must be 0 (whole image) or a multiple of {multiple}, "
@@ -234,7 +274,7 @@ def _tiling(
         raise PipelineError(
             f"{overlap_from} {overlap}: must lie in 0..{max(tile - 1, 0)} for tile {tile}"
         )
-    return tile, overlap, blend
+    return tile, overlap, blend, tta
 
 
 def _normalisation(
@@ -267,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         "--overlap", type=int, help="px shared by tiles (default: the checkpoint's)"
     )
     parser.add_argument(
+        "--tta",
+        choices=list(TTA_FLIPS),
+        help="test-time flips, logits averaged (default: the checkpoint's inference.tta)",
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda", "auto"],
         default="auto",
@@ -274,7 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     predict_files(
-        args.model, args.images, args.out, args.depth, args.tile, args.overlap, args.device
+        args.model,
+        args.images,
+        args.out,
+        args.depth,
+        args.tile,
+        args.overlap,
+        args.device,
+        args.tta,
     )
 
 

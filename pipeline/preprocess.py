@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -25,10 +27,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
+from pipeline.archives import is_url
 from pipeline.common import PipelineError, atomic_path, run_cli, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
 from pipeline.datasets import RawDataset, equalize, open_dataset
-from pipeline.tracking import mlflow_run
+from pipeline.tracking import failures_recorded, mlflow_run
 from pipeline.weightmap import balanced_class_weights, border_weight_map
 
 log = logging.getLogger(__name__)
@@ -171,11 +174,40 @@ def score_observer(cm, second: np.ndarray, label: np.ndarray, num_classes: int):
     return cm
 
 
+def origin(message: str, params: Params) -> str:
+    """`message` with the original of the first data/raw/ file it names: errors in the copy
+    are fixed in the source (dataset.source, and the member inside an archive)."""
+    raw = paths.raw_dir(params.dataset.name)
+    match = re.search(re.escape(str(raw)) + r"/([^\s:,;()]+)", message)
+    info_path = raw / "source.json"
+    if not match or not info_path.is_file():
+        return message
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return message
+    source = info.get("source")
+    if not source or is_url(source) or not isinstance(info.get("root"), str):
+        what = f"downloaded from {source}" if source else ""
+        return f"{message} ({what})" if what else message
+    rel = "/".join(p for p in (info["root"], match.group(1)) if p)
+    local = paths.resolve_source(source)
+    where = f"{local / rel}" if local.is_dir() else f"{rel} inside {local}"
+    return f"{message} (the copy of {where})"
+
+
 def preprocess(params: Params) -> Path:
+    try:
+        return _preprocess(params)
+    except PipelineError as exc:
+        raise PipelineError(origin(str(exc), params)) from None
+
+
+def _preprocess(params: Params) -> Path:
     pp = params.preprocess
     ds = open_dataset(params)
     stats = Stats(len(ds.class_names), ds.in_channels)
-    rng = np.random.default_rng(params.seed)
+    rng = np.random.default_rng(params.seed)  # random crops vary with the run's seed
     crops: list[str] = []
     observer = None  # DRIVE: the second human's tracings, scored like a model
     target = paths.PROCESSED
@@ -254,6 +286,8 @@ def preprocess(params: Params) -> Path:
             "crop_stride": pp.crop_stride,
             "crops_per_image": pp.crops_per_image,
             "clahe": pp.clahe,  # applied to every image before anything else (and by predict)
+            # 16-bit images were scaled by 2**bit_depth - 1 (0: 16 bits); predict does alike
+            "bit_depth": params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
             "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},
             "crops": crops,
             # DRIVE: a second human's tracing of the test images, scored like a model
@@ -306,7 +340,9 @@ def preprocess(params: Params) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    preprocess(load_params())
+    params = load_params()
+    with failures_recorded(params, "preprocess"):
+        preprocess(params)
 
 
 if __name__ == "__main__":

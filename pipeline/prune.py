@@ -21,7 +21,8 @@ from pipeline.config import Params, load_params
 from pipeline.data import load_manifest, split_dataset
 from pipeline.inference import evaluate
 from pipeline.stats import image_shape, model_stats
-from pipeline.tracking import log_to_parent, mlflow_run
+from pipeline.tracking import failures_recorded, log_to_parent, mlflow_run
+from pipeline.train import amp_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def prune(params: Params) -> pd.DataFrame:
     multiple = model.size_multiple
     shape = image_shape(test_ds, multiple)  # (1, C, H, W): one full-size test image
 
+    # scored under the training stage's autocast (train.amp), as its test split was: the
+    # deepest depth then reproduces UNet++'s own test metrics; latency stays in float32
+    dtype = amp_dtype(params.train.amp, device)
     rows = []
     for k in sorted(pp.depths):
         sub = model.prune(k).eval()
@@ -77,6 +81,7 @@ def prune(params: Params) -> pd.DataFrame:
             multiple,
             params.inference,
             batch_size=params.batch_size,
+            amp_dtype=dtype,
         )
         row = {
             "depth": k,
@@ -108,6 +113,7 @@ def prune(params: Params) -> pd.DataFrame:
 
     used = {
         "batch_size": params.batch_size,
+        "train.amp": params.train.amp,
         "inference": params.inference.model_dump(),
         "pruning": pp.model_dump(),
     }
@@ -143,7 +149,9 @@ def prune(params: Params) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    prune(load_params())
+    params = load_params()
+    with failures_recorded(params, "prune"):
+        prune(params)
 
 
 if __name__ == "__main__":

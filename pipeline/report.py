@@ -37,7 +37,7 @@ from pipeline.losses import predict
 from pipeline.predict import PALETTE
 from pipeline.report_html import Block, Figure, Heading, Table, Text, render_html
 from pipeline.tiling import predict_tiled
-from pipeline.tracking import git_commit, log_to_parent, mlflow_run
+from pipeline.tracking import failures_recorded, git_commit, log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def arch_metrics(arch: str) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise PipelineError(f"{path}: expected a JSON object of metrics")
     require(path, ARCH_COLUMNS, metrics)
-    return metrics
+    # an undefined metric is written as null (strict JSON): a number that shows as "–" here
+    return {k: NAN if v is None else v for k, v in metrics.items()}
 
 
 def epoch_logs(metric: str) -> dict[str, pd.DataFrame]:
@@ -235,13 +236,24 @@ def positive_class(manifest: dict[str, Any]) -> str | None:
     return manifest.get("positive_class") or manifest["class_names"][1]
 
 
+TTA_TEXT = {
+    "none": "",
+    "hflip": ", averaged with the prediction of the horizontally flipped image",
+    "flips": (
+        ", averaged with the predictions of the image flipped horizontally, vertically and both"
+    ),
+}
+
+
 def inference_text(inference: InferenceParams) -> str:
     if not inference.tile_size:
-        return "whole-image inference (one forward per image, mirror-padded to the network's size)"
-    return (
-        f"overlap-tile inference ({inference.tile_size} px tiles overlapping by "
-        f"{inference.tile_overlap} px, {inference.blend} blending, mirror-padded borders)"
-    )
+        text = "whole-image inference (one forward per image, mirror-padded to the network's size)"
+    else:
+        text = (
+            f"overlap-tile inference ({inference.tile_size} px tiles overlapping by "
+            f"{inference.tile_overlap} px, {inference.blend} blending, mirror-padded borders)"
+        )
+    return text + TTA_TEXT[inference.tta]
 
 
 # --- qualitative panels ----------------------------------------------------------------------
@@ -262,6 +274,7 @@ def predict_arch(
             inference.tile_overlap,
             model.size_multiple,
             inference.blend,
+            tta=inference.tta,
         )
         out.append(predict(logits)[0].cpu().numpy().astype(np.uint8))
     return out
@@ -539,7 +552,9 @@ def report(params: Params) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    report(load_params())
+    params = load_params()
+    with failures_recorded(params, "report"):
+        report(params)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ and accumulated; dividing by the accumulated weight gives a seamless (B, K, H, W
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +71,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+# test-time augmentation: the flips (tensor dims) whose predictions are averaged
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "hflip": ((), (-1,)),
+    "flips": ((), (-1,), (-2,), (-2, -1)),
+}
+
+
 @torch.no_grad()
 def predict_tiled(
     model: nn.Module,
@@ -77,6 +88,8 @@ def predict_tiled(
     multiple: int,
     blend: str = "gaussian",
     batch_size: int = 8,
+    tta: str = "none",
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Logits (B, K, H, W) float32 of `model` (in eval mode) on normalised images (B, C, H, W).
 
@@ -86,7 +99,45 @@ def predict_tiled(
     padded side rounded up to `multiple` (the image is mirror-padded to it): one forward for
     a small image. Tiles of all images go through the model `batch_size` at a time; memory
     is the image's accumulators plus one batch of tiles.
+
+    `tta` (a key of TTA_FLIPS): the image is also predicted flipped, each prediction flipped
+    back, and the logits averaged (as ttach's mean merge; nnU-Net mirrors likewise); every
+    flip costs one more prediction of the whole image.
+
+    `progress(done, total)`, if given, is called after every batch of tiles (tiles of every
+    image and flip), for progress lines on large images.
     """
+    if tta not in TTA_FLIPS:
+        raise ValueError(f"tta {tta!r}: valid are {', '.join(TTA_FLIPS)}")
+    passes = len(TTA_FLIPS[tta])
+    total: torch.Tensor | None = None
+    for i, dims in enumerate(TTA_FLIPS[tta]):
+        x = images.flip(dims) if dims else images
+        report = None
+        if progress is not None:
+            report = functools.partial(_pass_progress, progress, i, passes)
+        out = _predict_once(model, x, tile, overlap, multiple, blend, batch_size, report)
+        out = out.flip(dims) if dims else out
+        total = out if total is None else total.add_(out)
+    assert total is not None
+    return total / len(TTA_FLIPS[tta]) if tta != "none" else total
+
+
+def _pass_progress(progress, index: int, passes: int, done: int, total: int) -> None:
+    progress(index * total + done, passes * total)
+
+
+def _predict_once(
+    model: nn.Module,
+    images: torch.Tensor,
+    tile: int,
+    overlap: int,
+    multiple: int,
+    blend: str,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """predict_tiled without test-time augmentation."""
     if multiple < 1:
         raise ValueError(f"multiple must be positive, got {multiple}")
     if tile < 0 or tile % multiple:
@@ -96,7 +147,10 @@ def predict_tiled(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if tile == 0:
-        return predict_logits(model, images, multiple).float()
+        out = predict_logits(model, images, multiple).float()
+        if progress is not None:
+            progress(images.shape[0], images.shape[0])
+        return out
 
     b, _, h, w = images.shape
     margin, (th, tw), (ph, pw), grid = _layout(h, w, tile, overlap, multiple)
@@ -126,6 +180,8 @@ def predict_tiled(
             acc = torch.zeros(b, out.shape[1], ph, pw, device=images.device)
         for (i, y, z), logits in zip(chunk, out, strict=True):
             acc[i, :, y : y + th, z : z + tw] += logits
+        if progress is not None:
+            progress(start + len(chunk), len(jobs))
     assert acc is not None  # at least one tile per image
     acc /= weight  # every pixel lies in some tile, and the window is > 0 everywhere
     return acc[..., margin : margin + h, margin : margin + w]

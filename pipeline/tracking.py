@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import paths
-from pipeline.common import run_cli
+from pipeline.common import PipelineError, run_cli
 from pipeline.config import Params, flatten, load_params
 
 T = TypeVar("T")
@@ -159,7 +159,20 @@ def init_store(params: Params) -> str:
         return exp.experiment_id if exp else mlflow.create_experiment(name, location)
 
     with _store_lock(uri):
-        return _retry(get_or_create)
+        try:
+            return _retry(get_or_create)
+        except Exception as exc:  # sqlalchemy, MlflowException, connection errors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            if uri.startswith("sqlite:///"):
+                db = uri.removeprefix("sqlite:///")
+                raise PipelineError(
+                    f"{db}: the MLflow store cannot be opened ({first}); move the file aside "
+                    "to start a new store, or set mlflow.enabled: false"
+                ) from None
+            raise PipelineError(
+                f"MLflow tracking store {uri} cannot be reached ({first}); check the server "
+                "or MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
+            ) from None
 
 
 def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
@@ -273,6 +286,34 @@ def mlflow_run(
     finally:
         if parent:
             _retry(lambda: client.set_terminated(parent, status))
+
+
+@contextlib.contextmanager
+def failures_recorded(params: Params, stage: str) -> Iterator[None]:
+    """Stages that open their MLflow run only once their work is done (download, preprocess,
+    prune, report) record a failure of that work as a FAILED run of the stage, with the
+    params and the error, under the execution's parent (which turns FAILED too); the
+    training stages' runs are open throughout and fail by themselves. The original error
+    always propagates, whatever the store does."""
+    try:
+        yield
+    except Exception as exc:
+        if params.mlflow.enabled:
+            try:
+                with mlflow_run(params, stage, stage, used=params.model_dump()) as run:
+                    import mlflow
+
+                    mlflow.set_tag("error", (str(exc) or type(exc).__name__)[:5000])
+                    raise _StageFailed(run.info.run_id)
+            except _StageFailed as failed:
+                log.info("MLflow run %s marked FAILED", failed.args[0])
+            except Exception as store:  # the store's own trouble must not hide the error
+                log.warning("could not record the failure in MLflow: %s", store)
+        raise
+
+
+class _StageFailed(Exception):
+    """Raised inside mlflow_run to end the recorded run as FAILED."""
 
 
 def log_to_parent(

@@ -42,6 +42,7 @@ from pipeline.checkpoint import (
 from pipeline.common import (
     PipelineError,
     atomic_path,
+    check_writable,
     clock,
     run_cli,
     seed_everything,
@@ -329,6 +330,10 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             "processes: it is the global batch"
         )
     manifest = load_manifest()
+    # where the results land must take them before the training they would hold runs
+    check_writable(
+        paths.checkpoint(arch).parent, paths.arch_reports(arch), paths.resume_state(arch).parent
+    )
     device = pick_device(params.train.device, ctx)
     tp = params.train
     seed_everything(params.seed)
@@ -536,6 +541,7 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
         data={
             **{k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")},
             "clahe": manifest.get("clahe", 0.0),  # pipeline.predict equalises images alike
+            "bit_depth": manifest.get("bit_depth", 0),  # ...and scales 16-bit images alike
         },
     )
     write_json(out / "metrics.json", metrics)

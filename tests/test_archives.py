@@ -4,6 +4,7 @@ folder sources. Tiny fake datasets built in tmp_path."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -345,6 +347,51 @@ def test_a_truncated_download_is_refused_and_deleted(tmp_path, serve):
     assert list((tmp_path / "dl").iterdir()) == []
 
 
+class Trickle(BaseHTTPRequestHandler):
+    """A server that sends a byte every 50 ms forever: each read beats the socket timeout."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**9))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gives up
+            for _ in range(2000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_a_trickling_download_stops_as_stalled_and_leaves_no_part_file(
+    tmp_path, serve, monkeypatch
+):
+    from pipeline import archives
+
+    monkeypatch.setattr(archives, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(archives, "STALL_BYTES", 1000)
+    url = url_of(serve(Trickle), "DRIVE.zip")
+    start = time.monotonic()
+    message = error_of(lambda: fetch_url(url, tmp_path / "dl", timeout=5))
+    assert time.monotonic() - start < 10, "the stall rule, not the socket timeout, stops it"
+    assert message.startswith(f"{url}: download stalled (") and "dataset.source=" in message
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_a_download_logs_progress_lines_when_no_terminal_shows_the_bar(
+    tmp_path, www, drive_zip, monkeypatch, caplog
+):
+    from pipeline import archives
+
+    monkeypatch.setattr(archives, "PROGRESS_SECONDS", 0.0)  # a line per chunk read
+    with caplog.at_level(logging.INFO, logger="pipeline.archives"):
+        fetch_url(www.url("DRIVE.zip"), tmp_path / "dl")  # pytest's stderr is no terminal
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloaded ")]
+    size = drive_zip.stat().st_size / 1e6
+    assert any(f"of {size:.1f} MB (" in line and "MB/s)" in line for line in lines), lines
+
+
 class BrokenChunks(BaseHTTPRequestHandler):
     """A chunked response cut off after its first chunk."""
 
@@ -395,7 +442,13 @@ def test_download_from_a_url_extracts_drive_and_keeps_the_verified_zip(project, 
     assert sorted(p.name for p in downloads.iterdir()) == ["DRIVE.zip"]  # no .DRIVE.zip.part
     assert (downloads / "DRIVE.zip").read_bytes() == drive_zip.read_bytes()
     source = json.loads((raw / "source.json").read_text())
-    assert source == {"dataset": "drive", "source": url, "sha256": sha, "files": len(DRIVE_FILES)}
+    assert source == {
+        "dataset": "drive",
+        "source": url,
+        "sha256": sha,
+        "root": "DRIVE",  # where the layout sat inside the archive
+        "files": len(DRIVE_FILES),
+    }
     assert sorted(p.name for p in (project / "data" / "raw").iterdir()) == ["drive"]
     assert leftovers(project) == []
 
@@ -770,7 +823,10 @@ def test_each_dataset_is_found_by_its_marker_folder(project, tmp_path, dataset, 
 
 
 def write_params(project: Path, dataset: dict) -> None:
-    (project / "params.yaml").write_text(yaml.safe_dump({"dataset": dataset}))
+    """A complete params.yaml (as the stages require), the defaults but for `dataset`."""
+    full = Params().model_dump()
+    full["dataset"] |= dataset
+    (project / "params.yaml").write_text(yaml.safe_dump(full))
 
 
 def test_cli_failure_exits_1_with_one_error_line(project, tmp_path, caplog):

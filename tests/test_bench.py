@@ -107,3 +107,50 @@ def test_helpers():
     assert out_stem(None, "n").name == "n"
     table = markdown_table([{"a": 1234, "b": 0.5, "c": None}], {"a": "A", "b": "B", "c": "C"})
     assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| 1,234 | 0.5 | - |"]
+
+
+def test_stability_late_drop_by_hand():
+    import pandas as pd
+
+    from bench.stability import late_drop
+
+    # best so far 0.8 then 0.82; over the second half (epochs 3..5) the worst fall is 0.22
+    assert late_drop(pd.Series([0.5, 0.8, 0.7, 0.82, 0.6])) == pytest.approx(0.22)
+    assert late_drop(pd.Series([0.5, 0.6, 0.7, 0.8])) == 0.0  # still improving
+    assert late_drop(pd.Series([0.7])) == 0.0
+
+
+@pytest.mark.parametrize("vary_data", [False, True])
+def test_stability_varies_the_run_seed_and_the_data_only_when_asked(
+    tmp_path, monkeypatch, vary_data
+):
+    """Each seed runs the stages in its own copy with MLflow off; the data's seed stays as in
+    params.yaml unless --vary-data."""
+    from bench import stability
+
+    seen = []
+
+    def fake_run(cmd, cwd, **kwargs):
+        params = yaml.safe_load((cwd / "params.yaml").read_text())
+        seen.append((cmd[2:], params["seed"], params["dataset"]["seed"], params["mlflow"]))
+        for arch in ("unet", "unetpp"):
+            out = cwd / "reports" / arch
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = {"miou": 0.8, "best_epoch": 3, "train_seconds": 1.0}
+            (out / "metrics.json").write_text(json.dumps(metrics))
+            (out / "epochs.csv").write_text("epoch,val_miou\n1,0.7\n2,0.8\n3,0.75\n")
+
+    monkeypatch.setattr(stability.subprocess, "run", fake_run)
+    row = stability.run_seed(7, {"lr": 0.01}, tmp_path, vary_data)
+    assert [s[0] for s in seen] == [list(stage) for stage in stability.STAGES]
+    data_seed = 7 if vary_data else yaml.safe_load(paths.PARAMS.read_text())["dataset"]["seed"]
+    assert {s[1:3] for s in seen} == {(7, data_seed)}
+    assert all(s[3]["enabled"] is False for s in seen)
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["lr"] == 0.01
+    assert row == {
+        "seed": 7,
+        **{f"{a}_miou": 0.8 for a in ("unet", "unetpp")},
+        **{f"{a}_best_epoch": 3 for a in ("unet", "unetpp")},
+        **{f"{a}_late_drop": 0.05 for a in ("unet", "unetpp")},
+        **{f"{a}_seconds": 1.0 for a in ("unet", "unetpp")},
+    }

@@ -37,10 +37,46 @@ def test_load_params_without_argument_reads_the_project_params_yaml():
     assert load_params() == load_params(paths.PARAMS)
 
 
-def test_empty_mapping_and_empty_file_give_the_defaults(tmp_path):
+def test_empty_mapping_and_empty_file_give_the_defaults_where_asked(tmp_path):
     empty = tmp_path / "params.yaml"
     empty.write_text("")
-    assert load_params(empty) == parse_params({}) == parse_params(None) == Params()
+    assert load_params(empty, complete=False) == parse_params({}) == parse_params(None) == Params()
+
+
+READ_ALL = "missing (the stages read every key of params.yaml; add it back, "
+
+
+@pytest.mark.parametrize(
+    ("delete", "hint"),
+    [
+        ("batch_size", "its default is 16)"),
+        ("inference.tta", 'its default is "none")'),
+        ("train", "the whole section, as in the project's params.yaml)"),
+    ],
+)
+def test_a_stage_refuses_a_params_file_that_lacks_a_key(tmp_path, delete, hint):
+    """Outside DVC too: a deleted key is an error naming it, not a silent default."""
+    data = yaml.safe_load(paths.PARAMS.read_text())
+    *parents, last = delete.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    del node[last]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PipelineError) as err:
+        load_params(path)
+    assert str(err.value) == f"params.yaml: {delete}: {READ_ALL}{hint}"
+    load_params(path, complete=False)  # what the benchmark scripts read: defaults fill in
+
+
+def test_an_empty_params_file_names_the_first_key_and_how_many_more(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    with pytest.raises(
+        PipelineError, match=r"^params\.yaml: seed: missing \(.*; \d+ more missing\)$"
+    ):
+        load_params(empty)
 
 
 def test_defaults():
@@ -106,6 +142,27 @@ def test_fractional_epochs_is_a_type_error():
 
 def test_bool_is_not_an_int():
     assert _error({"seed": True}).startswith("params.yaml: seed: ")
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_an_unknown_encoder_fails_when_params_load_naming_close_ones(arch):
+    message = _error({arch: {"encoder": "resnet999"}})
+    assert message.startswith(f"params.yaml: {arch}.encoder: ")
+    assert "unknown encoder 'resnet999'" in message and "resnet" in message.split("e.g.")[1]
+    assert parse_params({arch: {"encoder": "resnet18"}}).model_dump()[arch]["encoder"] == "resnet18"
+
+
+@pytest.mark.parametrize("key", ["seed", "dataset.seed"])
+def test_seeds_are_bounded_where_numpy_stops(key):
+    """A seed numpy cannot take fails when params load, not after the data stages ran."""
+    value = 99999999999999999999999
+    params = {"seed": value} if key == "seed" else {"dataset": {"seed": value}}
+    message = _error(params)
+    assert (
+        message.startswith(f"params.yaml: {key}: ")
+        and "less than or equal to 4294967295" in message
+    )
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("lr", [0, 0.0, -1, -0.001])
@@ -367,7 +424,7 @@ def test_small_numbers_as_dvc_writes_them_are_floats(tmp_path):
 
     path = tmp_path / "params.yaml"
     path.write_text("lr: 1e-05\ntrain:\n  min_lr: 5E-7\n  weight_decay: 1.0e-4\n")
-    params = load_params(path)
+    params = load_params(path, complete=False)
     assert params.lr == 1e-05
     assert params.train.min_lr == 5e-7
     assert params.train.weight_decay == 1e-4

@@ -69,6 +69,10 @@ def test_cpu_preset_recipe_runs_end_to_end(project, tmp_path, name):
     }
     pruning = pd.read_csv(reports / "pruning.csv")
     assert list(pruning["depth"]) == p.pruning.depths
+    # prune scores under the training stage's autocast: the deepest depth is UNet++ itself
+    deepest = pruning.iloc[-1]
+    for key in ("miou", "dice", "global_accuracy"):
+        assert deepest[key] == pytest.approx(metrics["unetpp"][key], abs=1e-9), key
     md = (reports / "report.md").read_text()
     assert "whole-image inference" in md and "overlap-tile" not in md  # tile_size: 0
     epochs = pd.read_csv(reports / "unetpp" / "epochs.csv")

@@ -23,7 +23,7 @@ from pipeline.synthetic import generate
 
 TINY = {
     "seed": 3,
-    "dataset": {"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1},
+    "dataset": {"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1, "seed": 3},
     "preprocess": {"crop_size": 32, "crop_stride": 32},
 }
 
@@ -401,6 +401,23 @@ def test_failed_preprocess_on_a_corrupt_image_keeps_the_previous_output(project,
         pre.preprocess(tiny)
     assert str(bad) in str(info.value)
     _assert_previous_output_kept(project, before)
+
+
+def test_the_run_seed_keeps_the_data_and_dataset_seed_changes_it(project, tiny):
+    """Runs over `seed` are scored on the same images; `dataset.seed` is what the data is."""
+    download(tiny)
+    pre.preprocess(tiny)
+    raw, manifest = _snapshot(project / "data" / "raw"), _read_manifest(project)
+    other_run = parse_params({**TINY, "seed": 4})
+    download(other_run)
+    pre.preprocess(other_run)
+    assert _snapshot(project / "data" / "raw") == raw
+    assert _read_manifest(project)["splits"] == manifest["splits"]
+    other_data = parse_params({**TINY, "dataset": {**TINY["dataset"], "seed": 4}})
+    download(other_data)
+    pre.preprocess(other_data)
+    assert _snapshot(project / "data" / "raw") != raw
+    assert _read_manifest(project)["splits"] != manifest["splits"]
 
 
 def test_preprocess_failing_while_writing_keeps_the_previous_output(project, tiny, monkeypatch):

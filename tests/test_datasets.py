@@ -97,8 +97,17 @@ def test_drive_image_without_its_tracing_is_named(project, tmp_path):
     top = make_drive(tmp_path / "src")
     (top / "training" / "1st_manual" / "22_manual1.gif").unlink()
     download(params("drive", top))
-    with pytest.raises(PipelineError, match=r"22_training\.tif: no label for this image"):
+    with pytest.raises(PipelineError, match=r"22_training\.tif: no label for this image") as err:
         preprocess(params("drive", top))
+    # the file to fix is the original, not data/raw's copy of it
+    original = top / "training" / "images" / "22_training.tif"
+    assert str(err.value).endswith(f"(the copy of {original})"), str(err.value)
+    archive = zip_dir(top, tmp_path / "DRIVE.zip")
+    download(params("drive", archive))
+    with pytest.raises(PipelineError) as err:
+        preprocess(params("drive", archive))
+    inside = f"{top.name}/training/images/22_training.tif inside {archive})"
+    assert str(err.value).endswith(f"(the copy of {inside}"), str(err.value)
 
 
 # --- CamVid ----------------------------------------------------------------------------------
@@ -418,3 +427,60 @@ def test_clahe_equalises_every_split_and_is_recorded(project, tmp_path):
         np.testing.assert_array_equal(got, equalize(raw, 2.0))
         assert not np.array_equal(got, raw)
     assert np.array_equal(equalize(raw[..., 0], 0.0), raw[..., 0])  # 0: off
+
+
+# --- image modes: 16-bit and float images by their range, never clipped ----------------------
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path, caplog):
+    from pipeline.datasets import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    tif = _save(tmp_path / "a.tif", ramp)
+    assert Image.open(tif).mode == "I;16"
+    grey = read_image(tif, "L")
+    np.testing.assert_array_equal(grey, np.rint(ramp / 257).astype(np.uint8))
+    assert grey.mean() == pytest.approx(127.5, abs=0.6)  # convert("L") gave 98% at 255
+    rgb = read_image(tif, "RGB")
+    assert rgb.shape == (64, 64, 3) and (rgb == grey[..., None]).all()
+    # 12-bit camera data in a 16-bit file: bit_depth 12 spans 0..4095
+    twelve = _save(tmp_path / "b.tif", (ramp // 16).astype(np.uint16))
+    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+        dark = read_image(twelve, "L")
+    assert dark.max() == 16 and "dataset.folder.bit_depth: 12" in caplog.text
+    np.testing.assert_array_equal(read_image(twelve, "L", 12), np.rint(ramp // 16 * 255 / 4095))
+    with pytest.raises(
+        PipelineError, match=r"a\.tif: 16-bit values up to 65535 exceed .*bit_depth"
+    ):
+        read_image(tif, "L", 12)
+
+
+def test_float_images_must_hold_values_in_0_1_and_other_modes_are_refused(tmp_path):
+    from pipeline.datasets import read_image
+
+    values = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    ok = _save(tmp_path / "f.tif", values)
+    np.testing.assert_array_equal(read_image(ok, "L"), np.rint(values * 255).astype(np.uint8))
+    hot = _save(tmp_path / "hot.tif", values * 1000)
+    with pytest.raises(PipelineError, match=r"hot\.tif: float image with values in \[0, 1000\]"):
+        read_image(hot, "L")
+    signed = _save(tmp_path / "i32.tif", (values * 1e6 - 5e5).astype(np.int32))
+    with pytest.raises(PipelineError, match=r"i32\.tif: image mode I is not supported"):
+        read_image(signed, "L")
+
+
+def test_a_folder_of_16_bit_tiffs_trains_on_their_real_contrast(project, tmp_path):
+    """The issue's case: 16-bit microscopy TIFFs gave a manifest mean of 0.992."""
+    top = make_folder(tmp_path / "src", gray=True)
+    for png_path in sorted((top / "images").glob("*.png")):
+        eight = np.array(Image.open(png_path))
+        _save(png_path.with_suffix(".tif"), eight.astype(np.uint16) * 257)
+        png_path.unlink()
+    manifest = run(params("folder", top))
+    assert 0.3 < manifest["mean"][0] < 0.7 and manifest["bit_depth"] == 0

@@ -429,3 +429,30 @@ def test_model_stats_record_what_they_measured():
     assert (stats["batch"], stats["input"]) == (2, "3x32x48")
     # FLOPs per image: the same for a batch of one
     assert model_stats(model, (1, 3, 32, 48), 1, 0)["gflops"] == stats["gflops"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError("[Errno -3] Temporary failure in name resolution"),
+        ValueError("Cannot find the requested files in the local cache (offline mode)"),
+    ],
+)
+def test_pretrained_weights_that_cannot_be_fetched_are_one_line(monkeypatch, failure):
+    """Offline, smp's Hugging Face download fails deep in the hub: one line says what to do."""
+    from segmentation_models_pytorch import encoders
+
+    def offline(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
+    with pytest.raises(PipelineError) as info:
+        build_model(
+            "unet", 3, 2, base_channels=4, depth=2, encoder="resnet18", encoder_weights="imagenet"
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("encoder_weights: imagenet: the pretrained resnet18 weights")
+    assert "encoder_weights: null" in message and "HF_HOME" in message
+    # without weights nothing is downloaded, so nothing can fail that way
+    build_model("unet", 3, 2, base_channels=4, depth=2, encoder="resnet18")

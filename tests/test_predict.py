@@ -86,11 +86,11 @@ def save_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int =
     return image
 
 
-def by_hand(model: nn.Module, image: np.ndarray, tile=32, overlap=8) -> np.ndarray:
+def by_hand(model: nn.Module, image: np.ndarray, tile=32, overlap=8, tta="none") -> np.ndarray:
     x = torch.from_numpy(image).float()
     x = x[..., None] if x.ndim == 2 else x
     x = ((x / 255 - 0.5) / 0.2).permute(2, 0, 1)[None]
-    logits = predict_tiled(model, x, tile, overlap, model.size_multiple)
+    logits = predict_tiled(model, x, tile, overlap, model.size_multiple, tta=tta)
     return predict(logits)[0].numpy()
 
 
@@ -157,6 +157,38 @@ def test_three_classes_and_tile_arguments_override_the_checkpoint(tmp_path):
     np.testing.assert_array_equal(labels, by_hand(model, image, tile=0))
 
 
+def test_test_time_flips_follow_the_checkpoint_unless_tta_overrides_them(tmp_path):
+    model = save_model(tmp_path / "model.pt", params={"inference": {**INFERENCE, "tta": "flips"}})
+    image = save_image(tmp_path / "x.png", (50, 66))
+    out = tmp_path / "out"
+    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], out)
+    flips = read_png(out / "x_label.png")[0]
+    np.testing.assert_array_equal(flips, by_hand(model, image, tta="flips"))
+    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], out, tta="none")
+    plain = read_png(out / "x_label.png")[0]
+    np.testing.assert_array_equal(plain, by_hand(model, image))
+    assert not np.array_equal(flips, plain), "a random model is not flip-invariant"
+    save_model(tmp_path / "bad.pt", params={"inference": {**INFERENCE, "tta": "rot90"}})
+    with pytest.raises(PipelineError, match=r"bad\.pt: inference\.tta 'rot90'; valid: none, hflip"):
+        predict_files(tmp_path / "bad.pt", [tmp_path / "x.png"], out)
+
+
+def test_a_large_image_logs_tile_progress_with_the_time_left(tmp_path, monkeypatch, caplog):
+    """Thousands of tiles take minutes: lines say how far it is and how long is left (here a
+    line per batch of 8 tiles; by default every 10 s)."""
+    from pipeline import predict as pr
+
+    monkeypatch.setattr(pr.TileProgress, "PROGRESS_SECONDS", 0.0)
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "big.png", (100, 120))
+    with caplog.at_level(logging.INFO, logger="pipeline.predict"):
+        predict_files(tmp_path / "model.pt", [tmp_path / "big.png"], tmp_path / "out", tile=16)
+    lines = [r.getMessage() for r in caplog.records if " tiles (" in r.getMessage()]
+    total = pr.tile_count(100, 120, 16, 8, 4)
+    assert total > 16 and len(lines) == -(-total // 8) - 1  # every batch but the last
+    assert lines[0].startswith(f"big.png: 8 of {total} tiles (") and lines[0].endswith(" left")
+
+
 def test_old_checkpoint_without_inference_params_predicts_the_whole_image(tmp_path):
     model = save_model(tmp_path / "model.pt", params={})
     image = save_image(tmp_path / "x.png", (30, 34))
@@ -188,7 +220,8 @@ def test_help_describes_the_arguments(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--depth", "--out", "--tile", "--overlap", "--device", "IMAGE"):
+    options = ("--model", "--depth", "--out", "--tile", "--overlap", "--tta", "--device", "IMAGE")
+    for option in options:
         assert option in text
 
 

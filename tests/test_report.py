@@ -344,3 +344,39 @@ def test_missing_checkpoint_names_the_file_before_writing(fake):
     with pytest.raises(PipelineError, match=r"unetpp\.pt: checkpoint not found"):
         report.report(params())
     assert not paths.REPORT_MD.exists()
+
+
+def test_the_inference_sentence_follows_the_inference_params():
+    from pipeline.config import InferenceParams
+    from pipeline.report import inference_text
+
+    whole = inference_text(InferenceParams(tile_size=0))
+    assert whole.startswith("whole-image inference") and "tile" not in whole.replace("whole", "")
+    tiled = inference_text(InferenceParams(tile_size=64, tile_overlap=16, blend="constant"))
+    assert tiled.startswith("overlap-tile inference (64 px tiles overlapping by 16 px, constant")
+    assert "flip" not in tiled
+    assert "horizontally flipped" in inference_text(InferenceParams(tile_size=0, tta="hflip"))
+    flips = inference_text(InferenceParams(tile_size=64, tta="flips"))
+    assert flips.startswith("overlap-tile") and "vertically and both" in flips
+
+
+def test_an_undefined_metric_is_null_in_strict_json_and_a_dash_in_the_report(fake):
+    """metrics.json holds null, never a bare NaN (strict parsers reject it); the report reads
+    it back as a metric the model lacks."""
+    from pipeline.common import write_json
+
+    fake()
+    path = paths.arch_reports("unet") / "metrics.json"
+    metrics = json.loads(path.read_text())
+    write_json(path, {**metrics, "precision": float("nan"), "extra": [1.0, float("inf")]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    strict = json.loads(text, parse_constant=refuse)
+    assert strict["precision"] is None and strict["extra"] == [1.0, None]
+    report.report(params())
+    md = paths.REPORT_MD.read_text()
+    assert re.search(r"^\| UNet \|.*\| –\s+\|", md, re.M) and "nan" not in md.lower()

@@ -158,3 +158,34 @@ def test_a_model_that_shrinks_its_input_is_refused():
     model = build_model("unet", 3, 2, base_channels=4, depth=1, padding=0).eval()
     with pytest.raises(ValueError, match="needs an output the size of its input"):
         predict_tiled(model, torch.randn(1, 3, 40, 40), 20, 4, 2)
+
+
+# --- test-time augmentation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [0, 16])
+def test_tta_averages_the_logits_of_the_flipped_images_flipped_back(tile):
+    model = tiny("unet")
+    x = torch.randn(2, 3, 21, 27)
+
+    def plain(images):
+        return predict_tiled(model, images, tile, 4, model.size_multiple)
+
+    hflip = (plain(x) + plain(x.flip(-1)).flip(-1)) / 2
+    torch.testing.assert_close(predict_tiled(model, x, tile, 4, 4, tta="hflip"), hflip)
+    flips = (
+        plain(x)
+        + plain(x.flip(-1)).flip(-1)
+        + plain(x.flip(-2)).flip(-2)
+        + plain(x.flip(-2, -1)).flip(-2, -1)
+    ) / 4
+    torch.testing.assert_close(predict_tiled(model, x, tile, 4, 4, tta="flips"), flips)
+    assert torch.equal(predict_tiled(model, x, tile, 4, 4, tta="none"), plain(x))
+
+
+def test_tta_leaves_a_flip_equivariant_model_unchanged_and_refuses_unknown_names():
+    model = pointwise()  # 1x1 convolutions commute with flips
+    x = torch.randn(1, 3, 20, 20)
+    torch.testing.assert_close(predict_tiled(model, x, 0, 0, 1, tta="flips"), model(x))
+    with pytest.raises(ValueError, match="tta 'rot90': valid are none, hflip, flips"):
+        predict_tiled(model, x, 0, 0, 1, tta="rot90")

@@ -126,6 +126,24 @@ def test_mlflow_run_records_tags_and_metrics(clean_env, tmp_path: Path):
     assert stored.data.params["unet.depth"] == "4"
 
 
+def test_a_corrupt_store_is_one_line_naming_it_and_the_ways_out(clean_env, tmp_path: Path):
+    """Not sqlalchemy's 90-line traceback: which file, and how to go on."""
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    from pipeline.common import PipelineError
+
+    clean_env.setattr(mlflow_uri, "_tracking_uri", mlflow_uri._tracking_uri)
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not a sqlite database" * 100)
+    clean_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(PipelineError) as err, tracking.mlflow_run(_params(), "report", "report"):
+        raise AssertionError("no run may start")
+    msg = str(err.value)
+    assert msg.startswith(f"{db}: the MLflow store cannot be opened (") and "\n" not in msg
+    assert "move the file aside" in msg and "mlflow.enabled: false" in msg
+    assert db.read_bytes().startswith(b"this is not"), "the file is left as it was"
+
+
 # --- one parent run per pipeline execution, a child run per stage -----------------------------
 
 
@@ -232,6 +250,32 @@ def test_a_failing_stage_marks_its_execution_failed_and_a_new_one_gets_a_new_par
     }
     assert by_key["exec-a"].info.status == "FAILED"
     assert by_key["exec-b"].info.status == "FINISHED"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("stage", ["download", "preprocess", "prune", "report"])
+def test_a_stage_whose_work_fails_shows_as_failed_in_mlflow(clean_env, store, project, stage):
+    """Their runs open after the work: a failure of the work is recorded as a FAILED run with
+    the error, and the execution's parent fails with it; the error itself still propagates."""
+    import importlib
+
+    import yaml
+
+    from pipeline.common import PipelineError
+
+    module = importlib.import_module(f"pipeline.{stage}")
+    full = parse_params({"dataset": {"name": "drive", "source": str(project / "none.zip")}})
+    (project / "params.yaml").write_text(yaml.safe_dump(full.model_dump()))
+    clean_env.setenv("PIPELINE_EXECUTION", f"exec-{stage}")
+    with pytest.raises(PipelineError) as err:  # nothing downloaded, nothing to read
+        module.main([])
+    exp = store.get_experiment_by_name("unet-pipeline").experiment_id
+    (run,) = store.search_runs([exp], f"tags.`dvc.stage` = '{stage}'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == str(err.value)
+    assert run.data.params["dataset.name"] == "drive"
+    (parent,) = store.search_runs([exp], f"tags.`{tracking.ROLE_TAG}` = 'execution'")
+    assert parent.info.status == "FAILED"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

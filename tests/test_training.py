@@ -236,3 +236,52 @@ def test_mlflow_run_has_hash_tags_and_a_loadable_pytorch_model(data, monkeypatch
     with torch.no_grad():
         expected = reference(x).numpy()
     assert pyfunc.predict(x.numpy()) == pytest.approx(expected, abs=1e-5)
+
+
+def test_an_unwritable_output_folder_stops_training_before_the_first_epoch(data, monkeypatch):
+    """The results' folders are checked first, not after the whole run (a read-only models/;
+    here models/ is a file, which stops root too)."""
+    paths.MODELS.parent.mkdir(parents=True, exist_ok=True)
+    paths.MODELS.write_text("not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("no epoch may run")
+
+    monkeypatch.setattr(tr, "train_epoch", never)
+    with pytest.raises(PipelineError) as err:
+        tr.train("unet", _params())
+    msg = str(err.value)
+    assert msg.startswith(f"{paths.MODELS}: not writable (") and "\n" not in msg
+    assert not (paths.arch_reports("unet") / "epochs.csv").exists()
+
+
+def test_a_full_disk_while_saving_the_resume_state_names_the_file_and_keeps_the_last(
+    data, monkeypatch
+):
+    """torch reports a full disk as "unexpected pos 64 vs 0": the error names the file and
+    the cause, and the previous outputs and resume state stay whole."""
+    import pipeline.checkpoint as ck
+
+    tr.train("unet", _params(epochs=1))
+    checkpoint = paths.checkpoint("unet").read_bytes()
+    real_save = ck.torch.save
+    saves = {"n": 0}
+
+    def full_disk(obj, path):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second epoch's resume state
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+        real_save(obj, path)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: (10**9, 10**9, 0))
+    with pytest.raises(PipelineError) as err:
+        tr.train("unet", _params(lr=0.002))
+    msg = str(err.value)
+    assert msg == (
+        f"{paths.resume_state('unet')}: could not be written: no space left on the device "
+        "(0 MiB free)"
+    )
+    assert torch.load(paths.resume_state("unet"), weights_only=True)["epoch"] == 1
+    assert paths.checkpoint("unet").read_bytes() == checkpoint
+    assert not [p for p in paths.resume_state("unet").parent.iterdir() if ".tmp" in p.name]

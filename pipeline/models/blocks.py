@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.common import PipelineError
+
 
 class DoubleConv(nn.Module):
     """(conv 3x3 -> [BatchNorm] -> ReLU) x 2. padding=1 keeps the size; 0 is the paper's
@@ -123,6 +125,29 @@ class ConvEncoder(nn.ModuleList):
         return feats
 
 
+def _smp_encoder(name: str, in_ch: int, depth: int, weights: str | None) -> nn.Module:
+    """smp's get_encoder; pretrained weights that cannot be fetched (offline, no cache) are one
+    line saying how to go on, not the Hugging Face hub's traceback."""
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    try:
+        return get_encoder(name, in_channels=in_ch, depth=depth, weights=weights)
+    except (OSError, ValueError) as exc:  # connection, offline mode, not in the cache
+        if weights is None:
+            raise
+        raise PipelineError(
+            f"encoder_weights: {weights}: the pretrained {name} weights could not be downloaded "
+            f"({type(exc).__name__}); offline, set encoder_weights: null (random init), or "
+            "fetch them once where the Hugging Face hub is reachable (they are cached in "
+            "HF_HOME, ~/.cache/huggingface) and copy that cache here"
+        ) from None
+    except KeyError:  # an encoder smp has no such weights for
+        raise PipelineError(
+            f"encoder_weights: {weights}: smp has no {weights} weights for encoder {name}; "
+            "set encoder_weights: null or pick another encoder"
+        ) from None
+
+
 class SmpEncoder(nn.Module):
     """A segmentation-models-pytorch encoder (resnet34, efficientnet-b0, ...) as levels
     0..depth. smp's first "feature" is the input itself, so level i is its stride 2**(i+1) map
@@ -130,7 +155,7 @@ class SmpEncoder(nn.Module):
 
     def __init__(self, name: str, in_ch: int, depth: int, weights: str | None = None):
         super().__init__()
-        from segmentation_models_pytorch.encoders import encoders, get_encoder
+        from segmentation_models_pytorch.encoders import encoders
 
         if name not in encoders:
             raise ValueError(
@@ -140,7 +165,7 @@ class SmpEncoder(nn.Module):
         if not 1 <= depth <= 4:
             raise ValueError(f"depth {depth}: an smp encoder gives levels for depth 1..4")
         self.name = name
-        self.body = get_encoder(name, in_channels=in_ch, depth=depth + 1, weights=weights)
+        self.body = _smp_encoder(name, in_ch, depth + 1, weights)
         self.channels = tuple(self.body.out_channels[1 : depth + 2])
         self.size_multiple = 2 ** (depth + 1)
         # smp stops a shallower encoder's forward early but keeps its deeper stages' weights:
