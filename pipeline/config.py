@@ -395,6 +395,27 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
+def _unique_keys(loader: _ParamsLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A key written twice in one mapping is an error: YAML would keep the later value
+    silently, and the edit a user makes to the earlier one would do nothing."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{key!r} is written twice (lines {seen[key]} and {line}); keep one",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def load_yaml(text: str) -> Any:
     """Parse params YAML (safe, with YAML 1.2 floats)."""
     return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass

@@ -70,6 +70,16 @@ EIGHT_BIT = {"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", 
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: a camera's EXIF orientation tag applied (a phone photo is
+    stored sideways with a tag saying so), the orientation its label was drawn on."""
+    from PIL import ImageOps
+
+    if img.getexif().get(0x0112, 1) == 1:  # Orientation: 1 = as stored
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
     """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad.
 
@@ -80,6 +90,12 @@ def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            if getattr(img, "n_frames", 1) > 1:  # a stack would silently lose all but one
+                raise PipelineError(
+                    f"{path}: {img.n_frames} frames (a stack or an animation); give one "
+                    "image per file"
+                )
+            img = upright(img)
             if img.mode in EIGHT_BIT:
                 return np.array(img.convert(mode))  # writable copy
             arr = np.array(img)
@@ -151,7 +167,7 @@ def read_label(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            arr = np.array(img)
+            arr = np.array(upright(img))  # a palette survives the transpose
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -305,6 +305,7 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "second_observer",
         "positive_class",
         "clahe",
+        "bit_depth",
     }
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["background", "vessel"]
     assert manifest["in_channels"] == 3 and manifest["ignore_index"] == 255

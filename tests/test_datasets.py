@@ -454,7 +454,7 @@ def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pipeline.datasets"):
         dark = read_image(twelve, "L")
     assert dark.max() == 16 and "dataset.folder.bit_depth: 12" in caplog.text
-    np.testing.assert_array_equal(read_image(twelve, "L", 12), np.rint(ramp // 16 * 255 / 4095))
+    np.testing.assert_array_equal(read_image(twelve, "L", 12), np.rint((ramp // 16) * (255 / 4095)))
     with pytest.raises(
         PipelineError, match=r"a\.tif: 16-bit values up to 65535 exceed .*bit_depth"
     ):

@@ -379,4 +379,4 @@ def test_an_undefined_metric_is_null_in_strict_json_and_a_dash_in_the_report(fak
     assert strict["precision"] is None and strict["extra"] == [1.0, None]
     report.report(params())
     md = paths.REPORT_MD.read_text()
-    assert re.search(r"^\| UNet \|.*\| –\s+\|", md, re.M) and "nan" not in md.lower()
+    assert re.search(r"^\| UNet\s+\|.*\|\s*–\s*\|", md, re.M) and "nan" not in md.lower()

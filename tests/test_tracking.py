@@ -354,3 +354,19 @@ def test_processes_racing_on_a_fresh_store_all_land(tmp_path: Path):
     for child in children:
         history = client.get_metric_history(child.info.run_id, "val_miou")
         assert len(history) == 20
+
+
+def test_the_readmes_server_examples_are_local_or_behind_a_login():
+    """`mlflow server` has no login by default: the plain example listens on this machine
+    only; the one on the network turns MLflow's basic auth on."""
+    import re
+
+    readme = (paths.ROOT / "README.md").read_text()
+    servers = re.findall(r"^uv run[^\n]*mlflow server(?:[^\n]*\\\n)*[^\n]*", readme, re.M)
+    assert len(servers) >= 2
+    for command in servers:
+        host = re.search(r"--host (\S+)", command)
+        assert host, command
+        if host.group(1) != "127.0.0.1":
+            assert "--app-name basic-auth" in command, command
+    assert "MLFLOW_TRACKING_USERNAME" in readme and "MLFLOW_FLASK_SERVER_SECRET_KEY" in readme

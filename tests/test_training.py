@@ -4,6 +4,7 @@ non-finite losses, the epoch log's timings, every precision and loss option on C
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -274,7 +275,7 @@ def test_a_full_disk_while_saving_the_resume_state_names_the_file_and_keeps_the_
         real_save(obj, path)
 
     monkeypatch.setattr(ck.torch, "save", full_disk)
-    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: (10**9, 10**9, 0))
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
     with pytest.raises(PipelineError) as err:
         tr.train("unet", _params(lr=0.002))
     msg = str(err.value)
