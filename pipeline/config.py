@@ -253,9 +253,11 @@ class TrainParams(Section):
     # Under an outer `torchrun`, its WORLD_SIZE wins.
     processes: PositiveInt = 1
     resume: bool = True  # continue an interrupted run from its last epoch checkpoint
-    # metric that picks the best checkpoint; "val_loss" is minimised, the others maximised
+    # metric that picks the best checkpoint; "val_loss" is minimised, the others maximised;
+    # "last" keeps the final epoch (as nnU-Net does): for a schedule that decays to its end
+    # and a validation split too small to rank epochs that differ by less than its noise
     monitor: Literal[
-        "val_loss", "val_miou", "val_dice", "val_global_accuracy", "val_mean_accuracy"
+        "val_loss", "val_miou", "val_dice", "val_global_accuracy", "val_mean_accuracy", "last"
     ] = "val_miou"
 
 

@@ -7,6 +7,9 @@ and one full-size image of each split goes through the real evaluation (overlap-
 whole-image prediction, loss and metrics); the stage times follow from the counts of crops and
 images:
 
+    download     = start-up + files in a local archive or folder x FILE_S
+    preprocess   = start-up + PREPROCESS_DECODES x a crop's decode x (crops + images' pixels
+                   in crops)
     train_<arch> = start-up + load crops + epochs x (steps x step + val images x val image)
                    + test images x test image + latency forwards
     prune        = start-up + for each depth: test images x its test image + latency forwards
@@ -55,8 +58,14 @@ START_UP = {
     "preprocess": 8.0,
     "train": 14.0,
     "prune": 12.0,
-    "report": 14.0,
+    "report": 12.0,
 }
+# download from a local archive or folder: extracting a file and DVC hashing it (CamVid's 1,402
+# files: 7 s); a URL's transfer time is unknown beforehand and left out
+FILE_S = 0.005
+# preprocess decodes each raw image, encodes the processed PNGs (encoding costs 3-4 decodes)
+# and DVC hashes them: about 5 decodes per pixel written (DRIVE 21.7 s, CamVid 40.3 s measured)
+PREPROCESS_DECODES = 5
 MLFLOW = {"download": 5.0, "preprocess": 5.0, "train": 12.0, "prune": 6.0, "report": 8.0}
 # ONNX export (pipeline.export): importing onnx/onnxruntime once, then per model a fixed cost
 # plus tracing and checking onnxruntime against torch at two input sizes, about 12 full-size
@@ -147,6 +156,33 @@ def data_plan(params: Params) -> DataPlan:
         )
         crops = counts["train"] * per_image
     return DataPlan(ds.name, channels, classes, crops, sizes, counts, source)
+
+
+def source_files(params: Params) -> int:
+    """Files in a local `dataset.source` (archive members or a folder's files); 0 for the
+    synthetic set, a URL or a source that is not there (download will say so)."""
+    import tarfile
+    import zipfile
+
+    from pipeline.archives import archive_kind, is_url
+
+    source = params.dataset.source
+    if params.dataset.name == "synthetic" or not source or is_url(source):
+        return 0
+    path = paths.resolve_source(source)
+    try:
+        if path.is_dir():
+            return sum(1 for p in path.rglob("*") if p.is_file())
+        kind = archive_kind(path) if path.is_file() else None
+        if kind == "zip":
+            with zipfile.ZipFile(path) as zf:
+                return sum(1 for i in zf.infolist() if not i.is_dir())
+        if kind == "tar":
+            with tarfile.open(path) as tf:
+                return sum(1 for m in tf if m.isfile())
+    except (OSError, zipfile.BadZipFile, tarfile.TarError):
+        pass
+    return 0
 
 
 def _fake_manifest(data: DataPlan) -> dict[str, Any]:
@@ -317,15 +353,17 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
     def fixed(stage: str) -> float:
         return START_UP[stage] + (MLFLOW[stage] if mlflow else 0.0)
 
-    stages["download"] = fixed("download")
+    stages["download"] = fixed("download") + FILE_S * source_files(params)
     manifest = _fake_manifest(data)
     crop_read = time_crop_read(manifest, params)
     images = sum(data.counts.values())
-    # preprocess writes what the train stage reads (about as costly as decoding), twice
-    # for a full image (read the raw file, write the PNG)
+    # preprocess writes what the train stage reads: PREPROCESS_DECODES crop decodes' worth
+    # per crop written, and per crop-sized piece of every full image
     full_px = statistics.fmean(h * w for h, w in data.sizes.values())
     px_ratio = full_px / params.preprocess.crop_size**2
-    stages["preprocess"] = fixed("preprocess") + crop_read * 2 * (data.crops + images * px_ratio)
+    stages["preprocess"] = fixed("preprocess") + crop_read * PREPROCESS_DECODES * (
+        data.crops + images * px_ratio
+    )
     archs = {}
     for arch in ("unet", "unetpp"):
         a = plan_arch(arch, params, data, seconds)

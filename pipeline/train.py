@@ -466,8 +466,9 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             }
             # plain Python numbers: the resume state must load with weights_only=True
             row = {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
-            if is_better(monitor, row[monitor], progress.best):
-                progress.best, progress.best_epoch = row[monitor], epoch
+            value = float(epoch) if monitor == "last" else row[monitor]  # last: the latest
+            if is_better(monitor, value, progress.best):
+                progress.best, progress.best_epoch = value, epoch
                 progress.best_state = cpu_state(model)
             if run:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -494,7 +495,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             **test,
             **({"positive_class": classes[1]} if len(classes) == 2 else {}),
             "best_epoch": progress.best_epoch,
-            f"best_{monitor}": progress.best,
+            **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
             "train_seconds": round(progress.train_seconds, 2),
         }
         if ctx.main:
@@ -524,7 +525,7 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
     df = write_epoch_log(progress.rows, arch)
     out = paths.arch_reports(arch)
     monitor = params.train.monitor
-    curve_metric = "val_miou" if monitor == "val_loss" else monitor
+    curve_metric = "val_miou" if monitor in ("val_loss", "last") else monitor
     plots.learning_curves({arch: df}, out / "curves.png", curve_metric)
     save_checkpoint(
         paths.checkpoint(arch),

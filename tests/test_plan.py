@@ -76,6 +76,26 @@ def test_known_layouts_give_the_counts_before_any_download(project):
     assert camvid.counts == {"train": 367, "val": 101, "test": 233} and camvid.num_classes == 11
 
 
+def test_download_is_estimated_from_the_files_of_a_local_source(project, tmp_path):
+    """Extracting and hashing costs per file (CamVid: 1,402 files, 7 s); URLs are unknown."""
+    import zipfile
+
+    from tests.fakes import make_drive, zip_dir
+
+    top = make_drive(tmp_path / "src", train=3, test=2)
+    files = sum(1 for p in top.rglob("*") if p.is_file())
+    archive = zip_dir(top, tmp_path / "DRIVE.zip")
+    assert len([i for i in zipfile.ZipFile(archive).infolist() if not i.is_dir()]) == files
+
+    def drive(source):
+        return parse_params({"dataset": {"name": "drive", "source": str(source), "val_count": 1}})
+
+    assert plan.source_files(drive(archive)) == plan.source_files(drive(top)) == files
+    assert plan.source_files(drive("https://example.org/DRIVE.zip")) == 0
+    assert plan.source_files(drive(tmp_path / "missing.zip")) == 0
+    assert plan.source_files(parse_params({})) == 0  # synthetic: generated
+
+
 def test_processed_data_of_the_same_dataset_gives_the_real_counts(project):
     for split, stems in {"train": ["a", "b"], "val": ["c"], "test": ["d"]}.items():
         for stem in stems:

@@ -286,3 +286,11 @@ def test_a_full_disk_while_saving_the_resume_state_names_the_file_and_keeps_the_
     assert torch.load(paths.resume_state("unet"), weights_only=True)["epoch"] == 1
     assert paths.checkpoint("unet").read_bytes() == checkpoint
     assert not [p for p in paths.resume_state("unet").parent.iterdir() if ".tmp" in p.name]
+
+
+def test_monitor_last_keeps_the_final_epoch(data):
+    """For a schedule that decays to its end and a validation split too small to rank epochs
+    (DRIVE's two images): the final weights, whatever the validation metrics say."""
+    metrics = tr.train("unet", _params(train={**TINY["train"], "monitor": "last"}))
+    assert metrics["best_epoch"] == TINY["epochs"]
+    assert not any(k.startswith("best_") and k != "best_epoch" for k in metrics)
