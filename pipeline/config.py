@@ -235,8 +235,8 @@ class TrainParams(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
     weight_decay: NonNegFloat = 0.0
     # learning-rate schedule, stepped every batch: none | step | cosine | poly
-    scheduler: Literal["none", "step", "cosine", "poly"] = "none"
-    warmup_epochs: NonNegFloat = 0.0  # linear warm-up from 0 (fractions of an epoch allowed)
+    scheduler: Literal["none", "step", "cosine", "poly"] = "cosine"
+    warmup_epochs: NonNegFloat = 1.0  # linear warm-up from 0 (fractions of an epoch allowed)
     step_epochs: PositiveInt = 10  # step: multiply lr by step_gamma every step_epochs
     step_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     poly_power: Annotated[float, Field(gt=0)] = 0.9
@@ -309,7 +309,7 @@ class Params(Section):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42  # numpy's seeds stop at 2**32 - 1
     lr: Annotated[float, Field(gt=0, le=10)] = 0.003
     epochs: PositiveInt = 12
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 8
     dataset: DatasetParams = DatasetParams()
     preprocess: PreprocessParams = PreprocessParams()
     unet: ModelParams = ModelParams()

@@ -27,23 +27,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.common import PipelineError
 from pipeline.config import load_params, parse_params
 from pipeline.datasets import read_image, read_label
 from pipeline.distributed import SINGLE
 from pipeline.inference import eval_shard
 from tests.fakes import make_folder, random_image, save_image
+from tests.test_archives import error_of
 from tests.test_datasets import params, run
 from tests.test_predict import read_png, save_model
-
-
-def error_of(call) -> str:
-    with pytest.raises(PipelineError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, "errors must be one line"
-    return message
-
 
 # --- image files ------------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ READ_ALL = "missing (the stages read every key of params.yaml; add it back, "
 @pytest.mark.parametrize(
     ("delete", "hint"),
     [
-        ("batch_size", "its default is 16)"),
+        ("batch_size", "its default is 8)"),
         ("inference.tta", 'its default is "none")'),
         ("train", "the whole section, as in the project's params.yaml)"),
     ],
@@ -81,7 +81,8 @@ def test_an_empty_params_file_names_the_first_key_and_how_many_more(tmp_path):
 
 def test_defaults():
     p = parse_params({})
-    assert (p.seed, p.lr, p.epochs, p.batch_size) == (42, 0.003, 12, 16)
+    assert (p.seed, p.lr, p.epochs, p.batch_size) == (42, 0.003, 12, 8)
+    assert (p.train.scheduler, p.train.warmup_epochs) == ("cosine", 1.0)
     assert p.dataset.name == "synthetic"
     assert (p.dataset.num_images, p.dataset.image_size) == (32, 128)
     assert (p.dataset.val_count, p.dataset.test_count) == (4, 8)
