@@ -72,9 +72,9 @@ def loader_rate(params, manifest, workers: int, epochs: int, device: torch.devic
 def step_rate(params, manifest, arch: str, device: torch.device, windows: int, steps: int):
     """Images/s of the pipeline's training step alone, on synthetic batches of the crops'
     shape already on the device."""
+    from pipeline.distributed import amp_dtype
     from pipeline.losses import build_loss
     from pipeline.models import build_model
-    from pipeline.train import amp_dtype
 
     tp = params.train
     on_cuda = device.type == "cuda"

@@ -267,7 +267,9 @@ class PruningParams(Section):
     latency_warmup: Annotated[int, Field(ge=0)] = 3
     # the report's "best depth": the shallowest whose test mIoU is within this of the deepest
     tolerance: NonNegFloat = 0.01
-    onnx: bool = True  # export the full UNet++ and every pruned depth to models/onnx/
+    # export the full UNet++ and every pruned depth to models/onnx/: asked for, since the five
+    # exports take longer than the rest of the prune stage (pipeline.export does one on demand)
+    onnx: bool = False
 
 
 class InferenceParams(Section):

@@ -31,7 +31,7 @@ from pipeline.archives import (
     safe_extract,
     verify_sha256,
 )
-from pipeline.common import PipelineError, atomic_path, run_cli, write_json
+from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
 from pipeline.config import Params, load_params
 from pipeline.datasets import ROOT_HINTS, ROOT_MARKERS
 from pipeline.synthetic import generate
@@ -103,7 +103,7 @@ def download(params: Params) -> Path:
         write_json(dest / "source.json", {"dataset": name, **info, "files": files})
     log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
     used = {"dataset": params.dataset.model_dump(exclude={"folder"})}
-    with mlflow_run(params, "download", "download", used=used) as run:
+    with timed("tracking"), mlflow_run(params, "download", "download", used=used) as run:
         if run:
             import mlflow
 

@@ -258,7 +258,7 @@ def time_crop_read(manifest: dict[str, Any], params: Params) -> float:
 
 
 def _amp(params: Params):
-    from pipeline.train import amp_dtype
+    from pipeline.distributed import amp_dtype
 
     return amp_dtype(params.train.amp, torch.device("cpu"))
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.archives import is_url
-from pipeline.common import PipelineError, atomic_path, run_cli, write_json
+from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
 from pipeline.config import IGNORE_INDEX, Params, load_params
 from pipeline.datasets import RawDataset, equalize, open_dataset
 from pipeline.tracking import failures_recorded, mlflow_run
@@ -327,7 +327,10 @@ def _preprocess(params: Params) -> Path:
         "dataset": params.dataset.model_dump(exclude={"source", "sha256"}),
         "preprocess": pp.model_dump(),
     }
-    with mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run:
+    with (
+        timed("tracking"),
+        mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run,
+    ):
         if run:
             import mlflow
 

@@ -16,13 +16,13 @@ import torch
 
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint
-from pipeline.common import PipelineError, atomic_path, run_cli, write_json
+from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
 from pipeline.config import Params, load_params
 from pipeline.data import load_manifest, split_dataset
+from pipeline.distributed import amp_dtype
 from pipeline.inference import evaluate
 from pipeline.stats import image_shape, model_stats
 from pipeline.tracking import failures_recorded, log_to_parent, mlflow_run
-from pipeline.train import amp_dtype
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,10 @@ def prune(params: Params) -> pd.DataFrame:
         "inference": params.inference.model_dump(),
         "pruning": pp.model_dump(),
     }
-    with mlflow_run(params, "prune", "prune", used=used, consumes="data/processed") as run:
+    with (
+        timed("tracking"),
+        mlflow_run(params, "prune", "prune", used=used, consumes="data/processed") as run,
+    ):
         if run:
             import mlflow
 

@@ -23,7 +23,7 @@ import torch
 
 from pipeline import paths, plots
 from pipeline.checkpoint import load_checkpoint
-from pipeline.common import PipelineError, atomic_path, read_json, run_cli
+from pipeline.common import PipelineError, atomic_path, read_json, run_cli, timed
 from pipeline.config import (
     IGNORE_INDEX,
     InferenceParams,
@@ -529,7 +529,10 @@ def report(params: Params) -> None:
     )
 
     used = params.model_dump()  # the setup table lists every param that differs
-    with mlflow_run(params, "report", "report", used=used, consumes="data/processed") as run:
+    with (
+        timed("tracking"),
+        mlflow_run(params, "report", "report", used=used, consumes="data/processed") as run,
+    ):
         if run:
             import mlflow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import paths
-from pipeline.common import PipelineError, run_cli
+from pipeline.common import PipelineError, run_cli, timed
 from pipeline.config import Params, flatten, load_params
 
 T = TypeVar("T")
@@ -249,6 +249,32 @@ def mlflow_run(
     if not params.mlflow.enabled:
         yield None
         return
+    with timed("tracking"):
+        started, parent = _start_run(params, stage, run_name, run_id, used, consumes)
+    status = "FAILED"
+    try:
+        yield started
+        status = "FINISHED"
+    finally:
+        with timed("tracking"):
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == started.info.run_id:
+                mlflow.end_run(status)
+            if parent:
+                _retry(lambda: mlflow.MlflowClient().set_terminated(parent, status))
+
+
+def _start_run(
+    params: Params,
+    stage: str,
+    run_name: str,
+    run_id: str | None,
+    used: dict[str, Any] | None,
+    consumes: str | None,
+) -> tuple[Any, str | None]:
+    """mlflow_run's set-up: (the active run, this execution's parent run id or None)."""
     import mlflow
 
     uri = tracking_uri(params)
@@ -278,14 +304,7 @@ def mlflow_run(
         log.info("MLflow run %s in %s", started.info.run_id, uri)
     if parent:
         _retry(lambda: client.update_run(parent, status="RUNNING"))
-    status = "FAILED"
-    try:
-        with started as run:
-            yield run
-        status = "FINISHED"
-    finally:
-        if parent:
-            _retry(lambda: client.set_terminated(parent, status))
+    return started, parent
 
 
 @contextlib.contextmanager
@@ -300,7 +319,10 @@ def failures_recorded(params: Params, stage: str) -> Iterator[None]:
     except Exception as exc:
         if params.mlflow.enabled:
             try:
-                with mlflow_run(params, stage, stage, used=params.model_dump()) as run:
+                with (
+                    timed("tracking"),
+                    mlflow_run(params, stage, stage, used=params.model_dump()) as run,
+                ):
                     import mlflow
 
                     mlflow.set_tag("error", (str(exc) or type(exc).__name__)[:5000])
@@ -316,6 +338,7 @@ class _StageFailed(Exception):
     """Raised inside mlflow_run to end the recorded run as FAILED."""
 
 
+@timed("tracking")
 def log_to_parent(
     run: Any, metrics: dict[str, float] | None = None, files: tuple = (), folder: str = ""
 ) -> None:
@@ -346,6 +369,7 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@timed("tracking")
 def log_torch_model(model: Any, example: Any) -> str:
     """Log `model` with MLflow's PyTorch flavour; returns its model URI.
 

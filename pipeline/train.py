@@ -46,11 +46,12 @@ from pipeline.common import (
     clock,
     run_cli,
     seed_everything,
+    timed,
     write_json,
 )
 from pipeline.config import Params, load_params
 from pipeline.data import EpochSampler, crops_dataset, load_manifest, split_dataset
-from pipeline.distributed import SINGLE, Dist
+from pipeline.distributed import SINGLE, Dist, amp_dtype, pick_device
 from pipeline.inference import evaluate
 from pipeline.losses import build_eval_loss, build_loss
 from pipeline.models import REGISTRY, build_model
@@ -61,30 +62,10 @@ from pipeline.tracking import log_to_parent, log_torch_model, mlflow_run
 log = logging.getLogger(__name__)
 
 ARCHS = tuple(sorted(REGISTRY))  # one training stage per registered architecture
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(PipelineError):
     """The loss became NaN or infinite: training stops, the last good state is kept."""
-
-
-def pick_device(choice: str, ctx: Dist = SINGLE) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{ctx.local_rank}" if choice == "cuda" else "cpu")
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA GPUs that have it natively (fp16 + scaler on older ones), full fp32
-    on CPU (the reference path)."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float16
-    return AMP_DTYPES.get(choice)
 
 
 @dataclass
@@ -423,7 +404,8 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             import mlflow
 
             if run.info.run_id != progress.run_id:  # a continued run has these already
-                mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
+                with timed("tracking"):
+                    mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
             progress.run_id = run.info.run_id
         epochs = tqdm(
             range(progress.epoch + 1, params.epochs + 1),
@@ -471,7 +453,8 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
                 progress.best, progress.best_epoch = value, epoch
                 progress.best_state = cpu_state(model)
             if run:
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                with timed("tracking"):
+                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             row["seconds"] = time.perf_counter() - t0  # training, validation and logging
             progress.epoch = epoch
             progress.train_seconds += row["seconds"]
@@ -547,18 +530,26 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
     )
     write_json(out / "metrics.json", metrics)
     if run:
-        import mlflow
-
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        mlflow.log_metrics({f"test_{k}": v for k, v in numbers.items()})
-        for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
-            mlflow.log_artifact(str(out / f), artifact_path="reports")
-        mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="checkpoint")
-        log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
-        headline = ("miou", "dice", "global_accuracy", "mean_accuracy", "f1", "auc_roc")
-        log_to_parent(run, {f"{arch}_test_{k}": metrics[k] for k in headline if k in metrics})
+        with timed("tracking"):
+            _log_outputs(arch, model, metrics, run, example)
     # the run is complete: a later run starts afresh instead of "resuming" a finished one
     paths.resume_state(arch).unlink(missing_ok=True)
+
+
+def _log_outputs(arch, model, metrics, run, example) -> None:
+    """The test metrics, the reports, the checkpoint and the model on the stage's MLflow run;
+    the headline metrics on the execution's parent run too."""
+    import mlflow
+
+    out = paths.arch_reports(arch)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    mlflow.log_metrics({f"test_{k}": v for k, v in numbers.items()})
+    for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
+        mlflow.log_artifact(str(out / f), artifact_path="reports")
+    mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="checkpoint")
+    log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
+    headline = ("miou", "dice", "global_accuracy", "mean_accuracy", "f1", "auc_roc")
+    log_to_parent(run, {f"{arch}_test_{k}": metrics[k] for k in headline if k in metrics})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.startup import stage_splits
 from tests.project import dvc, env, make_repo
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ SMALL = {  # a few seconds per stage, same code paths as the defaults
     "preprocess": {"crop_size": 32, "crop_stride": 32},
     "unet": {"base_channels": 4},
     "unetpp": {"base_channels": 4},
-    "pruning": {"latency_runs": 2, "latency_warmup": 1},
+    "pruning": {"latency_runs": 2, "latency_warmup": 1, "onnx": True},  # off by default
 }
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
 
@@ -73,6 +74,12 @@ def executions(runs: list) -> dict[str, tuple]:
 def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: str):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in reproduced
+    # each stage ends with its time split (bench/startup.py reads them); MLflow is on here
+    splits = stage_splits(reproduced)
+    assert sorted(splits) == sorted(STAGES)
+    for split in splits.values():
+        assert split["tracking"] > 0 and split["startup"] > 0
+        assert abs(split["startup"] + split["tracking"] + split["work"] - split["total"]) < 0.25
     assert len(list((repo / "data/raw/synthetic/images").glob("*.png"))) == 10
     manifest = json.loads((repo / "data/processed/manifest.json").read_text())
     assert {k: len(v) for k, v in manifest["splits"].items()} == {"test": 2, "val": 2, "train": 6}

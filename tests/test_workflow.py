@@ -18,7 +18,8 @@ from pipeline import preset
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "report.yml"
 ACTIONLINT_CONFIG = ROOT / ".github" / "actionlint.yaml"
-SETUP = "python3 -m pip install -q uv && python3 -m uv sync --frozen"  # the README's
+# the README's set-up command
+SETUP = "python3 -m pip install -q uv && python3 -m uv sync --frozen --compile-bytecode"
 SECRET_REF = re.compile(r"^\$\{\{ *secrets\.[A-Za-z_][A-Za-z0-9_]* *\}\}$")
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 LITERAL_SECRETS = {

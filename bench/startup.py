@@ -1,0 +1,189 @@
+"""What the default `dvc repro` costs, stage by stage: start-up, tracking and work.
+
+    uv run python bench/startup.py                 # a fresh clone of HEAD, 3 runs
+    uv run python bench/startup.py --runs 5 --keep /tmp/startup-clone
+
+Clones the committed HEAD into a temporary folder, sets it up with the README's set-up command
+(timed apart, excluded from the figures), then runs the README's `dvc repro` `--runs` times,
+each from a fresh state (`git clean -fdx` but the venv: no data, outputs, DVC cache or
+mlflow.db). Every stage ends with a line `<stage> done in T: start-up a, tracking b, work c`
+(pipeline.common.run_cli): start-up is the interpreter and the imports before the stage's
+code runs, tracking the MLflow calls, work the rest. What DVC spends around the stages
+(starting, hashing outputs, writing dvc.lock) is the run's wall time minus the stages'.
+Then a no-op `dvc repro` three times. The per-stage medians, each run's total and the
+no-op time are printed and written to reports/benchmarks/startup.{json,md}; each run's
+metrics are compared (timings aside) to show the runs did the same work.
+
+Run it with nothing else on the machine: the figures are wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
+    sys.path.insert(0, str(ROOT))
+
+from bench.benchlib import markdown_table, out_stem  # noqa: E402
+from bench.results import machine  # noqa: E402
+
+SETUP = ["python3", "-m", "uv", "sync", "--frozen", "--compile-bytecode"]  # the README's
+STAGES = ("download", "preprocess", "train_unet", "train_unetpp", "prune", "report")
+SPLIT = re.compile(
+    r"(?P<stage>[\w-]+) done in (?P<total>[\d.]+)s: start-up (?P<startup>[\d.]+)s, "
+    r"tracking (?P<tracking>[\d.]+)s, work (?P<work>[\d.]+)s"
+)
+# metrics that measure the machine, not the model: left out when runs are compared
+TIMINGS = re.compile(r"seconds|latency|_ms$|^ms$")
+
+
+def stage_splits(output: str) -> dict[str, dict[str, float]]:
+    """{stage: {total, startup, tracking, work}} from a `dvc repro` output."""
+    return {
+        m["stage"]: {k: float(m[k]) for k in ("total", "startup", "tracking", "work")}
+        for m in SPLIT.finditer(output)
+    }
+
+
+def results(repo: Path) -> dict:
+    """The run's metrics files without their timings: equal across runs that did the same work."""
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if not TIMINGS.search(k)}
+        return obj
+
+    files = ["reports/unet/metrics.json", "reports/unetpp/metrics.json", "reports/pruning.json"]
+    return {f: strip(json.loads((repo / f).read_text())) for f in files}
+
+
+def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr}")
+    return seconds, out.stdout + out.stderr
+
+
+def measure(clone: Path, runs: int) -> dict:
+    setup_s, _ = run(SETUP, clone)
+    print(f"set-up (excluded): {setup_s:.0f}s", flush=True)
+    dvc = [str(clone / ".venv/bin/python"), "-m", "dvc"]
+    rows, outcomes = [], []
+    for i in range(runs):
+        run(["git", "clean", "-fdxq", "-e", ".venv"], clone)
+        wall, output = run([*dvc, "repro"], clone)
+        splits = stage_splits(output)
+        missing = [s for s in STAGES if s not in splits]
+        if missing:
+            sys.exit(f"run {i + 1}: no time split for {missing}; is this commit instrumented?")
+        staged = sum(s["total"] for s in splits.values())
+        rows.append({"run": i + 1, "wall": wall, "dvc": wall - staged, "stages": splits})
+        outcomes.append(results(clone))
+        print(f"run {i + 1}: {wall:.1f}s (DVC around the stages {wall - staged:.1f}s)", flush=True)
+    noop = [run([*dvc, "repro"], clone)[0] for _ in range(3)]
+    return {"setup_s": setup_s, "runs": rows, "noop_s": noop, "same_results": outcomes}
+
+
+def summarise(measured: dict) -> tuple[list[dict], dict]:
+    """Per-stage medians over the runs (+ DVC and the total), and the headline figures."""
+    runs = measured["runs"]
+    table = []
+    for stage in STAGES:
+        cells = {k: statistics.median(r["stages"][stage][k] for r in runs) for k in
+                 ("total", "startup", "tracking", "work")}  # fmt: skip
+        table.append({"stage": stage, **cells})
+    table.append(
+        {"stage": "DVC around the stages", "total": statistics.median(r["dvc"] for r in runs)}
+    )
+    fixed = {k: sum(row.get(k, 0.0) for row in table[:-1]) for k in ("startup", "tracking")}
+    walls = [r["wall"] for r in runs]
+    table.append({"stage": "**dvc repro**", "total": statistics.median(walls), **fixed,
+                  "work": statistics.median(sum(r["stages"][s]["work"] for s in STAGES)
+                                            for r in runs)})  # fmt: skip
+    first = measured["same_results"][0]
+    headline = {
+        "median_s": statistics.median(walls),
+        "walls_s": [round(w, 1) for w in walls],
+        "noop_median_s": statistics.median(measured["noop_s"]),
+        "setup_s": round(measured["setup_s"], 1),
+        "identical_results": all(r == first for r in measured["same_results"]),
+        "unet_test_miou": first["reports/unet/metrics.json"]["miou"],
+        "unetpp_test_miou": first["reports/unetpp/metrics.json"]["miou"],
+    }
+    return table, headline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp dir)")
+    parser.add_argument("--out", help="output stem (default reports/benchmarks/startup)")
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True, check=True).stdout.strip()  # fmt: skip
+    tmp = None if args.keep else Path(tempfile.mkdtemp(prefix="startup-"))
+    clone = args.keep or tmp / "project"
+    try:
+        if not (clone / ".git").is_dir():
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+        measured = measure(clone, args.runs)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    table, headline = summarise(measured)
+    env = {
+        "machine": machine(),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": os.environ.get("OMP_NUM_THREADS", "torch's default (one per core)"),
+    }
+    stem = out_stem(args.out, "startup")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(
+        json.dumps({**env, **headline, "table": table, **measured}, indent=2) + "\n"
+    )
+    m = env["machine"]
+    columns = {"stage": "stage", "total": "wall s", "startup": "start-up s",
+               "tracking": "tracking s", "work": "work s"}  # fmt: skip
+    md = "\n".join(
+        [
+            "### The default `dvc repro`: start-up, tracking and work per stage",
+            "",
+            f"- machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; "
+            f"commit `{commit}`, {env['date']}",
+            f"- command: `python bench/startup.py --runs {args.runs}` (a fresh clone, set-up "
+            f"excluded: {headline['setup_s']:.0f}s; each run from a clean state)",
+            f"- `dvc repro`: median **{headline['median_s']:.1f}s** of runs "
+            f"{', '.join(f'{w:.1f}s' for w in headline['walls_s'])}; no-op `dvc repro` "
+            f"median {headline['noop_median_s']:.1f}s",
+            f"- results identical across runs (timings aside): {headline['identical_results']}; "
+            f"test mIoU UNet {headline['unet_test_miou']:.4f}, "
+            f"UNet++ {headline['unetpp_test_miou']:.4f}",
+            "",
+            "Medians per stage. start-up: interpreter and imports before the stage's code; "
+            "tracking: MLflow; work: the rest.",
+            "",
+            markdown_table(table, columns),
+            "",
+        ]
+    )
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
