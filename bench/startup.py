@@ -80,7 +80,7 @@ def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
 def measure(clone: Path, runs: int) -> dict:
     setup_s, _ = run(SETUP, clone)
     print(f"set-up (excluded): {setup_s:.0f}s", flush=True)
-    dvc = [str(clone / ".venv/bin/python"), "-m", "dvc"]
+    dvc = ["python3", "-m", "uv", "run", "dvc"]  # the README's: stages run the venv's python
     rows, outcomes = [], []
     for i in range(runs):
         run(["git", "clean", "-fdxq", "-e", ".venv"], clone)
