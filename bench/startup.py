@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not (clone / ".git").is_dir():
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+        subprocess.run(["git", "fetch", "-q", str(ROOT), "HEAD"], cwd=clone, check=True)
+        subprocess.run(["git", "checkout", "-q", "--detach", commit], cwd=clone, check=True)
         measured = measure(clone, args.runs)
     finally:
         if tmp is not None:
