@@ -182,6 +182,7 @@ def test_rest_api_serves_the_runs_and_their_nesting(store, server):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_mlflow_ui_shows_the_runs_table(browser, store, server, tmp_path):
     # MLflow 3's UI opens an experiment on the GenAI "Overview" tab; the runs table is the
     # /runs tab, and workflowType=machine_learning selects the "Model training" navigation.
@@ -200,6 +201,7 @@ def test_mlflow_ui_shows_the_runs_table(browser, store, server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_mlflow_ui_child_run_page_links_its_parent(browser, store, server, tmp_path):
     child_id = store["children"][CHILDREN[0]]
     url = (
@@ -217,6 +219,7 @@ def test_mlflow_ui_child_run_page_links_its_parent(browser, store, server, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_screenshot_of_a_self_contained_html_page(browser, tmp_path):
     from PIL import Image
 

@@ -192,6 +192,7 @@ def test_repro_is_one_mlflow_parent_run_with_a_child_run_per_stage(repo: Path, r
     assert {"report/report.md", "report/report.html", "report/report.xlsx"} <= on_parent
 
 
+@pytest.mark.browser
 def test_mlflow_server_and_a_browser_show_the_pipelines_runs_and_report(
     repo: Path, reproduced: str, tmp_path: Path
 ):

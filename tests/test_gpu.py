@@ -12,9 +12,12 @@ import pipeline.train as tr
 from tests.test_training import _params
 from tests.test_training import data as data  # the tiny project fixture
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested elsewhere)"
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested elsewhere)"
+    ),
+]
 
 
 @pytest.mark.parametrize(

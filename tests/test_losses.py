@@ -3,6 +3,8 @@ median-frequency weights; build_loss; deep supervision with a weight map."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from pipeline.losses import (
     build_eval_loss,
     build_loss,
     median_frequency_weights,
+    predict,
+    probabilities,
 )
 from tests.fakes import random_target
 
@@ -26,6 +30,14 @@ MODES = [(1, 2), (4, 4)]  # (channels, num_classes): binary, multi-class
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _perfect_logits(target: torch.Tensor, channels: int, margin: float = 20.0) -> torch.Tensor:
+    safe = torch.where(target == IGNORE, 0, target)
+    if channels == 1:
+        return (safe.float() * 2 - 1)[:, None] * margin
+    onehot = F.one_hot(safe, channels).permute(0, 3, 1, 2).float()
+    return (onehot * 2 - 1) * margin
 
 
 def _ce(**kw) -> SegmentationLoss:
@@ -298,3 +310,113 @@ def test_deep_supervision_passes_the_weight_map_to_every_head():
     assert torch.equal(loss(outputs[0], target, weight), base(outputs[0], target, weight))
     with pytest.raises(ValueError, match="2 heads but 3 weights"):
         loss(outputs[:2], target, weight)
+
+
+# --- SegmentationLoss -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
+def test_loss_ignores_pixels_labelled_255(channels, num_classes):
+    loss_fn = SegmentationLoss()
+    target = random_target(num_classes)
+    ignored = (target == IGNORE)[:, None].expand(-1, channels, -1, -1)
+    assert ignored.any() and not ignored.all()
+    logits = torch.randn(2, channels, 8, 8, requires_grad=True)
+    changed = torch.where(ignored, torch.randn_like(logits) * 50, logits.detach())
+
+    loss = loss_fn(logits, target)
+    assert torch.allclose(loss, loss_fn(changed, target), rtol=0, atol=1e-6)
+    loss.backward()
+    assert (logits.grad[ignored] == 0).all()
+    assert (logits.grad[~ignored] != 0).any()
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_all_ignored_batch_gives_zero_loss_with_a_gradient(channels):
+    logits = torch.randn(2, channels, 8, 8, requires_grad=True)
+    target = torch.full((2, 8, 8), IGNORE)
+    loss = SegmentationLoss()(logits, target)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert logits.grad is not None and (logits.grad == 0).all()
+
+
+@pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (4, 4)])
+def test_near_perfect_logits_give_a_loss_near_zero(channels, num_classes):
+    loss_fn = SegmentationLoss()
+    target = random_target(num_classes)
+    perfect = loss_fn(_perfect_logits(target, channels), target)
+    unsure = loss_fn(torch.zeros(2, channels, 8, 8), target)
+    wrong = loss_fn(-_perfect_logits(target, channels), target)
+    assert 0 <= perfect.item() < 1e-3
+    assert perfect < unsure < wrong
+
+
+def test_binary_loss_by_hand():
+    """Zero logits: p = 0.5 everywhere, so BCE = ln 2, and with 2 vessel pixels out of 4 valid
+    ones, soft Dice = 1 - 2 * 1 / (2 + 2) = 0.5 (smp's DiceLoss, smooth 0)."""
+    target = torch.tensor([[[1, 1], [0, 0]], [[IGNORE, IGNORE], [IGNORE, IGNORE]]])
+    logits = torch.zeros(2, 1, 2, 2)
+    assert SegmentationLoss(1.0, 0.0)(logits, target).item() == pytest.approx(math.log(2))
+    assert SegmentationLoss(0.0, 1.0)(logits, target).item() == pytest.approx(0.5)
+    assert SegmentationLoss()(logits, target).item() == pytest.approx(math.log(2) + 0.5)
+
+
+@pytest.mark.parametrize(("channels", "num_classes"), [(1, 2), (3, 3)])
+def test_loss_is_the_weighted_sum_of_ce_and_dice(channels, num_classes):
+    target = random_target(num_classes)
+    logits = torch.randn(2, channels, 8, 8)
+    ce = SegmentationLoss(1.0, 0.0)(logits, target)
+    dice = SegmentationLoss(0.0, 1.0)(logits, target)
+    assert torch.allclose(SegmentationLoss(0.3, 2.0)(logits, target), 0.3 * ce + 2.0 * dice)
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
+    base = SegmentationLoss()
+    target = random_target(2)
+    outputs = [torch.randn(2, 1, 8, 8) for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    expected = sum(w * base(o, target) for w, o in zip(weights, outputs, strict=True))
+    assert torch.allclose(DeepSupervisionLoss(base, weights)(outputs, target), expected)
+
+
+def test_deep_supervision_loss_on_a_single_tensor_is_the_plain_loss():
+    base = SegmentationLoss()
+    target = random_target(2)
+    logits = torch.randn(2, 1, 8, 8)
+    assert torch.equal(DeepSupervisionLoss(base, [0.5, 0.5])(logits, target), base(logits, target))
+
+
+def test_deep_supervision_loss_needs_one_weight_per_head():
+    loss = DeepSupervisionLoss(SegmentationLoss(), [0.5, 0.5])
+    with pytest.raises(ValueError, match="3 heads but 2 weights"):
+        loss([torch.randn(1, 1, 4, 4)] * 3, random_target(2, (1, 4, 4)))
+
+
+# --- probabilities and predictions ----------------------------------------------------------
+
+
+def test_binary_probabilities_are_sigmoid_background_then_vessel():
+    logits = torch.tensor([-2.0, 0.0, 3.0]).view(1, 1, 1, 3)
+    probs = probabilities(logits)
+    assert probs.shape == (1, 2, 1, 3)
+    assert torch.allclose(probs[:, 1], torch.sigmoid(logits[:, 0]))
+    assert torch.allclose(probs.sum(1), torch.ones(1, 1, 3))
+    assert predict(logits).tolist() == [[[0, 0, 1]]]  # logit 0 (p = 0.5) is background
+
+
+def test_multiclass_probabilities_are_softmax():
+    logits = torch.randn(2, 5, 4, 4)
+    probs = probabilities(logits)
+    assert torch.allclose(probs, torch.softmax(logits, 1))
+    assert torch.allclose(probs.sum(1), torch.ones(2, 4, 4))
+    assert torch.equal(predict(logits), logits.argmax(1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_predict_is_the_most_probable_class(channels):
+    logits = torch.randn(2, channels, 6, 6)
+    pred = predict(logits)
+    assert pred.shape == (2, 6, 6) and pred.dtype == torch.int64
+    assert torch.equal(pred, probabilities(logits).argmax(1))

@@ -23,6 +23,13 @@ from sklearn.metrics import (
 )
 
 from pipeline.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
+from tests.fakes import random_target
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # random_target draws from torch's global generator
+
 
 IGNORE = 255
 BATCH_SIZES = (1, 3, 2, 4)  # batches of different sizes, accumulated one after the other
@@ -243,6 +250,7 @@ def test_low_precision_scores_are_accepted():
         assert (sh.hist == ref.hist).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_scores_match_cpu():
     target = torch.randint(0, 2, (2, 64, 64))
@@ -310,3 +318,90 @@ def test_split_metrics_merges_both():
     without = split_metrics(cm, None, names)
     assert without == cm.compute(names)
     assert "auc_roc" not in without
+
+
+# --- ConfusionMatrix ------------------------------------------------------------------------
+
+
+def test_confusion_matrix_by_hand():
+    target = torch.tensor([0, 0, 0, 1, 1, 2, IGNORE, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])
+    cm = ConfusionMatrix(3)
+    cm.update(pred, target)
+    # the ignored pixel (label 255, predicted 0) is not counted
+    assert cm.matrix.tolist() == [[2, 1, 0], [0, 1, 1], [1, 0, 1]]
+    m = cm.compute(["a", "b", "c"])
+    # 4 of 7 pixels right; per-class recall 2/3, 1/2, 1/2
+    assert m["global_accuracy"] == pytest.approx(4 / 7)
+    assert m["mean_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1 / 2) / 3)
+    # IoU = tp / (true + pred - tp): 2 / (3 + 3 - 2), 1 / (2 + 2 - 1), 1 / (2 + 2 - 1)
+    assert m["iou_a"] == pytest.approx(1 / 2)
+    assert m["iou_b"] == pytest.approx(1 / 3)
+    assert m["iou_c"] == pytest.approx(1 / 3)
+    assert m["miou"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 3) / 3)
+    # multi-class dice: mean of 2 tp / (true + pred) = 4/6, 2/4, 2/4
+    assert m["dice"] == pytest.approx((4 / 6 + 2 / 4 + 2 / 4) / 3)
+
+
+def test_binary_dice_is_the_foreground_dice():
+    target = torch.tensor([[1, 1, 1, 0], [0, 0, IGNORE, IGNORE]])
+    pred = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 1]])
+    cm = ConfusionMatrix(2)
+    cm.update(pred, target)
+    assert cm.matrix.tolist() == [[2, 1], [1, 2]]
+    m = cm.compute(["background", "vessel"])
+    assert m["dice"] == pytest.approx(2 * 2 / (3 + 3))
+    assert m["iou_vessel"] == pytest.approx(2 / 4)
+    assert m["iou_background"] == pytest.approx(2 / 4)
+    assert m["global_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_classes_absent_from_truth_and_prediction_are_left_out_of_the_means():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    m = cm.compute()
+    assert math.isnan(m["iou_2"])
+    assert m["miou"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert m["mean_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_only_ignored_pixels_count_nothing():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.zeros(2, 3, 3, dtype=torch.long), torch.full((2, 3, 3), IGNORE))
+    assert cm.matrix.sum() == 0
+    assert math.isnan(cm.compute()["miou"])
+
+
+def test_confusion_matrix_accumulates_pixels_not_batch_averages():
+    batches = [(torch.randint(0, 3, (n, 5, 5)), random_target(3, (n, 5, 5))) for n in (1, 2, 4)]
+    acc = ConfusionMatrix(3)
+    for pred, target in batches:
+        acc.update(pred, target)
+    once = ConfusionMatrix(3)
+    once.update(torch.cat([p for p, _ in batches]), torch.cat([t for _, t in batches]))
+    assert (acc.matrix == once.matrix).all()
+    assert acc.compute() == pytest.approx(once.compute(), nan_ok=True)
+
+
+def test_split_metrics_differ_from_an_average_of_batch_metrics():
+    """One confusion matrix over the split: a 1-pixel batch weighs 1 pixel, not one batch."""
+    small = (torch.tensor([1]), torch.tensor([1]))  # perfect
+    big = (torch.tensor([0] * 9), torch.tensor([1] * 9))  # all wrong
+    cm = ConfusionMatrix(2)
+    for pred, target in (small, big):
+        cm.update(pred, target)
+    assert cm.compute()["global_accuracy"] == pytest.approx(1 / 10)  # batch average: 0.5
+
+
+def test_label_values_out_of_range_raise():
+    cm = ConfusionMatrix(2)
+    with pytest.raises(ValueError, match="label value 2"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="differ"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([[0, 1]]))
+
+
+def test_prediction_values_out_of_range_raise():
+    cm = ConfusionMatrix(2)
+    with pytest.raises(ValueError):
+        cm.update(torch.tensor([2]), torch.tensor([0]))
