@@ -28,11 +28,14 @@ OUT_DIR = ROOT / "reports" / "benchmarks"
 
 
 def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(choice)
+    """The pipeline's device rule (pipeline.distributed.pick_device) for a --device flag."""
+    from pipeline import distributed
+    from pipeline.common import PipelineError
+
+    try:
+        return distributed.pick_device(choice, name="--device")
+    except PipelineError as exc:
+        sys.exit(str(exc))
 
 
 def device_name(device: torch.device) -> str:

@@ -91,6 +91,12 @@ def timed(category: str) -> Iterator[None]:
             _spent[category] = _spent.get(category, 0.0) + time.perf_counter() - t0
 
 
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """(H, W) of an image resized by `scale` (preprocess.scale): preprocess and prediction
+    round alike, at least 1 px."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def clock(seconds: float) -> str:
     """A duration as 1h02m03s, 2m03s or 3s."""
     m, s = divmod(round(seconds), 60)

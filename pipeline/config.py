@@ -6,7 +6,6 @@ key, e.g. ``params.yaml: lr: must be > 0 (got -1)``.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from pathlib import Path
@@ -158,6 +157,10 @@ class PreprocessParams(Section):
     crops_per_image: Annotated[int, Field(ge=0)] = 0
     # CLAHE clip limit applied to every image (all splits, and pipeline.predict); 0 = off
     clahe: Annotated[float, Field(ge=0, le=40)] = 0.0
+    # every image resized by this factor before anything else (CLAHE first): the models train
+    # and predict at that size, and their logits are upsampled to score every original pixel
+    # (labels of val/test stay full-size); 0.5 = a quarter of the pixels per pass
+    scale: Annotated[float, Field(gt=0, le=1)] = 1.0
     border_weights: BorderWeightParams = BorderWeightParams()
 
     @model_validator(mode="after")
@@ -194,15 +197,9 @@ class ModelParams(Section):
         """An unknown name fails when params load, not as a traceback when a stage builds the
         model (smp is imported only when an smp encoder is asked for)."""
         if name != "none":
-            from segmentation_models_pytorch.encoders import encoders
+            from pipeline.models.blocks import check_encoder
 
-            if name not in encoders:
-                close = difflib.get_close_matches(name, list(encoders), n=3, cutoff=0.6)
-                examples = close or ["resnet34", "efficientnet-b0", "mobilenet_v2"]
-                raise ValueError(
-                    f"unknown encoder {name!r}: 'none' (the classic one) or an smp encoder, "
-                    f"e.g. {', '.join(examples)} ({len(encoders)} in all)"
-                )
+            check_encoder(name)
         return name
 
 

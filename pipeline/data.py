@@ -84,6 +84,11 @@ class SegmentationDataset(Dataset):
         seed = np.random.SeedSequence([self.seed, epoch, idx]).generate_state(1)[0]
         self.transform.set_random_seed(int(seed))
         extra = {"weight": self.weights[idx]} if self.weights is not None else {}
+        if self.images[idx].shape[:2] != self.labels[idx].shape:
+            # preprocess.scale: a val/test image is smaller than its full-size label; these
+            # splits are only normalised, so the label passes through unchanged
+            out = self.transform(image=self.images[idx])
+            return _tensor(out["image"].transpose(2, 0, 1)), _tensor(self.labels[idx]).long()
         out = self.transform(image=self.images[idx], mask=self.labels[idx], **extra)
         image = _tensor(out["image"].transpose(2, 0, 1))
         label = _tensor(out["mask"]).long()

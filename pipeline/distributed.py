@@ -44,9 +44,13 @@ SINGLE = Dist()  # one process, no process group
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(choice: str, ctx: Dist = SINGLE) -> torch.device:
+def pick_device(choice: str, ctx: Dist = SINGLE, name: str = "train.device") -> torch.device:
+    """auto: this rank's GPU when there is one, else the CPU. `name` is what an error names
+    (the param or the CLI flag that chose)."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"{name} {choice}: valid: cpu, cuda, auto")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
+        raise PipelineError(f"{name} cuda: no CUDA device available (use cpu or auto)")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{ctx.local_rank}" if choice == "cuda" else "cpu")

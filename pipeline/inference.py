@@ -97,7 +97,11 @@ def evaluate(
                 inference.blend,
                 batch_size=max(batch_size, 4),
                 tta=inference.tta,
-            ).float()  # (B, 1 | C, H, W)
+            ).float()  # (B, 1 | C, h, w)
+        if logits.shape[-2:] != labels.shape[-2:]:  # preprocess.scale < 1: images were resized,
+            logits = F.interpolate(  # labels were not: score every original pixel
+                logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )  # (B, 1 | C, H, W)
         cm.update(predict(logits), labels)
         if scores is not None:
             scores.update(probabilities(logits)[:, 1], labels)

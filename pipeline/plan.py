@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from pipeline import paths
-from pipeline.common import PipelineError, clock, run_cli, seed_everything, write_json
+from pipeline.common import PipelineError, clock, run_cli, scaled_size, seed_everything, write_json
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.models import build_model
 from pipeline.preprocess import crop_origins
@@ -79,7 +79,8 @@ CAMVID_SPLITS = {"train": 367, "val": 101, "test": 233}
 
 @dataclass
 class DataPlan:
-    """What the stages iterate over: counts and sizes, (H, W) per split."""
+    """What the stages iterate over: counts and sizes, (H, W) per split as the models see
+    them (resized by preprocess.scale)."""
 
     dataset: str
     in_channels: int
@@ -109,7 +110,8 @@ def _manifest_matches(manifest: dict[str, Any], params: Params) -> bool:
         manifest.get("crop_size"),
         manifest.get("crop_stride"),
         manifest.get("crops_per_image"),
-    ) == (pp.crop_size, pp.crop_stride, pp.crops_per_image)
+        manifest.get("scale", 1.0),
+    ) == (pp.crop_size, pp.crop_stride, pp.crops_per_image, pp.scale)
 
 
 def data_plan(params: Params) -> DataPlan:
@@ -122,9 +124,11 @@ def data_plan(params: Params) -> DataPlan:
     if manifest is not None:
         counts = {s: len(v) for s, v in manifest["splits"].items()}
         sizes = {}
+        stored = manifest.get("scale", 1.0)  # the processed images' preprocess.scale
         for split, stems in manifest["splits"].items():
             with Image.open(paths.split_dir(split, "images") / f"{stems[0]}.png") as img:
-                sizes[split] = (img.height, img.width)
+                full = (round(img.height / stored), round(img.width / stored))
+            sizes[split] = scaled_size(*full, pp.scale)  # what the models will see
         classes, channels = manifest["num_classes"], manifest["in_channels"]
         source = str(paths.MANIFEST.relative_to(paths.ROOT))
     elif ds.name == "folder":
@@ -143,7 +147,7 @@ def data_plan(params: Params) -> DataPlan:
             hw = KNOWN_SIZES["drive"]
         else:
             counts, hw = dict(CAMVID_SPLITS), KNOWN_SIZES["camvid"]
-        sizes = dict.fromkeys(counts, hw)
+        sizes = dict.fromkeys(counts, scaled_size(*hw, pp.scale))  # what the models see
         classes, channels = (11, 3) if ds.name == "camvid" else (2, 3)
         source = f"the {ds.name} layout (no matching data/processed yet)"
     if manifest is not None and _manifest_matches(manifest, params):

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.common import PipelineError, atomic_path, clock, run_cli
+from pipeline.common import PipelineError, atomic_path, clock, run_cli, scaled_size
 from pipeline.datasets import equalize, read_image
+from pipeline.distributed import pick_device
 from pipeline.losses import predict
 from pipeline.tiling import BLENDS, TTA_FLIPS, predict_tiled, tile_count
 
@@ -86,16 +88,6 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA device available (use cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise PipelineError(f"--device {device}: valid: cpu, cuda, auto")
-    return torch.device(device)
-
-
 def predict_files(
     model_path: Path,
     images: list[Path],
@@ -122,7 +114,7 @@ def predict_files(
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"{out_dir}: --out exists and is not a folder")
 
-    dev = resolve_device(device)
+    dev = pick_device(device, name="--device")
     model, ckpt = load_checkpoint(model_path, dev)
     model, name = _select_depth(model, ckpt, model_path, depth)
     model = model.to(dev)  # prune() builds the sub-network on the CPU
@@ -148,6 +140,7 @@ def predict_files(
     # read every image once before writing: a missing or corrupt one stops the run up front
     # (read again below, so only one image is held at a time)
     bit_depth = int(data.get("bit_depth", 0))  # 16-bit images scaled as in training
+    scale = float(data.get("scale", 1.0))  # preprocess.scale of the training data
     for path in images:
         read_image(path, mode, bit_depth)
 
@@ -159,8 +152,14 @@ def predict_files(
         x = torch.from_numpy(equalize(image, data.get("clahe", 0.0))).to(dev, torch.float32)
         x = x[..., None] if x.ndim == 2 else x  # (H, W, C)
         x = ((x / 255 - mean) / std).permute(2, 0, 1)[None]  # (1, C, H, W), as in training
+        h, w = x.shape[-2:]
+        if scale != 1.0:  # trained on images resized by preprocess.scale: predict at that size
+            size = scaled_size(h, w, scale)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         bar = TileProgress(path.name)
         logits = predict_tiled(model, x, tile, overlap, multiple, blend, tta=tta, progress=bar)
+        if scale != 1.0:  # a label for every pixel of the image
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         labels = predict(logits)[0].cpu().numpy().astype(np.uint8)  # (H, W) class indices
 
         label_path = out_dir / f"{path.stem}_label.png"

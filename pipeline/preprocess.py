@@ -28,7 +28,14 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.archives import is_url
-from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
+from pipeline.common import (
+    PipelineError,
+    atomic_path,
+    run_cli,
+    scaled_size,
+    timed,
+    write_json,
+)
 from pipeline.config import IGNORE_INDEX, Params, load_params
 from pipeline.datasets import RawDataset, equalize, open_dataset
 from pipeline.tracking import failures_recorded, mlflow_run
@@ -86,6 +93,17 @@ def make_crops(
         lab = label[y : y + size, x : x + size]
         if (lab != IGNORE_INDEX).any():
             yield y, x, image[y : y + size, x : x + size], lab
+
+
+def resize(image: np.ndarray, scale: float, label: bool = False) -> np.ndarray:
+    """`image` (H, W[, C]) uint8 resized by `scale`: antialiased bilinear for images (what
+    prediction does to its input, torch's antialias matching PIL's), nearest for labels."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    nh, nw = scaled_size(h, w, scale)
+    mode = Image.Resampling.NEAREST if label else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((nw, nh), mode))
 
 
 def save_png(folder: Path, name: str, array: np.ndarray) -> None:
@@ -228,7 +246,10 @@ def _preprocess(params: Params) -> Path:
             )
             for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2, disable=None):
                 sample = ds.read(item)
-                sample.image = equalize(sample.image, pp.clahe)
+                # the model's input: equalised at full size, then resized (as predict does)
+                sample.image = resize(equalize(sample.image, pp.clahe), pp.scale)
+                if split == "train":  # cropped at the model's size; val/test score full-size
+                    sample.label = resize(sample.label, pp.scale, label=True)
                 save_pair(images, labels, item.stem, sample.image, sample.label)
                 if sample.second is not None:
                     save_png(paths.split_dir(split, "second", tmp), item.stem, sample.second)
@@ -286,6 +307,9 @@ def _preprocess(params: Params) -> Path:
             "crop_stride": pp.crop_stride,
             "crops_per_image": pp.crops_per_image,
             "clahe": pp.clahe,  # applied to every image before anything else (and by predict)
+            # images (all splits) resized by this before the model sees them, train labels
+            # too; val/test labels stay full-size, so the logits are upsampled to score them
+            "scale": pp.scale,
             # 16-bit images were scaled by 2**bit_depth - 1 (0: 16 bits); predict does alike
             "bit_depth": params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
             "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from pipeline import paths, plots
 from pipeline.checkpoint import load_checkpoint
@@ -33,6 +35,7 @@ from pipeline.config import (
     parse_params,
 )
 from pipeline.data import SegmentationDataset, load_manifest, split_dataset
+from pipeline.distributed import pick_device
 from pipeline.losses import predict
 from pipeline.predict import PALETTE
 from pipeline.report_html import Block, Figure, Heading, Table, Text, render_html
@@ -225,7 +228,7 @@ def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
         logs=epoch_logs(metric),
         panels=panels,
         positive=positive_class(manifest),
-        inference=inference_text(params.inference),
+        inference=inference_text(params.inference, manifest.get("scale", 1.0)),
     )
 
 
@@ -245,7 +248,12 @@ TTA_TEXT = {
 }
 
 
-def inference_text(inference: InferenceParams) -> str:
+def inference_text(inference: InferenceParams, scale: float = 1.0) -> str:
+    if scale != 1.0:  # preprocess.scale
+        return (
+            f"{inference_text(inference)}, on the image resized to {scale:g}x its size (as in "
+            "training), the logits upsampled to score every pixel of the full-size label"
+        )
     if not inference.tile_size:
         text = "whole-image inference (one forward per image, mirror-padded to the network's size)"
     else:
@@ -276,6 +284,9 @@ def predict_arch(
             inference.blend,
             tta=inference.tta,
         )
+        size = dataset.labels[i].shape  # (H, W): larger than the image under preprocess.scale
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         out.append(predict(logits)[0].cpu().numpy().astype(np.uint8))
     return out
 
@@ -317,6 +328,9 @@ def panel_rows(
     rows = []
     for i, (image, truth) in enumerate(zip(dataset.images, dataset.labels, strict=True)):
         rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+        if rgb.shape[:2] != truth.shape:  # preprocess.scale: shown at the labels' size
+            size = (truth.shape[1], truth.shape[0])
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
         preds = [p[i] for p in predictions.values()]
         errors = [error_map(rgb, truth, p, num_classes == 2) for p in preds]
         rows.append([rgb, colours[truth], *(colours[p] for p in preds), *errors])
@@ -348,7 +362,7 @@ def panels_figure(
     so a missing or corrupt one stops the stage before anything is written."""
     stems = manifest["splits"]["test"][:n]
     dataset = split_dataset(manifest, "test", limit=n)  # normalised as for evaluation
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     predictions = {
         name: predict_arch(arch, dataset, inference, device) for arch, name in ARCH_NAMES.items()
     }

@@ -525,6 +525,7 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
         data={
             **{k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")},
             "clahe": manifest.get("clahe", 0.0),  # pipeline.predict equalises images alike
+            "scale": manifest.get("scale", 1.0),  # ...and resizes them alike
             "bit_depth": manifest.get("bit_depth", 0),  # ...and scales 16-bit images alike
         },
     )

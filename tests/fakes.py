@@ -92,6 +92,34 @@ def random_target(num_classes: int, shape=(2, 8, 8), ignored: float = 0.3):
     return target
 
 
+# the smallest settings that still run every code path: base 4, depth 2 (two pruned depths),
+# 32 px crops, one epoch, timings cut to one run, tracking off
+TINY = {
+    "epochs": 1,
+    "batch_size": 4,
+    "preprocess": {"crop_size": 32, "crop_stride": 32},
+    "unet": {"base_channels": 4, "depth": 2},
+    "unetpp": {"base_channels": 4, "depth": 2},
+    "loss": {"ds_weights": [0.5, 0.5]},
+    "pruning": {"depths": [1, 2], "latency_runs": 1, "latency_warmup": 0, "onnx": False},
+    "mlflow": {"enabled": False},
+}
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, section by section (a params.yaml overlay)."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = merged(base[key], value) if both else value
+    return out
+
+
+def tiny_params(**overrides) -> dict:
+    """TINY with `overrides` merged in, section by section."""
+    return merged(TINY, overrides)
+
+
 def tiny_model(arch: str, **options):
     """A small seeded UNet / UNet++ (base 4, depth 2) whose BatchNorm running statistics are
     non-trivial, so eval-mode BN matters to whatever the test compares."""

@@ -484,3 +484,58 @@ def test_a_folder_of_16_bit_tiffs_trains_on_their_real_contrast(project, tmp_pat
         png_path.unlink()
     manifest = run(params("folder", top))
     assert 0.3 < manifest["mean"][0] < 0.7 and manifest["bit_depth"] == 0
+
+
+# --- preprocess.scale: train and predict on resized images, score every original pixel ---------
+
+
+def test_scale_resizes_every_image_but_only_the_training_labels(project, tmp_path):
+    top = make_folder(tmp_path / "src", count=8)
+    pre = {"crop_size": 16, "crop_stride": 8, "scale": 0.5}
+    p = parse_params({**params("folder", top).model_dump(), "preprocess": pre})
+    manifest = run(p)
+    assert manifest["scale"] == 0.5
+    small = (round(SIZE[0] / 2), round(SIZE[1] / 2))
+    processed = project / "data" / "processed"
+    for split in ("train", "val", "test"):
+        stem = manifest["splits"][split][0]
+        raw = np.array(Image.open(top / "images" / f"{stem}.png").convert("RGB"))
+        got = png(processed / split / "images" / f"{stem}.png")
+        resized = Image.fromarray(raw).resize(small[::-1], Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(got, np.asarray(resized))  # antialiased, as predict's
+        label = png(processed / split / "labels" / f"{stem}.png")
+        assert label.shape == (small if split == "train" else SIZE)  # val/test: full-size
+    crop = png(processed / "crops" / "images" / f"{manifest['crops'][0]}.png")
+    assert crop.shape[:2] == (16, 16)
+    image, label = data.split_dataset(manifest, "val")[0]
+    assert image.shape == (3, *small) and label.shape == SIZE
+
+
+def test_scaled_splits_are_scored_on_their_full_size_labels(project, tmp_path):
+    """evaluate upsamples the logits of a resized image to its label: every original pixel
+    counts, as scoring by hand at full size does."""
+    import torch.nn.functional as F
+
+    from pipeline.config import InferenceParams
+    from pipeline.inference import evaluate
+    from pipeline.losses import predict as to_classes
+    from pipeline.metrics import ConfusionMatrix
+    from pipeline.models import build_model
+    from pipeline.tiling import predict_tiled
+
+    top = make_folder(tmp_path / "src", count=8)
+    pre = {"crop_size": 16, "crop_stride": 8, "scale": 0.5}
+    manifest = run(parse_params({**params("folder", top).model_dump(), "preprocess": pre}))
+    test = data.split_dataset(manifest, "test")
+    torch.manual_seed(0)
+    model = build_model("unet", 3, 2, base_channels=4, depth=2).eval()
+    whole = InferenceParams(tile_size=0)
+    got = evaluate(model, test, manifest["class_names"], torch.device("cpu"), 4, whole)
+    cm = ConfusionMatrix(2)
+    for image, label in test:
+        logits = predict_tiled(model, image[None], 0, 0, 4)
+        full = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
+        cm.update(to_classes(full), label[None])
+    expected = cm.compute(manifest["class_names"])
+    assert got["miou"] == pytest.approx(expected["miou"])
+    assert got["global_accuracy"] == pytest.approx(expected["global_accuracy"])

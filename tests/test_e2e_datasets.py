@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import make_camvid, make_drive, make_folder, zip_dir
+from tests.fakes import make_camvid, make_drive, make_folder, tiny_params, zip_dir
 from tests.project import dvc, make_repo
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "epochs": 1,
-    "batch_size": 8,
-    "preprocess": {"crop_size": 32, "crop_stride": 32},
-    "unet": {"base_channels": 4, "depth": 2},
-    "unetpp": {"base_channels": 4, "depth": 2},
-    "loss": {"ds_weights": [0.5, 0.5]},
-    "pruning": {"depths": [1, 2], "latency_runs": 2, "latency_warmup": 0, "onnx": False},
-    "mlflow": {"enabled": False},
-}
+TINY = tiny_params(batch_size=8, pruning={"latency_runs": 2})
 
 
 @pytest.fixture(scope="module")

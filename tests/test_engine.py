@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.data import EpochSampler
+from pipeline.distributed import amp_dtype, pick_device
 from pipeline.losses import SegmentationLoss
 from pipeline.models import build_model
 from pipeline.optim import lr_factor, make_optimizer, make_scheduler
-from pipeline.train import Engine, NonFiniteLoss, amp_dtype, is_better, pick_device, train_epoch
+from pipeline.train import Engine, NonFiniteLoss, is_better, train_epoch
 
 
 def _params(**train):
@@ -112,8 +114,12 @@ def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu(monkeypatch):
 def test_cuda_requested_without_a_gpu_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(Exception, match="train.device: 'cuda' requested"):
+    with pytest.raises(PipelineError, match=r"^train.device cuda: no CUDA device available"):
         pick_device("cuda")
+    with pytest.raises(PipelineError, match=r"^--device cuda: no CUDA device available"):
+        pick_device("cuda", name="--device")  # predict's flag names itself
+    with pytest.raises(PipelineError, match=r"^--device gpu: valid: cpu, cuda, auto"):
+        pick_device("gpu", name="--device")
     assert pick_device("auto").type == "cpu"
 
 

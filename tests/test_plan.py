@@ -13,27 +13,21 @@ from pipeline import plan
 from pipeline.common import PipelineError, clock, write_json
 from pipeline.config import parse_params
 from pipeline.train import Progress, _epoch_summary
-from tests.fakes import save_image
+from tests.fakes import merged, save_image, tiny_params
 
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
 
 
 def tiny(**overrides):
-    base = {
-        "epochs": 3,
-        "batch_size": 4,
-        "dataset": {"num_images": 6, "image_size": 32, "val_count": 1, "test_count": 2},
-        "preprocess": {"crop_size": 16, "crop_stride": 16},
-        "unet": {"base_channels": 2, "depth": 2},
-        "unetpp": {"base_channels": 2, "depth": 2},
-        "loss": {"ds_weights": [0.5, 0.5]},
-        "inference": {"tile_size": 16, "tile_overlap": 4},
-        "pruning": {"depths": [1, 2], "latency_runs": 1, "latency_warmup": 0, "onnx": False},
-        "mlflow": {"enabled": False},
-    }
-    for key, value in overrides.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_params(base)
+    base = tiny_params(
+        epochs=3,
+        dataset={"num_images": 6, "image_size": 32, "val_count": 1, "test_count": 2},
+        preprocess={"crop_size": 16, "crop_stride": 16},
+        unet={"base_channels": 2},
+        unetpp={"base_channels": 2},
+        inference={"tile_size": 16, "tile_overlap": 4},
+    )
+    return parse_params(merged(base, overrides))
 
 
 def test_every_stage_is_estimated_from_timed_steps_and_forwards(project):

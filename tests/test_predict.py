@@ -297,3 +297,25 @@ def test_the_checkpoints_contrast_equalisation_is_applied_before_predicting(tmp_
     equalised = equalize(image, 2.0)
     assert not np.array_equal(equalised, image)
     np.testing.assert_array_equal(labels, by_hand(model, equalised))
+
+
+def test_a_model_trained_at_a_scale_predicts_at_it_and_labels_every_pixel(tmp_path):
+    """preprocess.scale 0.5: the image is resized (antialiased bilinear) to what the model saw
+    in training, and its logits upsampled back: one label per pixel of the input."""
+    import torch.nn.functional as F
+
+    model = save_model(tmp_path / "model.pt")
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=False)
+    ckpt["data"]["scale"] = 0.5
+    torch.save(ckpt, tmp_path / "model.pt")
+    image = save_image(tmp_path / "x.png", (45, 62))
+    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "out", device="cpu")
+    labels, _ = read_png(tmp_path / "out" / "x_label.png")
+    assert labels.shape == (45, 62)
+
+    x = ((torch.from_numpy(image).float() / 255 - 0.5) / 0.2).permute(2, 0, 1)[None]
+    small = F.interpolate(x, size=(22, 31), mode="bilinear", antialias=True, align_corners=False)
+    logits = predict_tiled(model, small, 32, 8, model.size_multiple)  # (1, 1, 22, 31)
+    full = F.interpolate(logits, size=(45, 62), mode="bilinear", align_corners=False)
+    np.testing.assert_array_equal(labels, predict(full)[0].numpy())
+    assert not np.array_equal(labels, by_hand(model, image)), "the scale must matter"

@@ -356,6 +356,8 @@ def test_the_inference_sentence_follows_the_inference_params():
     assert tiled.startswith("overlap-tile inference (64 px tiles overlapping by 16 px, constant")
     assert "flip" not in tiled
     assert "horizontally flipped" in inference_text(InferenceParams(tile_size=0, tta="hflip"))
+    scaled = inference_text(InferenceParams(tile_size=0), scale=0.5)
+    assert scaled.startswith(whole) and "resized to 0.5x" in scaled and "full-size label" in scaled
     flips = inference_text(InferenceParams(tile_size=64, tta="flips"))
     assert flips.startswith("overlap-tile") and "vertically and both" in flips
 

@@ -15,22 +15,17 @@ from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.download import download
 from pipeline.preprocess import preprocess
+from tests.fakes import tiny_params
 
-TINY = {
-    "seed": 3,
-    "lr": 0.01,
-    "epochs": 3,
-    "batch_size": 4,
-    "dataset": {"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1},
-    "preprocess": {"crop_size": 32, "crop_stride": 16},
-    "unet": {"base_channels": 4, "depth": 2},
-    "unetpp": {"base_channels": 4, "depth": 2},
-    "loss": {"ds_weights": [0.5, 0.5]},
-    "train": {"scheduler": "cosine", "warmup_epochs": 0.5},  # resume must restore its state
-    "inference": {"tile_size": 32, "tile_overlap": 8},
-    "pruning": {"depths": [1, 2], "latency_runs": 1, "latency_warmup": 0},
-    "mlflow": {"enabled": False},
-}
+TINY = tiny_params(
+    seed=3,
+    lr=0.01,
+    epochs=3,
+    dataset={"num_images": 6, "image_size": 64, "val_count": 1, "test_count": 1},
+    preprocess={"crop_stride": 16},
+    train={"scheduler": "cosine", "warmup_epochs": 0.5},  # resume must restore its state
+    inference={"tile_size": 32, "tile_overlap": 8},
+)
 TIMINGS = ("seconds", "latency_ms", "images_per_s", "train_seconds")
 
 

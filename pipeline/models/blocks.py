@@ -125,6 +125,22 @@ class ConvEncoder(nn.ModuleList):
         return feats
 
 
+def check_encoder(name: str) -> None:
+    """ValueError naming close matches unless `name` is an smp encoder (params validate
+    `encoder` with it when they load, long before a stage builds the model)."""
+    import difflib
+
+    from segmentation_models_pytorch.encoders import encoders
+
+    if name not in encoders:
+        close = difflib.get_close_matches(name, list(encoders), n=3, cutoff=0.6)
+        examples = close or ["resnet34", "efficientnet-b0", "mobilenet_v2"]
+        raise ValueError(
+            f"unknown encoder {name!r}: 'none' (the classic one) or an smp encoder, "
+            f"e.g. {', '.join(examples)} ({len(encoders)} in all)"
+        )
+
+
 def _smp_encoder(name: str, in_ch: int, depth: int, weights: str | None) -> nn.Module:
     """smp's get_encoder; pretrained weights that cannot be fetched (offline, no cache) are one
     line saying how to go on, not the Hugging Face hub's traceback."""
@@ -155,13 +171,7 @@ class SmpEncoder(nn.Module):
 
     def __init__(self, name: str, in_ch: int, depth: int, weights: str | None = None):
         super().__init__()
-        from segmentation_models_pytorch.encoders import encoders
-
-        if name not in encoders:
-            raise ValueError(
-                f"unknown encoder {name!r}; use 'none' (the classic one) or an smp encoder, "
-                f"e.g. {', '.join(sorted(encoders)[:6])}, ... ({len(encoders)} in all)"
-            )
+        check_encoder(name)
         if not 1 <= depth <= 4:
             raise ValueError(f"depth {depth}: an smp encoder gives levels for depth 1..4")
         self.name = name
