@@ -50,23 +50,24 @@ from pipeline.preprocess import crop_origins
 
 log = logging.getLogger(__name__)
 
-# Seconds each stage spends outside the work timed here: Python imports, opening the MLflow
-# store and logging runs/models/artifacts, DVC hashing its outputs (measured under `dvc repro`
-# on an idle 2-core machine: reports/results/ and issue 16's breakdown).
+# Seconds each stage spends outside the work timed here: Python imports (bytecode compiled at
+# set-up), the stage's own set-up and outputs, DVC hashing its outputs; MLFLOW: opening the
+# store and logging runs, models and artifacts. Measured under `dvc repro` on an idle 2-core
+# machine with every stage's time split (bench/startup.py, reports/benchmarks/startup.md).
 START_UP = {
-    "download": 4.0,
-    "preprocess": 8.0,
-    "train": 14.0,
-    "prune": 12.0,
-    "report": 12.0,
+    "download": 2.0,
+    "preprocess": 2.5,
+    "train": 10.0,
+    "prune": 5.0,
+    "report": 5.0,
 }
 # download from a local archive or folder: extracting a file and DVC hashing it (CamVid's 1,402
-# files: 7 s); a URL's transfer time is unknown beforehand and left out
-FILE_S = 0.005
+# files: 1.6 s); a URL's transfer time is unknown beforehand and left out
+FILE_S = 0.001
 # preprocess decodes each raw image, encodes the processed PNGs (encoding costs 3-4 decodes)
-# and DVC hashes them: about 5 decodes per pixel written (DRIVE 21.7 s, CamVid 40.3 s measured)
-PREPROCESS_DECODES = 5
-MLFLOW = {"download": 5.0, "preprocess": 5.0, "train": 12.0, "prune": 6.0, "report": 8.0}
+# and DVC hashes them: about 4 decodes per pixel written (CamVid: 22.5 s measured)
+PREPROCESS_DECODES = 4
+MLFLOW = {"download": 4.0, "preprocess": 2.5, "train": 5.0, "prune": 2.5, "report": 2.5}
 # ONNX export (pipeline.export): importing onnx/onnxruntime once, then per model a fixed cost
 # plus tracing and checking onnxruntime against torch at two input sizes, about 12 full-size
 # forwards (measured on DRIVE: 4 s for L1 to 17 s for L4)

@@ -114,3 +114,102 @@ def test_the_import_walk_sees_lazy_and_package_imports(tmp_path):
     assert PACKAGE / "export.py" in prune  # imported inside export_all only
     assert PACKAGE / "paths.py" in prune  # `from pipeline import paths`
     assert (PACKAGE / "models" / "__init__.py") in closure(PACKAGE / "checkpoint.py")
+
+
+# --- params: every key a stage reads is one dvc.yaml lists for it ----------------------------
+
+# read by every stage but never part of its results: where the runs are logged
+NOT_RESULTS = ("mlflow",)
+
+
+class Reads:
+    """A params object (or section) that records the dotted key of everything read from it:
+    a leaf by name, a whole section when one of its methods runs."""
+
+    def __init__(self, obj, path: str, seen: set[str]):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_seen", seen)
+
+    def __getattr__(self, name: str):
+        from pydantic import BaseModel
+
+        value = getattr(self._obj, name)
+        key = f"{self._path}.{name}" if self._path else name
+        if isinstance(value, BaseModel):
+            return Reads(value, key, self._seen)
+        if name == "model":  # params.model(arch): that architecture's section
+            return lambda arch: Reads(value(arch), arch, self._seen)
+        if name == "model_dump":  # what a stage logs to MLflow and fingerprints, not reads:
+            return value  # a section a stage builds from is listed whole (unet, train, ...)
+        if callable(value):  # other methods (size_multiple(), ...) read the whole section
+            self._seen.add(self._path)
+            return value
+        self._seen.add(key)
+        return value
+
+
+def listed(stage: str) -> list[str]:
+    out = []
+    for p in stages()[stage].get("params", []):
+        out += [""] if isinstance(p, dict) else [p]  # `- params.yaml:` lists every key
+    return out
+
+
+def uncovered(stage: str, seen: set[str]) -> list[str]:
+    keys = listed(stage)
+    return sorted(
+        k
+        for k in seen
+        if not k.startswith(NOT_RESULTS)
+        and not any(p == "" or k == p or k.startswith(p + ".") for p in keys)
+    )
+
+
+@pytest.mark.slow
+def test_a_stages_params_cover_every_key_it_reads(project):
+    """Run each stage in-process on tiny synthetic data with params that record what is read:
+    a key missing from a stage's `params:` would not re-run it when changed."""
+    from pipeline.config import parse_params
+    from pipeline.download import download
+    from pipeline.preprocess import preprocess
+    from pipeline.prune import prune
+    from pipeline.report import report
+    from pipeline.train import train
+    from tests.fakes import tiny_params
+
+    params = parse_params(
+        tiny_params(
+            dataset={"num_images": 6, "image_size": 32, "val_count": 1, "test_count": 1},
+            preprocess={"crop_size": 16, "crop_stride": 16},
+            report={"panels": 1},
+        )
+    )
+    runs = {
+        "download": download,
+        "preprocess": preprocess,
+        "train_unet": lambda p: train("unet", p),
+        "train_unetpp": lambda p: train("unetpp", p),
+        "prune": prune,
+        "report": report,
+    }
+    assert sorted(runs) == sorted(stages())
+    for stage, run in runs.items():
+        seen: set[str] = set()
+        run(Reads(params, "", seen))
+        assert seen, f"{stage}: the recorder saw nothing"
+        missing = uncovered(stage, seen)
+        assert not missing, f"dvc.yaml: stage {stage} reads {missing} but does not list them"
+
+
+def test_the_params_check_reads_sections_and_leaves():
+    from pipeline.config import parse_params
+
+    seen: set[str] = set()
+    p = Reads(parse_params({}), "", seen)
+    assert p.train.amp == "auto" and p.model("unetpp").depth == 4
+    p.unet.size_multiple()
+    p.inference.model_dump()  # logged, not read
+    assert seen == {"train.amp", "unetpp.depth", "unet"}
+    assert uncovered("prune", {"pruning.onnx", "train.amp", "mlflow.enabled"}) == []
+    assert uncovered("prune", {"lr", "train.lr_scale"}) == ["lr", "train.lr_scale"]
