@@ -197,7 +197,7 @@ class ModelParams(Section):
         """An unknown name fails when params load, not as a traceback when a stage builds the
         model (smp is imported only when an smp encoder is asked for)."""
         if name != "none":
-            from pipeline.models.blocks import check_encoder
+            from pipeline.encoders import check_encoder
 
             check_encoder(name)
         return name

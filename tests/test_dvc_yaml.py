@@ -195,6 +195,9 @@ def test_a_stages_params_cover_every_key_it_reads(project):
     }
     assert sorted(runs) == sorted(stages())
     for stage, run in runs.items():
+        if listed(stage) == [""]:  # report: every key (its table shows each one that differs)
+            run(params)
+            continue
         seen: set[str] = set()
         run(Reads(params, "", seen))
         assert seen, f"{stage}: the recorder saw nothing"

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.common import PipelineError
+from pipeline.encoders import check_encoder
 
 
 class DoubleConv(nn.Module):
@@ -123,22 +124,6 @@ class ConvEncoder(nn.ModuleList):
             x = self[i](x)
             feats.append(x)  # level i: (B, channels[i], H / 2**i, W / 2**i)
         return feats
-
-
-def check_encoder(name: str) -> None:
-    """ValueError naming close matches unless `name` is an smp encoder (params validate
-    `encoder` with it when they load, long before a stage builds the model)."""
-    import difflib
-
-    from segmentation_models_pytorch.encoders import encoders
-
-    if name not in encoders:
-        close = difflib.get_close_matches(name, list(encoders), n=3, cutoff=0.6)
-        examples = close or ["resnet34", "efficientnet-b0", "mobilenet_v2"]
-        raise ValueError(
-            f"unknown encoder {name!r}: 'none' (the classic one) or an smp encoder, "
-            f"e.g. {', '.join(examples)} ({len(encoders)} in all)"
-        )
 
 
 def _smp_encoder(name: str, in_ch: int, depth: int, weights: str | None) -> nn.Module:
