@@ -305,8 +305,10 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "second_observer",
         "positive_class",
         "clahe",
+        "scale",
         "bit_depth",
     }
+    assert manifest["scale"] == 1.0  # preprocess.scale: the images as they are
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["background", "vessel"]
     assert manifest["in_channels"] == 3 and manifest["ignore_index"] == 255
     assert (manifest["crop_size"], manifest["crop_stride"]) == (32, 32)
