@@ -22,15 +22,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
-    sys.path.insert(0, str(ROOT))
 OUT_DIR = ROOT / "reports" / "benchmarks"
 
 
 def pick_device(choice: str) -> torch.device:
-    """The pipeline's device rule (pipeline.distributed.pick_device) for a --device flag."""
-    from pipeline import distributed
+    """The pipeline's device rule (pipeline.engine.distributed.pick_device) for a --device flag."""
     from pipeline.common import PipelineError
+    from pipeline.engine import distributed
 
     try:
         return distributed.pick_device(choice, name="--device")
@@ -135,11 +133,11 @@ def pipeline_engine(
     loss_fn: nn.Module | None = None,
     lr: float = 1e-3,
 ):
-    """The pipeline's training step (pipeline.train.Engine) as pipeline.train builds it:
-    autocast to `amp_dtype`, channels_last and torch.compile (the CUDA path; each
+    """The pipeline's training step (pipeline.engine.loop.Engine) as pipeline.stages.train
+    builds it: autocast to `amp_dtype`, channels_last and torch.compile (the CUDA path; each
     switchable), the pipeline's loss (default CE + soft Dice), Adam."""
-    from pipeline.losses import SegmentationLoss
-    from pipeline.train import Engine
+    from pipeline.engine.loop import Engine
+    from pipeline.engine.losses import SegmentationLoss
 
     model = model.to(device)
     if channels_last:
@@ -156,10 +154,10 @@ def pipeline_engine(
 
 
 def pipeline_step(engine, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """One step as pipeline.train.train_epoch runs it: to the device (memory format), forward
+    """One step as pipeline.engine.loop.train_epoch runs it: to the device (memory format), forward
     and backward, the loss and gradient norm read back to the host (the finiteness check: one
     sync per step), optimizer step."""
-    from pipeline import distributed
+    from pipeline.engine import distributed
 
     images, labels = engine.to_device([images, labels])
     out = engine.step(images, labels)

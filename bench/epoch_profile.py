@@ -16,12 +16,10 @@ import argparse
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def commit() -> str:
@@ -57,7 +55,7 @@ def bare_loader(epochs: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from pipeline.config import load_params
-    from pipeline.data import EpochSampler, crops_dataset, load_manifest
+    from pipeline.data.loading import EpochSampler, crops_dataset, load_manifest
 
     params = load_params(complete=False)
     ds = crops_dataset(load_manifest(), params.train.augment, params.seed)

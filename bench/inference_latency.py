@@ -3,8 +3,8 @@
 The models are the pipeline's (pipeline.models.build_model; `UNetPlusPlus.prune(k)` gives the
 standalone depth-k network the prune stage measures), randomly initialised (latency does not
 depend on the weights), in eval mode, on one batch of --batch images of --size x --size. The
-latency is pipeline.stats.latency_ms: the median of --runs forwards after --warmup, CUDA
-synchronised after each; params and GFLOPs come from pipeline.stats too. CPU always, CUDA
+latency is pipeline.inference.stats.latency_ms: the median of --runs forwards after --warmup, CUDA
+synchronised after each; params and GFLOPs come from pipeline.inference.stats too. CPU always, CUDA
 when available (--devices to choose); --dtype bf16 runs the CUDA forwards under bf16 autocast.
 
     uv run python bench/inference_latency.py                      # 512x512, batch 1
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchlib import device_name, environment, out_stem, write_outputs  # noqa: E402
+from bench.benchlib import device_name, environment, out_stem, write_outputs
 
 NAME = "inference_latency"
 
@@ -51,7 +49,7 @@ def models(base: int, depth: int, depths: list[int]) -> list[tuple[str, nn.Modul
 
 
 def measure(args, devices: list[torch.device]) -> list[dict]:
-    from pipeline.stats import count_params, gflops, latency_ms
+    from pipeline.inference.stats import count_params, gflops, latency_ms
 
     shape = (args.batch, 3, args.size, args.size)
     rows = []
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     env.update(input=f"{args.batch}x3x{args.size}x{args.size}", runs=args.runs)
     notes = (
         f"Input {env['input']}; median of {args.runs} forwards after {args.warmup} warm-up "
-        f"ones (pipeline.stats.latency_ms). UNet++ and UNet with base {args.base}, "
+        f"ones (pipeline.inference.stats.latency_ms). UNet++ and UNet with base {args.base}, "
         "BatchNorm, transposed convolutions; L4 is the full UNet++. GFLOPs per image by "
         "torch's FlopCounterMode (2 per multiply-add)."
     )

@@ -5,9 +5,9 @@ training params (params.yaml: batch_size, augment, crop size, the model of --arc
 channels_last), then measures
 
 - the pipeline's training DataLoader alone (same dataset, sampler, pinned memory on CUDA and
-  persistent workers as pipeline.train), in images/s, for each worker count of --workers:
+  persistent workers as pipeline.stages.train), in images/s, for each worker count of --workers:
   the first epoch (worker start-up included) and the median of the later ones;
-- the training step alone (pipeline.train.Engine on batches already on the device), in
+- the training step alone (pipeline.engine.loop.Engine on batches already on the device), in
   images/s, median of --windows windows;
 
 and prints, per worker count, loader / step: below 1 the GPU waits for data (raise
@@ -23,12 +23,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchlib import (  # noqa: E402
+from bench.benchlib import (
     environment,
     out_stem,
     pick_device,
@@ -42,10 +40,10 @@ NAME = "loader_throughput"
 
 
 def loader_rate(params, manifest, workers: int, epochs: int, device: torch.device) -> dict:
-    """Images/s of the training DataLoader alone, built as pipeline.train builds it."""
+    """Images/s of the training DataLoader alone, built as pipeline.stages.train builds it."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data import EpochSampler, crops_dataset
+    from pipeline.data.loading import EpochSampler, crops_dataset
 
     ds = crops_dataset(manifest, params.train.augment, params.seed)
     sampler = EpochSampler(len(ds), params.seed)
@@ -72,8 +70,8 @@ def loader_rate(params, manifest, workers: int, epochs: int, device: torch.devic
 def step_rate(params, manifest, arch: str, device: torch.device, windows: int, steps: int):
     """Images/s of the pipeline's training step alone, on synthetic batches of the crops'
     shape already on the device."""
-    from pipeline.distributed import amp_dtype
-    from pipeline.losses import build_loss
+    from pipeline.engine.distributed import amp_dtype
+    from pipeline.engine.losses import build_loss
     from pipeline.models import build_model
 
     tp = params.train
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.common import PipelineError
     from pipeline.config import load_params
-    from pipeline.data import load_manifest
+    from pipeline.data.loading import load_manifest
 
     try:
         params, manifest = load_params(complete=False), load_manifest()

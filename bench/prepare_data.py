@@ -1,8 +1,9 @@
 """Benchmark: wall time of the download + preprocess stages on the real DRIVE and CamVid archives.
 
 Each run copies the project code into a fresh temporary folder and runs the two stage CLIs there
-as DVC would (`python -m pipeline.download`, then `python -m pipeline.preprocess`), so the figures
-include interpreter start-up and imports. Prints a markdown table of medians.
+as DVC would (`python -m pipeline.stages.download`, then
+`python -m pipeline.stages.preprocess`), so the figures include interpreter start-up and imports.
+Prints a markdown table of medians.
 
     uv run python bench/prepare_data.py      # 3 runs each, archives in ../shared/datasets
     uv run python bench/prepare_data.py --runs 5 --datasets drive
@@ -53,8 +54,8 @@ def one_run(name: str, archive: Path) -> dict:
         params["dataset"].update(name=name, source=str(archive))
         params["preprocess"].update(PREPROCESS[name])
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        download = run_stage(root, "pipeline.download")
-        preprocess = run_stage(root, "pipeline.preprocess")
+        download = run_stage(root, "pipeline.stages.download")
+        preprocess = run_stage(root, "pipeline.stages.preprocess")
         manifest = json.loads((root / "data" / "processed" / "manifest.json").read_text())
     return {
         "download_s": download,

@@ -34,12 +34,10 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
-    sys.path.insert(0, str(ROOT))
+from pipeline import paths
+from pipeline.common import PipelineError, clock, run_cli, write_json
 
-from pipeline import paths  # noqa: E402
-from pipeline.common import PipelineError, clock, run_cli, write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def out_dir() -> Path:

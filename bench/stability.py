@@ -27,19 +27,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
-    sys.path.insert(0, str(ROOT))
+from bench.benchlib import environment, out_stem, write_outputs
+from pipeline.common import read_json
+from pipeline.preset import merge
 
-from bench.benchlib import environment, out_stem, write_outputs  # noqa: E402
-from pipeline.common import read_json  # noqa: E402
-from pipeline.preset import merge  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = (
-    ["pipeline.download"],
-    ["pipeline.preprocess"],
-    ["pipeline.train", "unet"],
-    ["pipeline.train", "unetpp"],
+    ["pipeline.stages.download"],
+    ["pipeline.stages.preprocess"],
+    ["pipeline.stages.train", "unet"],
+    ["pipeline.stages.train", "unetpp"],
 )
 
 

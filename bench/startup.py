@@ -31,12 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the project
-    sys.path.insert(0, str(ROOT))
+from bench.benchlib import markdown_table, out_stem
+from bench.results import machine
 
-from bench.benchlib import markdown_table, out_stem  # noqa: E402
-from bench.results import machine  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SETUP = ["python3", "-m", "uv", "sync", "--frozen", "--compile-bytecode"]  # the README's
 STAGES = ("download", "preprocess", "train_unet", "train_unetpp", "prune", "report")

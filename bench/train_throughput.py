@@ -5,7 +5,7 @@ The model is the U-Net paper's network as the pipeline builds it (pipeline.model
 3 input and 2 output channels: 31.0M parameters). Both loops run in this process on the same
 synthetic batches, already on the device (no data loading: see loader_throughput.py):
 
-- pipeline: pipeline.train.Engine, the step `dvc repro` runs: bf16 autocast, channels_last
+- pipeline: pipeline.engine.loop.Engine, the step `dvc repro` runs: bf16 autocast, channels_last
   and torch.compile on CUDA (--no-amp, --no-channels-last, --no-compile turn each off), CE +
   soft Dice loss, Adam, the loss read back every step;
 - plain: the loop of the seed documents, in fp32: model.train(); for x, y: opt.zero_grad();
@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchlib import (  # noqa: E402
+from bench.benchlib import (
     environment,
     out_stem,
     pick_device,
@@ -61,7 +59,7 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
 
 
 def build_unet(base: int, depth: int) -> nn.Module:
-    from pipeline.config import level_channels
+    from pipeline.models.blocks import level_channels
     from pipeline.models.unet import UNet
 
     return UNet(3, 2, level_channels(base, depth), upsampling="transpose", norm="batch")

@@ -31,11 +31,6 @@ DRIVE_TRAIN_IMAGES = 20
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
-def level_channels(base_channels: int, depth: int) -> tuple[int, ...]:
-    """Channels per level, doubling at each pooling: (16, 32, 64, 128, 256) for 16 and 4."""
-    return tuple(base_channels * 2**i for i in range(depth + 1))
-
-
 class Section(BaseModel):
     # strict: "0.01" (a string) is not a float; extra="forbid": typos are errors, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -182,10 +177,6 @@ class ModelParams(Section):
     encoder: Annotated[str, Field(min_length=1)] = "none"
     # None: random init (offline); "imagenet" downloads pretrained weights (needs internet)
     encoder_weights: Literal["imagenet"] | None = None
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        return level_channels(self.base_channels, self.depth)
 
     def size_multiple(self) -> int:
         """Input sides must divide by this (an smp encoder starts at stride 2: one more)."""

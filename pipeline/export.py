@@ -27,8 +27,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli
+from pipeline.engine.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

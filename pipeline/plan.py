@@ -45,8 +45,8 @@ from PIL import Image
 from pipeline import paths
 from pipeline.common import PipelineError, clock, run_cli, scaled_size, seed_everything, write_json
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
+from pipeline.data.crops import crop_origins
 from pipeline.models import build_model
-from pipeline.preprocess import crop_origins
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def source_files(params: Params) -> int:
     import tarfile
     import zipfile
 
-    from pipeline.archives import archive_kind, is_url
+    from pipeline.data.archives import archive_kind, is_url
 
     source = params.dataset.source
     if params.dataset.name == "synthetic" or not source or is_url(source):
@@ -225,7 +225,7 @@ def time_steps(engine, batch, seconds: float, max_steps: int = 20) -> float:
 
 def time_loader(manifest: dict[str, Any], params: Params) -> float:
     """Seconds to augment, normalise and collate one batch of crops (the DataLoader's work)."""
-    from pipeline.data import _hwc, transforms
+    from pipeline.data.loading import _hwc, transforms
 
     crop = params.preprocess.crop_size
     rng = np.random.default_rng(0)
@@ -263,7 +263,7 @@ def time_crop_read(manifest: dict[str, Any], params: Params) -> float:
 
 
 def _amp(params: Params):
-    from pipeline.distributed import amp_dtype
+    from pipeline.engine.distributed import amp_dtype
 
     return amp_dtype(params.train.amp, torch.device("cpu"))
 
@@ -273,7 +273,7 @@ def time_eval(
 ) -> float:
     """Seconds to evaluate one full-size image of `split` (prediction, loss, metrics), under
     train.amp's autocast as the training and prune stages do (`amp`), or in float32."""
-    from pipeline.inference import evaluate
+    from pipeline.inference.evaluate import evaluate
 
     h, w = data.sizes[split]
     image = torch.randn(data.in_channels, h, w)
@@ -290,7 +290,7 @@ def time_eval(
 
 def time_forward(model, data: DataPlan) -> float:
     """Seconds of one full-size forward, as model_stats' latency runs (no autocast there)."""
-    from pipeline.inference import pad_to_multiple
+    from pipeline.inference.forward import pad_to_multiple
 
     h, w = data.sizes["test"]
     x, _ = pad_to_multiple(torch.randn(1, data.in_channels, h, w), model.size_multiple)
@@ -302,9 +302,9 @@ def time_forward(model, data: DataPlan) -> float:
 
 
 def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> ArchPlan:
-    from pipeline.losses import build_eval_loss, build_loss
-    from pipeline.optim import make_optimizer
-    from pipeline.train import Engine
+    from pipeline.engine.loop import Engine
+    from pipeline.engine.losses import build_eval_loss, build_loss
+    from pipeline.engine.optim import make_optimizer
 
     seed_everything(params.seed)
     manifest = _fake_manifest(data)

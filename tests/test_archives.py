@@ -24,7 +24,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.archives import (
+from pipeline.common import PipelineError, run_cli
+from pipeline.config import Params, parse_params
+from pipeline.data.archives import (
     archive_kind,
     fetch_url,
     find_root,
@@ -34,9 +36,7 @@ from pipeline.archives import (
     url_filename,
     verify_sha256,
 )
-from pipeline.common import PipelineError, run_cli
-from pipeline.config import Params, parse_params
-from pipeline.download import download, main
+from pipeline.stages.download import download, main
 
 WRONG_SHA = "0" * 64
 
@@ -367,7 +367,7 @@ class Trickle(BaseHTTPRequestHandler):
 def test_a_trickling_download_stops_as_stalled_and_leaves_no_part_file(
     tmp_path, serve, monkeypatch
 ):
-    from pipeline import archives
+    from pipeline.data import archives
 
     monkeypatch.setattr(archives, "STALL_SECONDS", 1.0)
     monkeypatch.setattr(archives, "STALL_BYTES", 1000)
@@ -382,10 +382,10 @@ def test_a_trickling_download_stops_as_stalled_and_leaves_no_part_file(
 def test_a_download_logs_progress_lines_when_no_terminal_shows_the_bar(
     tmp_path, www, drive_zip, monkeypatch, caplog
 ):
-    from pipeline import archives
+    from pipeline.data import archives
 
     monkeypatch.setattr(archives, "PROGRESS_SECONDS", 0.0)  # a line per chunk read
-    with caplog.at_level(logging.INFO, logger="pipeline.archives"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.archives"):
         fetch_url(www.url("DRIVE.zip"), tmp_path / "dl")  # pytest's stderr is no terminal
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloaded ")]
     size = drive_zip.stat().st_size / 1e6

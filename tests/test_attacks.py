@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_params, parse_params
-from pipeline.datasets import read_image, read_label
-from pipeline.distributed import SINGLE
-from pipeline.inference import eval_shard
+from pipeline.data.sources import read_image, read_label
+from pipeline.engine.distributed import SINGLE
+from pipeline.inference.evaluate import eval_shard
 from tests.fakes import make_folder, random_image, save_image
 from tests.test_archives import error_of
 from tests.test_datasets import params, run

@@ -12,11 +12,11 @@ import pytest
 
 from pipeline import paths, preset
 from pipeline.config import parse_params
-from pipeline.download import download
-from pipeline.preprocess import preprocess
-from pipeline.prune import prune
-from pipeline.report import report
-from pipeline.train import train
+from pipeline.stages.download import download
+from pipeline.stages.preprocess import preprocess
+from pipeline.stages.prune import prune
+from pipeline.stages.report import report
+from pipeline.stages.train import train
 from tests.fakes import make_camvid, make_drive, zip_dir
 
 pytestmark = pytest.mark.slow

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
-from pipeline import preprocess as pre
 from pipeline.common import PipelineError
 from pipeline.config import IGNORE_INDEX, Params, parse_params
-from pipeline.datasets import merge_vessel_label, read_image, split_stems
-from pipeline.download import download
-from pipeline.preprocess import crop_origins, make_crops
-from pipeline.synthetic import generate
+from pipeline.data import loading as data
+from pipeline.data.crops import crop_origins, make_crops
+from pipeline.data.sources import merge_vessel_label, read_image, split_stems
+from pipeline.data.synthetic import generate
+from pipeline.stages import preprocess as pre
+from pipeline.stages.download import download
 
 TINY = {
     "seed": 3,

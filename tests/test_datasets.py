@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
-from pipeline.datasets import CAMVID_CLASSES, map_labels, read_label
-from pipeline.distributed import SINGLE
-from pipeline.download import download
-from pipeline.inference import eval_shard
-from pipeline.preprocess import make_crops, preprocess
+from pipeline.data import loading as data
+from pipeline.data.crops import make_crops
+from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_label
+from pipeline.engine.distributed import SINGLE
+from pipeline.inference.evaluate import eval_shard
+from pipeline.stages.download import download
+from pipeline.stages.preprocess import preprocess
 from tests.fakes import (
     SIZE,
     fov_mask,
@@ -413,7 +414,7 @@ def test_folder_layout_errors_name_the_param_to_change(project, tmp_path, key):
 
 
 def test_clahe_equalises_every_split_and_is_recorded(project, tmp_path):
-    from pipeline.datasets import equalize
+    from pipeline.data.sources import equalize
 
     top = make_folder(tmp_path / "src", count=6)
     pre = {"crop_size": 32, "crop_stride": 16, "clahe": 2.0}
@@ -439,7 +440,7 @@ def _save(path: Path, array: np.ndarray) -> Path:
 
 
 def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path, caplog):
-    from pipeline.datasets import read_image
+    from pipeline.data.sources import read_image
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     tif = _save(tmp_path / "a.tif", ramp)
@@ -451,7 +452,7 @@ def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path, caplog):
     assert rgb.shape == (64, 64, 3) and (rgb == grey[..., None]).all()
     # 12-bit camera data in a 16-bit file: bit_depth 12 spans 0..4095
     twelve = _save(tmp_path / "b.tif", (ramp // 16).astype(np.uint16))
-    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+    with caplog.at_level("WARNING", logger="pipeline.data.sources"):
         dark = read_image(twelve, "L")
     assert dark.max() == 16 and "dataset.folder.bit_depth: 12" in caplog.text
     np.testing.assert_array_equal(read_image(twelve, "L", 12), np.rint((ramp // 16) * (255 / 4095)))
@@ -462,7 +463,7 @@ def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path, caplog):
 
 
 def test_float_images_must_hold_values_in_0_1_and_other_modes_are_refused(tmp_path):
-    from pipeline.datasets import read_image
+    from pipeline.data.sources import read_image
 
     values = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     ok = _save(tmp_path / "f.tif", values)
@@ -517,11 +518,11 @@ def test_scaled_splits_are_scored_on_their_full_size_labels(project, tmp_path):
     import torch.nn.functional as F
 
     from pipeline.config import InferenceParams
-    from pipeline.inference import evaluate
-    from pipeline.losses import predict as to_classes
-    from pipeline.metrics import ConfusionMatrix
+    from pipeline.inference.evaluate import evaluate
+    from pipeline.inference.forward import predict as to_classes
+    from pipeline.inference.metrics import ConfusionMatrix
+    from pipeline.inference.tiling import predict_tiled
     from pipeline.models import build_model
-    from pipeline.tiling import predict_tiled
 
     top = make_folder(tmp_path / "src", count=8)
     pre = {"crop_size": 16, "crop_stride": 8, "scale": 0.5}

@@ -110,10 +110,11 @@ def test_a_stage_lists_no_code_it_does_not_run(stage):
 
 def test_the_import_walk_sees_lazy_and_package_imports(tmp_path):
     """The checker itself: a function-level import and `from pipeline import x` both count."""
-    prune = imported(PACKAGE / "prune.py")
+    prune = imported(PACKAGE / "stages" / "prune.py")
     assert PACKAGE / "export.py" in prune  # imported inside export_all only
     assert PACKAGE / "paths.py" in prune  # `from pipeline import paths`
-    assert (PACKAGE / "models" / "__init__.py") in closure(PACKAGE / "checkpoint.py")
+    assert PACKAGE / "engine" / "__init__.py" in prune  # an imported module's package runs too
+    assert (PACKAGE / "models" / "__init__.py") in closure(PACKAGE / "engine" / "checkpoint.py")
 
 
 # --- params: every key a stage reads is one dvc.yaml lists for it ----------------------------
@@ -171,11 +172,11 @@ def test_a_stages_params_cover_every_key_it_reads(project):
     """Run each stage in-process on tiny synthetic data with params that record what is read:
     a key missing from a stage's `params:` would not re-run it when changed."""
     from pipeline.config import parse_params
-    from pipeline.download import download
-    from pipeline.preprocess import preprocess
-    from pipeline.prune import prune
-    from pipeline.report import report
-    from pipeline.train import train
+    from pipeline.stages.download import download
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.prune import prune
+    from pipeline.stages.report import report
+    from pipeline.stages.train import train
     from tests.fakes import tiny_params
 
     params = parse_params(

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
-from pipeline.data import EpochSampler
-from pipeline.distributed import amp_dtype, pick_device
-from pipeline.losses import SegmentationLoss
+from pipeline.data.loading import EpochSampler
+from pipeline.engine.distributed import amp_dtype, pick_device
+from pipeline.engine.loop import Engine, NonFiniteLoss, is_better, train_epoch
+from pipeline.engine.losses import SegmentationLoss
+from pipeline.engine.optim import lr_factor, make_optimizer, make_scheduler
 from pipeline.models import build_model
-from pipeline.optim import lr_factor, make_optimizer, make_scheduler
-from pipeline.train import Engine, NonFiniteLoss, is_better, train_epoch
 
 
 def _params(**train):

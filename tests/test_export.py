@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.common import PipelineError, run_cli
+from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.export import check_onnx, export_onnx, main
 from tests.fakes import tiny_model
 

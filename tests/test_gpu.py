@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import pipeline.train as tr
+import pipeline.stages.train as tr
 from tests.test_training import _params
 from tests.test_training import data as data  # the tiny project fixture
 
@@ -37,7 +37,7 @@ def test_cuda_training_paths(data, train):
 
 
 def test_cuda_bf16_step_matches_fp32_closely():
-    from pipeline.losses import SegmentationLoss
+    from pipeline.engine.losses import SegmentationLoss
     from pipeline.models import build_model
 
     torch.manual_seed(0)

@@ -9,8 +9,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import InferenceParams
-from pipeline.inference import evaluate, pad_to_multiple, predict_logits
-from pipeline.losses import SegmentationLoss
+from pipeline.engine.losses import SegmentationLoss
+from pipeline.inference.evaluate import evaluate
+from pipeline.inference.forward import pad_to_multiple, predict_logits
 from pipeline.models import build_model
 from tests.fakes import random_target
 

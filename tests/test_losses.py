@@ -12,7 +12,7 @@ from segmentation_models_pytorch.losses import FocalLoss
 
 from pipeline.common import PipelineError
 from pipeline.config import LossParams
-from pipeline.losses import (
+from pipeline.engine.losses import (
     DeepSupervisionLoss,
     SegmentationLoss,
     build_eval_loss,

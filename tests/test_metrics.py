@@ -22,7 +22,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
+from pipeline.inference.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
 from tests.fakes import random_target
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.common import PipelineError
+from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.inference.stats import count_params
 from pipeline.models import REGISTRY, build_model, out_channels
 from pipeline.models.unet import UNet
 from pipeline.models.unetpp import UNetPlusPlus, node
-from pipeline.stats import count_params
 
 
 @pytest.fixture(autouse=True)
@@ -420,7 +420,7 @@ def test_valid_convolutions_need_the_classic_encoder():
 
 
 def test_model_stats_record_what_they_measured():
-    from pipeline.stats import model_stats
+    from pipeline.inference.stats import model_stats
 
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
     stats = model_stats(model, (2, 3, 32, 48), runs=3, warmup=1)

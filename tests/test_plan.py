@@ -12,7 +12,7 @@ import pytest
 from pipeline import plan
 from pipeline.common import PipelineError, clock, write_json
 from pipeline.config import parse_params
-from pipeline.train import Progress, _epoch_summary
+from pipeline.stages.train import Progress, _epoch_summary
 from tests.fakes import merged, save_image, tiny_params
 
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]

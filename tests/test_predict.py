@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.common import PipelineError, run_cli
-from pipeline.losses import predict
+from pipeline.engine.checkpoint import save_checkpoint
+from pipeline.inference.forward import predict
+from pipeline.inference.tiling import predict_tiled
 from pipeline.models import build_model
-from pipeline.predict import PALETTE, main, predict_files
-from pipeline.tiling import predict_tiled
+from pipeline.predict import main, predict_files
+from pipeline.report.palette import PALETTE
 
 PROJECT = Path(__file__).resolve().parent.parent
 OPTIONS = {"base_channels": 4, "depth": 2}
@@ -286,7 +287,7 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
 
 def test_the_checkpoints_contrast_equalisation_is_applied_before_predicting(tmp_path):
     """preprocess.clahe equalised the training images: predict equalises new images alike."""
-    from pipeline.datasets import equalize
+    from pipeline.data.sources import equalize
 
     data = {"dataset": "folder", "class_names": ["background", "vessel"], "mean": [0.5] * 3,
             "std": [0.2] * 3, "ignore_index": 255, "clahe": 2.0}  # fmt: skip

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.archives import sha256_file
 from pipeline.config import parse_params
-from pipeline.datasets import CAMVID_CLASSES
-from pipeline.download import download
-from pipeline.preprocess import preprocess
+from pipeline.data.archives import sha256_file
+from pipeline.data.sources import CAMVID_CLASSES
+from pipeline.stages.download import download
+from pipeline.stages.preprocess import preprocess
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import paths, report
-from pipeline.checkpoint import save_checkpoint
+from pipeline import paths
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
+from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
+from pipeline.stages import report
 from tests.fakes import random_image, save_image
 
 SIZE = (40, 36)  # (H, W)
@@ -348,7 +349,7 @@ def test_missing_checkpoint_names_the_file_before_writing(fake):
 
 def test_the_inference_sentence_follows_the_inference_params():
     from pipeline.config import InferenceParams
-    from pipeline.report import inference_text
+    from pipeline.stages.report import inference_text
 
     whole = inference_text(InferenceParams(tile_size=0))
     assert whole.startswith("whole-image inference") and "tile" not in whole.replace("whole", "")

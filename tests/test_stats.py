@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.inference.stats import count_params, gflops, latency_ms
 from pipeline.models import build_model
-from pipeline.stats import count_params, gflops, latency_ms
 
 # --- model statistics -----------------------------------------------------------------------
 

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.inference import predict_logits
+from pipeline.inference.forward import predict_logits
+from pipeline.inference.tiling import (
+    blend_window,
+    mirror_pad,
+    predict_tiled,
+    tile_count,
+    tile_origins,
+)
 from pipeline.models import build_model
-from pipeline.tiling import blend_window, mirror_pad, predict_tiled, tile_count, tile_origins
 from tests.fakes import tiny_model
 
 

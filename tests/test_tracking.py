@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import paths, tracking
+from pipeline import paths
 from pipeline.config import parse_params
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.dvc import dvc_args
 
 
 @pytest.fixture
@@ -166,14 +168,12 @@ def _stage(params, stage: str, **kwargs) -> str:
 
 
 def test_dvc_processes_are_recognised():
-    assert tracking._dvc_args(["/repo/.venv/bin/python3", "/repo/.venv/bin/dvc", "repro"]) == [
-        "repro"
-    ]
-    assert tracking._dvc_args(["/usr/bin/dvc", "exp", "exec-run"]) == ["exp", "exec-run"]
-    assert tracking._dvc_args(["python", "-m", "dvc", "exp", "run"]) == ["exp", "run"]
-    assert tracking._dvc_args(["uv", "run", "dvc", "repro"]) is None  # dvc is its child
-    assert tracking._dvc_args(["/bin/sh", "-c", "python -m pipeline.train unet"]) is None
-    assert tracking._dvc_args(["python", "-m", "pytest"]) is None
+    assert dvc_args(["/repo/.venv/bin/python3", "/repo/.venv/bin/dvc", "repro"]) == ["repro"]
+    assert dvc_args(["/usr/bin/dvc", "exp", "exec-run"]) == ["exp", "exec-run"]
+    assert dvc_args(["python", "-m", "dvc", "exp", "run"]) == ["exp", "run"]
+    assert dvc_args(["uv", "run", "dvc", "repro"]) is None  # dvc is its child
+    assert dvc_args(["/bin/sh", "-c", "python -m pipeline.stages.train unet"]) is None
+    assert dvc_args(["python", "-m", "pytest"]) is None
 
 
 def test_a_stage_started_by_hand_belongs_to_no_execution(clean_env):
@@ -184,7 +184,7 @@ def test_a_stage_started_by_hand_belongs_to_no_execution(clean_env):
 def test_the_execution_is_the_nearest_dvc_process(tmp_path: Path):
     """DVC runs a stage as dvc -> shell -> python: a fake `dvc` doing the same is found."""
     fake = tmp_path / "dvc"
-    probe = "from pipeline.tracking import execution; print(execution())"
+    probe = "from pipeline.tracking.runs import execution; print(execution())"
     shell_cmd = f"{sys.executable} -c '{probe}'"
     fake.write_text(
         "import os, subprocess, sys\n"
@@ -323,7 +323,7 @@ def test_processes_racing_on_a_fresh_store_all_land(tmp_path: Path):
     script = (
         "import sys\n"
         "from pipeline.config import parse_params\n"
-        "from pipeline.tracking import mlflow_run\n"
+        "from pipeline.tracking.runs import mlflow_run\n"
         "import mlflow\n"
         "p = parse_params({'mlflow': {'experiment': 'race'}})\n"
         "with mlflow_run(p, 'train_unet', sys.argv[1]):\n"

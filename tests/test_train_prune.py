@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.prune import best_depth
+from pipeline.stages.prune import best_depth
 
 
 def test_best_depth_is_the_shallowest_within_tolerance_of_the_deepest():

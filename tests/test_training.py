@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-import pipeline.train as tr
+import pipeline.stages.train as tr
 from pipeline import paths
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
-from pipeline.download import download
-from pipeline.preprocess import preprocess
+from pipeline.stages.download import download
+from pipeline.stages.preprocess import preprocess
 from tests.fakes import tiny_params
 
 TINY = tiny_params(
@@ -213,7 +213,7 @@ def test_class_weights_of_the_wrong_length_name_the_param(data):
 def test_mlflow_run_has_hash_tags_and_a_loadable_pytorch_model(data, monkeypatch):
     import mlflow
 
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.engine.checkpoint import load_checkpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{data / 'mlflow.db'}")
     tr.train("unet", _params(mlflow={"enabled": True, "experiment": "t"}))
@@ -256,7 +256,7 @@ def test_a_full_disk_while_saving_the_resume_state_names_the_file_and_keeps_the_
 ):
     """torch reports a full disk as "unexpected pos 64 vs 0": the error names the file and
     the cause, and the previous outputs and resume state stay whole."""
-    import pipeline.checkpoint as ck
+    import pipeline.engine.checkpoint as ck
 
     tr.train("unet", _params(epochs=1))
     checkpoint = paths.checkpoint("unet").read_bytes()

@@ -48,8 +48,8 @@ def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 def prepared(tmp_path_factory) -> Path:
     """A project copy with the tiny synthetic dataset downloaded and preprocessed."""
     repo = make_repo(tmp_path_factory.mktemp("train") / "repo", TINY)
-    run(repo, "pipeline.download")
-    run(repo, "pipeline.preprocess")
+    run(repo, "pipeline.stages.download")
+    run(repo, "pipeline.stages.preprocess")
     return repo
 
 
@@ -94,10 +94,10 @@ def mlflow_runs(repo: Path, stage: str):
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(prepared, repo):
-    run(prepared, "pipeline.train", "unet")  # the uninterrupted reference, in the other copy
+    run(prepared, "pipeline.stages.train", "unet")  # the uninterrupted reference, in the other copy
     state_file = repo / "models" / "resume" / "unet.pt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "unet"],
+        [sys.executable, "-m", "pipeline.stages.train", "unet"],
         cwd=repo,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -113,7 +113,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(prepared, re
     assert 1 <= state["epoch"] < TINY["epochs"], "the kill must land before the last epoch"
     assert not (repo / "reports" / "unet" / "metrics.json").exists()
 
-    resumed = run(repo, "pipeline.train", "unet")
+    resumed = run(repo, "pipeline.stages.train", "unet")
     assert f"resuming after epoch {state['epoch']}" in resumed.stderr
     assert results(repo) == results(prepared)
     assert epoch_log(repo).equals(epoch_log(prepared))
@@ -141,9 +141,9 @@ def test_two_ddp_processes_match_one_process(prepared, repo):
             train={"scheduler": "none", "warmup_epochs": 0.0},
             mlflow={"enabled": False},
         )
-    run(prepared, "pipeline.train", "unet")
+    run(prepared, "pipeline.stages.train", "unet")
     set_params(repo, train={"processes": 2})
-    ddp = run(repo, "pipeline.train", "unet")
+    ddp = run(repo, "pipeline.stages.train", "unet")
     assert "launching 2 DDP processes" in ddp.stderr
     assert ddp.stderr.count("unet test: miou") == 1  # rank 0 alone logs and writes
     single, double = epoch_log(prepared), epoch_log(repo)
@@ -158,6 +158,6 @@ def test_two_ddp_processes_match_one_process(prepared, repo):
 
 def test_processes_must_divide_the_batch(repo):
     set_params(repo, batch_size=7, train={"processes": 2})
-    proc = run(repo, "pipeline.train", "unet", check=False)
+    proc = run(repo, "pipeline.stages.train", "unet", check=False)
     assert proc.returncode == 1
     assert "batch_size (7) must be divisible by train.processes (2)" in proc.stderr

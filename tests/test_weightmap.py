@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline import preprocess as pre
 from pipeline.config import parse_params
-from pipeline.datasets import read_image
-from pipeline.download import download
-from pipeline.weightmap import (
+from pipeline.data.sources import read_image
+from pipeline.data.weightmap import (
     EPS_REL,
     balanced_class_weights,
     border_cutoff,
     border_weight_map,
 )
+from pipeline.stages import preprocess as pre
+from pipeline.stages.download import download
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Model registry: `build_model(arch, in_channels, num_classes, **config)`.
 
 Binary tasks (num_classes == 2) get one output channel read through a sigmoid; multi-class
-tasks get num_classes channels read through a softmax (see `pipeline.losses.probabilities`).
+tasks get num_classes channels read through a softmax (see
+`pipeline.inference.forward.probabilities`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.config import level_channels
+from pipeline.models.blocks import level_channels
 from pipeline.models.unet import UNet
 from pipeline.models.unetpp import UNetPlusPlus
 

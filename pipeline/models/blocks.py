@@ -10,6 +10,11 @@ from pipeline.common import PipelineError
 from pipeline.encoders import check_encoder
 
 
+def level_channels(base_channels: int, depth: int) -> tuple[int, ...]:
+    """Channels per level, doubling at each pooling: (16, 32, 64, 128, 256) for 16 and 4."""
+    return tuple(base_channels * 2**i for i in range(depth + 1))
+
+
 class DoubleConv(nn.Module):
     """(conv 3x3 -> [BatchNorm] -> ReLU) x 2. padding=1 keeps the size; 0 is the paper's
     valid convolution, which shrinks each side by 2 px."""
@@ -202,7 +207,7 @@ def check_input_size(x: torch.Tensor, multiple: int, what: str) -> None:
         ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
         raise ValueError(
             f"input {h}x{w}: {what} takes sizes divisible by {multiple}; pad to {ph}x{pw} "
-            "(pipeline.inference.pad_to_multiple mirror-pads)"
+            "(pipeline.inference.forward.pad_to_multiple mirror-pads)"
         )
 
 

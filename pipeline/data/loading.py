@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from pipeline import paths
 from pipeline.common import PipelineError, read_json
-from pipeline.datasets import read_image
+from pipeline.data.sources import read_image
 
 
 def load_manifest() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Prediction on full-size images of any size and split-level evaluation."""
+"""Split-level evaluation: every image of a split predicted full-size (whole or by overlap-tile),
+scored into a confusion matrix (and, for binary tasks, a score histogram for AUC)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import InferenceParams
-from pipeline.distributed import SINGLE, Dist, sum_array
-from pipeline.losses import predict, probabilities
-from pipeline.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Mirror-pad (B, C, H, W) on the bottom/right to a multiple of `multiple`."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, [0, pw, 0, ph], mode=mode)
-    return x, (h, w)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Full-image forward; sizes not divisible by `multiple` (2**depth) are mirror-padded and
-    the logits cropped back. Returns (B, 1 | C, H, W)."""
-    x, (h, w) = pad_to_multiple(images, multiple)
-    out = model(x)
-    return out[..., :h, :w]
-
+from pipeline.engine.distributed import SINGLE, Dist, sum_array
+from pipeline.inference.forward import predict, probabilities
+from pipeline.inference.metrics import ConfusionMatrix, ScoreHistogram, split_metrics
+from pipeline.inference.tiling import predict_tiled
 
 # On a CPU a batch of large images is slower per image than one image at a time (it leaves
 # the caches): a DRIVE image (584x565) takes 1.2 s alone and 2.0 s in a batch of 8 (UNet++
@@ -77,7 +59,6 @@ def evaluate(
     Images are predicted full-size by mirror-padded overlap-tile prediction (`inference.*`,
     with test-time flips where `inference.tta` asks for them).
     """
-    from pipeline.tiling import predict_tiled  # tiling builds on this module's padding
 
     model.eval()
     num_classes = len(class_names)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.inference import predict_logits
+from pipeline.inference.forward import predict_logits
 
 BLENDS = ("gaussian", "constant")
 MIN_WEIGHT = 1e-3  # the window's floor: a tile corner still counts where no other tile reaches

@@ -1,4 +1,4 @@
-"""Stages `train_unet` and `train_unetpp`: `python -m pipeline.train {unet,unetpp}`.
+"""Stages `train_unet` and `train_unetpp`: `python -m pipeline.stages.train {unet,unetpp}`.
 
 Trains on the preprocessed crops, validates on the full-size val images every epoch
 (overlap-tile prediction), keeps the best epoch by `train.monitor`, then scores it on the test
@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,15 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import distributed, paths, plots
-from pipeline.checkpoint import (
-    cpu_state,
-    load_resume,
-    rng_state,
-    save_checkpoint,
-    save_resume,
-    set_rng_state,
-)
+from pipeline import paths
 from pipeline.common import (
     PipelineError,
     atomic_path,
@@ -50,113 +41,29 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import Params, load_params
-from pipeline.data import EpochSampler, crops_dataset, load_manifest, split_dataset
-from pipeline.distributed import SINGLE, Dist, amp_dtype, pick_device
-from pipeline.inference import evaluate
-from pipeline.losses import build_eval_loss, build_loss
+from pipeline.data.loading import EpochSampler, crops_dataset, load_manifest, split_dataset
+from pipeline.engine import distributed
+from pipeline.engine.checkpoint import (
+    cpu_state,
+    load_resume,
+    rng_state,
+    save_checkpoint,
+    save_resume,
+    set_rng_state,
+)
+from pipeline.engine.distributed import SINGLE, Dist, amp_dtype, pick_device
+from pipeline.engine.loop import Engine, NonFiniteLoss, is_better, train_epoch
+from pipeline.engine.losses import build_eval_loss, build_loss
+from pipeline.engine.optim import make_optimizer, make_scheduler
+from pipeline.inference.evaluate import evaluate
+from pipeline.inference.stats import count_params, image_shape, model_stats
 from pipeline.models import REGISTRY, build_model
-from pipeline.optim import make_optimizer, make_scheduler
-from pipeline.stats import count_params, image_shape, model_stats
-from pipeline.tracking import log_to_parent, log_torch_model, mlflow_run
+from pipeline.report import plots
+from pipeline.tracking.runs import log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
 
 ARCHS = tuple(sorted(REGISTRY))  # one training stage per registered architecture
-
-
-class NonFiniteLoss(PipelineError):
-    """The loss became NaN or infinite: training stops, the last good state is kept."""
-
-
-@dataclass
-class Engine:
-    """What one optimisation step needs; `model` is what forward runs (DDP and/or compiled)."""
-
-    model: nn.Module
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any = None
-    scaler: torch.amp.GradScaler | None = None
-    amp_dtype: torch.dtype | None = None
-    grad_clip: float = 0.0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    channels_last: bool = False
-    ctx: Dist = field(default_factory=Dist)
-
-    def to_device(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images, *rest = batch
-        images = images.to(self.device, non_blocking=True, memory_format=fmt)
-        return [images, *(t.to(self.device, non_blocking=True) for t in rest)]
-
-    def step(self, images, labels, weight=None) -> torch.Tensor:
-        """Forward, backward and clipping; returns (loss, gradient norm, final-output loss),
-        detached. The loss is the objective (UNet++: the weighted sum over its heads), the
-        final-output loss the deepest head's alone (what validation scores). The norm is
-        inf/NaN when the gradients are; with a scaler that only skips the step (expected)."""
-        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.model(images)
-        loss = self.loss_fn(outputs, labels, weight)  # the losses compute in float32
-        final = getattr(self.loss_fn, "final_loss", None)
-        final = loss.detach() if final is None else final
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)  # so clipping sees the true gradients
-        else:
-            loss.backward()
-        norm = loss.new_zeros(())  # with a scaler, inf gradients only skip the step (expected)
-        if self.grad_clip or self.scaler is None:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        return torch.stack([loss.detach().float(), norm.float(), final.float()])
-
-    def apply(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
-
-def train_epoch(engine: Engine, loader: DataLoader, desc: str) -> dict[str, float]:
-    """One pass over the training crops.
-
-    Returns the mean loss per image (over every rank): `loss` of the final output (comparable
-    with the validation loss) and `objective` (what is minimised: for UNet++ the weighted sum
-    over its heads); the images seen, and where the time went: loader vs steps.
-    """
-    ctx = engine.ctx
-    engine.model.train()
-    loss_sum, objective_sum, n_seen, data_s, compute_s = 0.0, 0.0, 0, 0.0, 0.0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None if ctx.main else True)
-    t = time.perf_counter()
-    for i, batch in enumerate(bar, start=1):
-        images, labels, *weight = engine.to_device(batch)
-        t_data = time.perf_counter()
-        data_s += t_data - t
-        out = engine.step(images, labels, weight[0] if weight else None)
-        value, norm, final = distributed.mean_values(out, ctx)  # every rank takes the same decision
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"{desc}, batch {i}: loss is {value}")
-        if not math.isfinite(norm):
-            raise NonFiniteLoss(f"{desc}, batch {i}: gradient norm is {norm}")
-        engine.apply()  # runs on asynchronously; the next step's loss read-out waits for it
-        t = time.perf_counter()
-        compute_s += t - t_data
-        batch_images = len(images) * ctx.world
-        objective_sum += value * batch_images
-        loss_sum += final * batch_images
-        n_seen += batch_images
-        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{n_seen / (data_s + compute_s):.0f}")
-    return {
-        "loss": loss_sum / max(n_seen, 1),
-        "objective": objective_sum / max(n_seen, 1),
-        "images": n_seen,
-        "data_seconds": data_s,
-        "compute_seconds": compute_s,
-    }
 
 
 def write_epoch_log(rows: list[dict[str, Any]], arch: str) -> pd.DataFrame:
@@ -167,12 +74,6 @@ def write_epoch_log(rows: list[dict[str, Any]], arch: str) -> pd.DataFrame:
     with atomic_path(out / "epochs.xlsx") as tmp:
         df.to_excel(tmp, index=False, sheet_name=f"{arch} epochs", engine="openpyxl")
     return df
-
-
-def is_better(monitor: str, value: float, best: float | None) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value < best if monitor == "val_loss" else value > best
 
 
 def stage_params(arch: str, params: Params) -> dict[str, Any]:
@@ -335,7 +236,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         "%s: %s parameters, channels %s, device %s, %d process(es)",
         arch,
         f"{count_params(model):,}",
-        mp.channels,
+        model.encoder.channels,
         device,
         ctx.world,
     )
@@ -559,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     if params.train.processes > 1 and not distributed.under_torchrun():
-        code = distributed.relaunch(params.train.processes, "pipeline.train", [args.arch])
+        code = distributed.relaunch(params.train.processes, "pipeline.stages.train", [args.arch])
         if code:
             sys.exit(code)  # the ranks have logged their error
         return

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import paths, plots
-from pipeline.checkpoint import load_checkpoint
+from pipeline import paths
 from pipeline.common import PipelineError, atomic_path, read_json, run_cli, timed
 from pipeline.config import (
     IGNORE_INDEX,
@@ -34,13 +33,16 @@ from pipeline.config import (
     load_params,
     parse_params,
 )
-from pipeline.data import SegmentationDataset, load_manifest, split_dataset
-from pipeline.distributed import pick_device
-from pipeline.losses import predict
-from pipeline.predict import PALETTE
-from pipeline.report_html import Block, Figure, Heading, Table, Text, render_html
-from pipeline.tiling import predict_tiled
-from pipeline.tracking import failures_recorded, git_commit, log_to_parent, mlflow_run
+from pipeline.data.loading import SegmentationDataset, load_manifest, split_dataset
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.distributed import pick_device
+from pipeline.inference.forward import predict
+from pipeline.inference.tiling import predict_tiled
+from pipeline.report import plots
+from pipeline.report.html import Block, Figure, Heading, Table, Text, render_html
+from pipeline.report.palette import PALETTE
+from pipeline.tracking.dvc import git_commit
+from pipeline.tracking.runs import failures_recorded, log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 

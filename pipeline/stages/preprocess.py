@@ -1,15 +1,15 @@
 """Stage `preprocess`: raw dataset -> data/processed/{train,val,test}/{images,labels} + crops.
 
-Labels are uint8 class indices with 255 = ignore (see pipeline/datasets.py for how each dataset's
-raw labels map to them). Training crops (a grid of crop_size every crop_stride px, or
+Labels are uint8 class indices with 255 = ignore (see pipeline/data/sources.py for how each
+dataset's raw labels map to them). Training crops (a grid of crop_size every crop_stride px, or
 crops_per_image random ones) go to data/processed/crops/; images smaller than a crop are
 mirror-padded and their labels padded with 255. data/processed/manifest.json describes it all
 (classes, splits, crops, per-channel mean/std of the training pixels), and class_pixels.csv
 holds the per-class pixel histogram of every split.
 
 With preprocess.border_weights.enabled, every training crop also gets the U-Net paper's weight
-map (pipeline/weightmap.py) in crops/weights/<crop>.npy (float16), computed on the full image so
-that the distances to objects cross the crop borders.
+map (pipeline/data/weightmap.py) in crops/weights/<crop>.npy (float16), computed on the full
+image so that the distances to objects cross the crop borders.
 """
 
 from __future__ import annotations
@@ -27,83 +27,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.archives import is_url
 from pipeline.common import (
     PipelineError,
     atomic_path,
     run_cli,
-    scaled_size,
     timed,
     write_json,
 )
 from pipeline.config import IGNORE_INDEX, Params, load_params
-from pipeline.datasets import RawDataset, equalize, open_dataset
-from pipeline.tracking import failures_recorded, mlflow_run
-from pipeline.weightmap import balanced_class_weights, border_weight_map
+from pipeline.data.archives import is_url
+from pipeline.data.crops import make_crops, pad_to_crop, resize
+from pipeline.data.sources import RawDataset, equalize, open_dataset
+from pipeline.data.weightmap import balanced_class_weights, border_weight_map
+from pipeline.tracking.runs import failures_recorded, mlflow_run
 
 log = logging.getLogger(__name__)
-
-
-def crop_origins(length: int, size: int, stride: int) -> list[int]:
-    """Window starts covering [0, length): every `stride`, plus one flush with the far border."""
-    if length <= size:
-        return [0]
-    starts = list(range(0, length - size + 1, stride))
-    if starts[-1] != length - size:
-        starts.append(length - size)
-    return starts
-
-
-def pad_to_crop(image: np.ndarray, label: np.ndarray, size: int):
-    """Mirror-pad an image smaller than a crop (labels padded with 255: ignored)."""
-    h, w = label.shape
-    ph, pw = max(size - h, 0), max(size - w, 0)
-    if ph or pw:
-        pad = ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2)
-        image = np.pad(image, pad, mode="reflect" if min(h, w) > 1 else "edge")
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-    return image, label
-
-
-def make_crops(
-    image: np.ndarray,
-    label: np.ndarray,
-    size: int,
-    stride: int,
-    count: int = 0,
-    rng: np.random.Generator | None = None,
-):
-    """Yield (y, x, image_crop, label_crop): a grid every `stride` px (count == 0) or `count`
-    random windows (seeded by `rng`). Crops that hold only ignored pixels are skipped."""
-    image, label = pad_to_crop(image, label, size)
-    h, w = label.shape
-    if count:
-        rng = rng or np.random.default_rng(0)
-        origins = sorted(
-            {
-                (int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)))
-                for _ in range(count)
-            }
-        )
-    else:
-        origins = [
-            (y, x) for y in crop_origins(h, size, stride) for x in crop_origins(w, size, stride)
-        ]
-    for y, x in origins:
-        lab = label[y : y + size, x : x + size]
-        if (lab != IGNORE_INDEX).any():
-            yield y, x, image[y : y + size, x : x + size], lab
-
-
-def resize(image: np.ndarray, scale: float, label: bool = False) -> np.ndarray:
-    """`image` (H, W[, C]) uint8 resized by `scale`: antialiased bilinear for images (what
-    prediction does to its input, torch's antialias matching PIL's), nearest for labels."""
-    if scale == 1.0:
-        return image
-    h, w = image.shape[:2]
-    nh, nw = scaled_size(h, w, scale)
-    mode = Image.Resampling.NEAREST if label else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(image).resize((nw, nh), mode))
 
 
 def save_png(folder: Path, name: str, array: np.ndarray) -> None:
@@ -184,7 +122,7 @@ def score_observer(cm, second: np.ndarray, label: np.ndarray, num_classes: int):
     prediction, to the confusion matrix `cm` (created on first use: torch imports slowly)."""
     import torch
 
-    from pipeline.metrics import ConfusionMatrix
+    from pipeline.inference.metrics import ConfusionMatrix
 
     cm = cm or ConfusionMatrix(num_classes, IGNORE_INDEX)
     second = np.where(second == IGNORE_INDEX, 0, second)  # outside the FOV: the label ignores it

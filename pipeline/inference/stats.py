@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 def image_shape(dataset, multiple: int) -> tuple[int, ...]:
     """(1, C, H, W) of the dataset's first image, mirror-padded as for a whole-image forward:
     the input the stats are measured on."""
-    from pipeline.inference import pad_to_multiple
+    from pipeline.inference.forward import pad_to_multiple
 
     padded, _ = pad_to_multiple(dataset[0][0][None], multiple)
     return (1, *padded.shape[1:])

@@ -23,7 +23,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.archives import (
+from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
+from pipeline.config import Params, load_params
+from pipeline.data.archives import (
     copy_folder,
     fetch_url,
     find_root,
@@ -31,11 +33,9 @@ from pipeline.archives import (
     safe_extract,
     verify_sha256,
 )
-from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
-from pipeline.config import Params, load_params
-from pipeline.datasets import ROOT_HINTS, ROOT_MARKERS
-from pipeline.synthetic import generate
-from pipeline.tracking import failures_recorded, mlflow_run
+from pipeline.data.sources import ROOT_HINTS, ROOT_MARKERS
+from pipeline.data.synthetic import generate
+from pipeline.tracking.runs import failures_recorded, mlflow_run
 
 log = logging.getLogger(__name__)
 

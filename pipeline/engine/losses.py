@@ -23,21 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 1 | C, H, W) logits -> (B, C, H, W) class probabilities (C = 2 for binary)."""
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def predict(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 1 | C, H, W) logits -> (B, H, W) class indices."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)
-
-
 class SegmentationLoss(nn.Module):
     """ce_weight * CE + dice_weight * Dice + focal_weight * Focal, all over non-ignored pixels.
 

@@ -15,14 +15,14 @@ import pandas as pd
 import torch
 
 from pipeline import paths
-from pipeline.checkpoint import load_checkpoint
 from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
 from pipeline.config import Params, load_params
-from pipeline.data import load_manifest, split_dataset
-from pipeline.distributed import amp_dtype
-from pipeline.inference import evaluate
-from pipeline.stats import image_shape, model_stats
-from pipeline.tracking import failures_recorded, log_to_parent, mlflow_run
+from pipeline.data.loading import load_manifest, split_dataset
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.distributed import amp_dtype
+from pipeline.inference.evaluate import evaluate
+from pipeline.inference.stats import image_shape, model_stats
+from pipeline.tracking.runs import failures_recorded, log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 

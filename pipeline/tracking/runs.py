@@ -8,20 +8,18 @@ per stage, and the tags that tie a run to DVC, git, its params and its data.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline import paths
-from pipeline.common import PipelineError, run_cli, timed
-from pipeline.config import Params, flatten, load_params
+from pipeline.common import PipelineError, timed
+from pipeline.config import Params, flatten
+from pipeline.tracking.dvc import data_hash, execution, git_commit
 
 T = TypeVar("T")
 
@@ -46,21 +44,6 @@ def artifact_location(params: Params) -> str | None:
     return (paths.store_root() / "mlartifacts" / params.mlflow.experiment).as_uri()
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=paths.ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 EXECUTION_TAG = "pipeline.execution"  # the parent run's key (children link by PARENT_TAG)
 ROLE_TAG = "pipeline.role"  # "execution" on parent runs
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs; works across processes
@@ -78,39 +61,6 @@ def run_tags(stage: str) -> dict[str, str]:
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
-
-
-def _dvc_args(cmdline: list[str]) -> list[str] | None:
-    """The arguments of a DVC command line (`dvc ...`, `python .../bin/dvc ...`,
-    `python -m dvc ...`), or None when it is not DVC."""
-    for i, arg in enumerate(cmdline[:2]):
-        if Path(arg).name in ("dvc", "dvc.exe"):
-            return cmdline[i + 1 :]
-    if cmdline[1:3] == ["-m", "dvc"]:
-        return cmdline[3:]
-    return None
-
-
-def execution() -> tuple[str, str] | None:
-    """(key, command) of the pipeline execution this stage belongs to, or None for a stage
-    started by hand. One execution is one DVC process: a `dvc repro`, a `dvc exp run`, or one
-    queued experiment (each runs in its own `dvc exp exec-run`); DVC runs every stage as
-    dvc -> shell -> python, so the nearest DVC process above this one identifies it.
-    PIPELINE_EXECUTION sets the key instead, e.g. to group stages a CI job starts by hand.
-    """
-    if key := os.environ.get("PIPELINE_EXECUTION"):
-        return key, key
-    import psutil
-
-    try:
-        for proc in psutil.Process().parents():
-            args = _dvc_args(proc.cmdline())
-            if args is not None:
-                key = f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
-                return key, " ".join(["dvc", *args])
-    except psutil.Error:
-        pass
-    return None
 
 
 @contextlib.contextmanager
@@ -196,27 +146,6 @@ def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
         _retry(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
     log.info("MLflow parent run %s (%s) for this pipeline execution", run_id, name)
     return run_id
-
-
-def data_hash(output: str) -> str | None:
-    """The DVC output a stage consumes ("data/raw" or "data/processed"): DVC's md5 of it from
-    dvc.lock (DVC updates each stage's entry right after the stage runs), else for processed
-    data the sha256 of its manifest, which lists every split image and crop."""
-    import hashlib
-
-    import yaml
-
-    try:
-        lock = yaml.safe_load((paths.ROOT / "dvc.lock").read_text()) or {}
-        for stage in lock.get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if out.get("path") == output and out.get("md5"):
-                    return f"md5:{out['md5']}"
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    if output == "data/processed" and paths.MANIFEST.is_file():
-        return f"sha256:{hashlib.sha256(paths.MANIFEST.read_bytes()).hexdigest()}"
-    return None
 
 
 def _relink(client: Any, run_id: str, old_parent: str | None, parent: str | None) -> None:
@@ -409,24 +338,3 @@ def log_torch_model(model: Any, example: Any) -> str:
         code_paths=[str(Path(__file__).resolve().parent)],  # this package
     )
     return info.model_uri
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Set up the MLflow store the stages log to.")
-    parser.add_argument("command", choices=["init"], help="init: create the store and experiment")
-    parser.parse_args(argv)
-    params = load_params()
-    if not params.mlflow.enabled:
-        log.info("mlflow.enabled is false: nothing to set up")
-        return
-    exp_id = init_store(params)
-    log.info(
-        "MLflow store %s, experiment %r (id %s)",
-        tracking_uri(params),
-        params.mlflow.experiment,
-        exp_id,
-    )
-
-
-if __name__ == "__main__":
-    run_cli(main)

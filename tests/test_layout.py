@@ -1,0 +1,123 @@
+"""The package layout is the architecture: each sub-package of pipeline/ imports only the
+layers below it, and no two modules import each other, directly or in a ring (a lazy import
+inside a function counts: it runs too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_dvc_yaml import PACKAGE, ROOT, docstring_only, imported
+
+# a unit (sub-package, or top-level module) -> the units it may import. Tools (predict, export,
+# plan, preset) sit on top with the stages; the models know nothing of params or data.
+ALLOWED = {
+    "common": set(),
+    "paths": set(),
+    "encoders": set(),
+    "config": {"common", "paths", "encoders"},
+    "models": {"common", "encoders"},
+    "data": {"common", "paths", "config"},
+    "report": {"common"},
+    "tracking": {"common", "paths", "config"},
+    "engine": {"common", "config", "models"},
+    "inference": {"common", "config", "engine"},
+    "export": {"common", "engine", "models"},
+    "predict": {"common", "config", "data", "engine", "inference", "models", "report"},
+    "preset": {"common", "paths", "config"},
+    "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
+    "stages": {
+        "common",
+        "paths",
+        "config",
+        "data",
+        "models",
+        "engine",
+        "inference",
+        "report",
+        "tracking",
+        "export",
+    },  # fmt: skip
+}
+
+
+def unit(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if not docstring_only(p) or p.stem != "__init__")
+
+
+def test_every_unit_is_placed():
+    units = {unit(p) for p in modules()} - {"__init__"}
+    assert units <= set(ALLOWED), f"place {sorted(units - set(ALLOWED))} in ALLOWED"
+
+
+def violations(imports=imported) -> list[str]:
+    wrong = []
+    for path in modules():
+        src = unit(path)
+        for dep in imports(path):
+            dst = unit(dep)
+            if dst in (src, "__init__") or docstring_only(dep):
+                continue
+            if dst not in ALLOWED.get(src, set()):
+                wrong.append(f"{path.relative_to(ROOT)} imports {dep.relative_to(ROOT)}")
+    return wrong
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    wrong = violations()
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def find_cycle(graph: dict[Path, set[Path]]) -> list[Path] | None:
+    """A ring of imports in `graph`, or None. A module's own package __init__ runs before it
+    by Python's rules (models/__init__ importing models/unet is not a ring)."""
+    state: dict[Path, int] = {}  # 1 on the stack, 2 done
+    stack: list[Path] = []
+
+    def visit(node: Path) -> list[Path] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt.name == "__init__.py" and node.parent == nxt.parent:
+                continue
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (ring := visit(nxt)):
+                return ring
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (ring := visit(node)):
+            return ring
+    return None
+
+
+def test_no_import_cycle():
+    graph = {p: {d for d in imported(p) if not docstring_only(d)} - {p} for p in modules()}
+    ring = find_cycle(graph)
+    assert ring is None, "import cycle: " + " -> ".join(
+        p.relative_to(ROOT).as_posix() for p in ring
+    )
+
+
+def test_the_cycle_check_sees_a_ring():
+    """The ring this layout removed: evaluation used tiling, tiling used evaluation's forward."""
+    evaluate, tiling = PACKAGE / "inference" / "evaluate.py", PACKAGE / "inference" / "tiling.py"
+    assert find_cycle({evaluate: {tiling}, tiling: {evaluate}}) == [evaluate, tiling, evaluate]
+    assert find_cycle({evaluate: {tiling}, tiling: set()}) is None
+
+
+def test_the_layering_check_sees_a_wrong_import():
+    """The checker itself: a model importing the params would be reported."""
+    unet = PACKAGE / "models" / "unet.py"
+
+    def with_config(path: Path) -> set[Path]:
+        return imported(path) | ({PACKAGE / "config.py"} if path == unet else set())
+
+    assert violations(with_config) == ["pipeline/models/unet.py imports pipeline/config.py"]
