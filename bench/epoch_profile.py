@@ -55,7 +55,8 @@ def bare_loader(epochs: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from pipeline.config import load_params
-    from pipeline.data.loading import EpochSampler, crops_dataset, load_manifest
+    from pipeline.data.loading import EpochSampler, crops_dataset
+    from pipeline.data.manifest import load_manifest
 
     params = load_params(complete=False)
     ds = crops_dataset(load_manifest(), params.train.augment, params.seed)

@@ -77,7 +77,7 @@ def step_rate(params, manifest, arch: str, device: torch.device, windows: int, s
     tp = params.train
     on_cuda = device.type == "cuda"
     options = params.model(arch).model_dump()
-    model = build_model(arch, manifest["in_channels"], manifest["num_classes"], **options)
+    model = build_model(arch, manifest.in_channels, manifest.num_classes, **options)
     deep = arch == "unetpp" and params.unetpp.deep_supervision
     engine = pipeline_engine(
         model.train(),
@@ -89,9 +89,9 @@ def step_rate(params, manifest, arch: str, device: torch.device, windows: int, s
         lr=params.lr,
     )
     crop = params.preprocess.crop_size
-    channels = manifest["in_channels"]
+    channels = manifest.in_channels
     x = torch.randn(params.batch_size, channels, crop, crop, device=device)
-    classes = max(manifest["num_classes"], 2)
+    classes = max(manifest.num_classes, 2)
     y = torch.randint(0, classes, (params.batch_size, crop, crop), device=device)
     t = time_windows(lambda: pipeline_step(engine, x, y), device, steps, windows, warmup=2)
     return params.batch_size / t["step_s"]
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.common import PipelineError
     from pipeline.config import load_params
-    from pipeline.data.loading import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     try:
         params, manifest = load_params(complete=False), load_manifest()
@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment([device], ["bench/loader_throughput.py", *given])
     crop = params.preprocess.crop_size
     env.update(
-        dataset=manifest["dataset"],
+        dataset=manifest.dataset,
         crops=rows[0]["crops"] if rows else 0,
         crop_size=crop,
         batch_size=params.batch_size,
         arch=args.arch,
     )
     notes = (
-        f"{manifest['dataset']}: {env['crops']} training crops of {crop} px, batch "
+        f"{manifest.dataset}: {env['crops']} training crops of {crop} px, batch "
         f"{params.batch_size}, augment {params.train.augment}; step: {args.arch} as params.yaml "
         f"configures it, median of {args.windows} windows of {args.steps} steps. A ratio "
         "below 1 means the step waits for the loader: raise train.num_workers."

@@ -46,6 +46,7 @@ from pipeline import paths
 from pipeline.common import PipelineError, clock, run_cli, scaled_size, seed_everything, write_json
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.data.crops import crop_origins
+from pipeline.data.manifest import Manifest
 from pipeline.models import build_model
 
 log = logging.getLogger(__name__)
@@ -190,16 +191,23 @@ def source_files(params: Params) -> int:
     return 0
 
 
-def _fake_manifest(data: DataPlan) -> dict[str, Any]:
-    return {
-        "num_classes": data.num_classes,
-        "class_names": [f"class{i}" for i in range(data.num_classes)],
-        "in_channels": data.in_channels,
-        "ignore_index": IGNORE_INDEX,
-        "mean": [0.5] * data.in_channels,
-        "std": [0.25] * data.in_channels,
-        "train_class_pixels": [1000 * (i + 1) for i in range(data.num_classes)],
-    }
+def _fake_manifest(data: DataPlan, params: Params) -> Manifest:
+    """A manifest shaped like the real one will be (classes, channels), for timing."""
+    pp = params.preprocess
+    return Manifest(
+        dataset=data.dataset,
+        num_classes=data.num_classes,
+        class_names=[f"class{i}" for i in range(data.num_classes)],
+        in_channels=data.in_channels,
+        ignore_index=IGNORE_INDEX,
+        mean=[0.5] * data.in_channels,
+        std=[0.25] * data.in_channels,
+        train_class_pixels=[1000 * (i + 1) for i in range(data.num_classes)],
+        crop_size=pp.crop_size,
+        crop_stride=pp.crop_stride,
+        splits={},
+        crops=[],
+    )
 
 
 def _labels(num_classes: int, *shape: int) -> torch.Tensor:
@@ -223,13 +231,13 @@ def time_steps(engine, batch, seconds: float, max_steps: int = 20) -> float:
     return statistics.quantiles(times, n=4)[0]
 
 
-def time_loader(manifest: dict[str, Any], params: Params) -> float:
+def time_loader(manifest: Manifest, params: Params) -> float:
     """Seconds to augment, normalise and collate one batch of crops (the DataLoader's work)."""
     from pipeline.data.loading import _hwc, transforms
 
     crop = params.preprocess.crop_size
     rng = np.random.default_rng(0)
-    image = _hwc(rng.integers(0, 256, (crop, crop, manifest["in_channels"]), np.uint8))
+    image = _hwc(rng.integers(0, 256, (crop, crop, manifest.in_channels), np.uint8))
     label = rng.integers(0, 2, (crop, crop), np.uint8)
     transform = transforms(manifest, params.train.augment, params.seed)
     n = min(params.batch_size, 16)
@@ -241,14 +249,14 @@ def time_loader(manifest: dict[str, Any], params: Params) -> float:
     return per_item * params.batch_size
 
 
-def time_crop_read(manifest: dict[str, Any], params: Params) -> float:
+def time_crop_read(manifest: Manifest, params: Params) -> float:
     """Seconds to decode one training crop and its label from PNG (the stage loads them all)."""
     crop = params.preprocess.crop_size
     rng = np.random.default_rng(0)
     # a smooth image compresses like a photograph, unlike noise
     ramp = np.linspace(0, 255, crop, dtype=np.float32)
     image = np.clip(ramp[:, None] + rng.normal(0, 8, (crop, crop)), 0, 255).astype(np.uint8)
-    image = np.repeat(image[..., None], manifest["in_channels"], -1).squeeze()
+    image = np.repeat(image[..., None], manifest.in_channels, -1).squeeze()
     blobs = []
     for array in (image, (ramp[:, None] > 128).astype(np.uint8).repeat(crop, 1)):
         buf = io.BytesIO()
@@ -307,7 +315,7 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     from pipeline.engine.optim import make_optimizer
 
     seed_everything(params.seed)
-    manifest = _fake_manifest(data)
+    manifest = _fake_manifest(data, params)
     mp = params.model(arch)
     model = build_model(arch, data.in_channels, data.num_classes, **mp.model_dump())
     deep = arch == "unetpp" and params.unetpp.deep_supervision
@@ -359,7 +367,7 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
         return START_UP[stage] + (MLFLOW[stage] if mlflow else 0.0)
 
     stages["download"] = fixed("download") + FILE_S * source_files(params)
-    manifest = _fake_manifest(data)
+    manifest = _fake_manifest(data, params)
     crop_read = time_crop_read(manifest, params)
     images = sum(data.counts.values())
     # preprocess writes what the train stage reads: PREPROCESS_DECODES crop decodes' worth

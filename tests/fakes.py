@@ -135,3 +135,25 @@ def tiny_model(arch: str, **options):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     return model
+
+
+def fake_manifest(num_classes: int = 2, **fields):
+    """A processed-data manifest (pipeline.data.manifest.Manifest) with plausible values for
+    everything a test does not set."""
+    from pipeline.data.manifest import Manifest
+
+    in_channels = fields.pop("in_channels", 3)
+    base = {
+        "dataset": "fake",
+        "num_classes": num_classes,
+        "class_names": [f"c{i}" for i in range(num_classes)],
+        "in_channels": in_channels,
+        "mean": [0.5] * in_channels,
+        "std": [0.25] * in_channels,
+        "train_class_pixels": [100] * num_classes,
+        "crop_size": 32,
+        "crop_stride": 32,
+        "splits": {"train": ["a", "b"], "val": ["c"], "test": ["d"]},
+        "crops": ["a_0", "a_1"],
+    }
+    return Manifest(**{**base, **fields})

@@ -16,6 +16,7 @@ from pipeline.common import PipelineError
 from pipeline.config import IGNORE_INDEX, Params, parse_params
 from pipeline.data import loading as data
 from pipeline.data.crops import crop_origins, make_crops
+from pipeline.data.manifest import load_manifest
 from pipeline.data.sources import merge_vessel_label, read_image, split_stems
 from pipeline.data.synthetic import generate
 from pipeline.stages import preprocess as pre
@@ -361,7 +362,7 @@ def test_processed_labels_merge_the_raw_tracing_and_mask(project, tiny):
 def test_datasets_read_the_processed_data(project, tiny):
     download(tiny)
     pre.preprocess(tiny)
-    manifest = data.load_manifest()
+    manifest = load_manifest()
     crops = data.crops_dataset(manifest, augment=True, seed=0)
     assert len(crops) == len(manifest["crops"])
     image, label = crops[0]

@@ -17,6 +17,7 @@ from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.data import loading as data
 from pipeline.data.crops import make_crops
+from pipeline.data.manifest import load_manifest
 from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_label
 from pipeline.engine.distributed import SINGLE
 from pipeline.inference.evaluate import eval_shard
@@ -192,9 +193,9 @@ def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
     assert manifest["in_channels"] == 1 and len(manifest["mean"]) == 1
     assert manifest["splits"]["train"] == ["train00", "train01", "train02"]
     assert manifest["splits"]["val"] == ["val00", "val01"]
-    image, label = data.crops_dataset(manifest, augment=True, seed=0)[0]
+    image, label = data.crops_dataset(load_manifest(), augment=True, seed=0)[0]
     assert image.shape == (1, 32, 32) and label.shape == (32, 32)
-    image, _ = data.split_dataset(manifest, "test")[0]
+    image, _ = data.split_dataset(load_manifest(), "test")[0]
     assert image.shape == (1, *SIZE)
 
 
@@ -329,10 +330,10 @@ def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
         h, w = 30 + 7 * i, 50 - 5 * i
         save_image(top / "images" / f"{stem}.png", random_image(h, w))
         save_image(top / "labels" / f"{stem}.png", np.zeros((h, w), np.uint8))
-    manifest = run(params("folder", top))
+    run(params("folder", top))
     sizes = set()
     for split in ("train", "val", "test"):
-        ds = data.split_dataset(manifest, split)
+        ds = data.split_dataset(load_manifest(), split)
         sizes |= {img.shape[:2] for img in ds.images}
         loader = eval_shard(ds, SINGLE, batch_size=4)
         same = len({img.shape[:2] for img in ds.images}) == 1
@@ -508,7 +509,7 @@ def test_scale_resizes_every_image_but_only_the_training_labels(project, tmp_pat
         assert label.shape == (small if split == "train" else SIZE)  # val/test: full-size
     crop = png(processed / "crops" / "images" / f"{manifest['crops'][0]}.png")
     assert crop.shape[:2] == (16, 16)
-    image, label = data.split_dataset(manifest, "val")[0]
+    image, label = data.split_dataset(load_manifest(), "val")[0]
     assert image.shape == (3, *small) and label.shape == SIZE
 
 
@@ -527,7 +528,7 @@ def test_scaled_splits_are_scored_on_their_full_size_labels(project, tmp_path):
     top = make_folder(tmp_path / "src", count=8)
     pre = {"crop_size": 16, "crop_stride": 8, "scale": 0.5}
     manifest = run(parse_params({**params("folder", top).model_dump(), "preprocess": pre}))
-    test = data.split_dataset(manifest, "test")
+    test = data.split_dataset(load_manifest(), "test")
     torch.manual_seed(0)
     model = build_model("unet", 3, 2, base_channels=4, depth=2).eval()
     whole = InferenceParams(tile_size=0)

@@ -19,7 +19,7 @@ ALLOWED = {
     "data": {"common", "paths", "config"},
     "report": {"common"},
     "tracking": {"common", "paths", "config"},
-    "engine": {"common", "config", "models"},
+    "engine": {"common", "config", "data", "models"},
     "inference": {"common", "config", "engine"},
     "export": {"common", "engine", "models"},
     "predict": {"common", "config", "data", "engine", "inference", "models", "report"},

@@ -18,10 +18,9 @@ from pipeline.engine.losses import (
     build_eval_loss,
     build_loss,
     median_frequency_weights,
-    predict,
-    probabilities,
 )
-from tests.fakes import random_target
+from pipeline.inference.forward import predict, probabilities
+from tests.fakes import fake_manifest, random_target
 
 IGNORE = 255
 MODES = [(1, 2), (4, 4)]  # (channels, num_classes): binary, multi-class
@@ -44,13 +43,8 @@ def _ce(**kw) -> SegmentationLoss:
     return SegmentationLoss(1.0, 0.0, **kw)
 
 
-def _manifest(num_classes=2, pixels=(900, 100)) -> dict:
-    return {
-        "num_classes": num_classes,
-        "class_names": [f"c{i}" for i in range(num_classes)],
-        "ignore_index": IGNORE,
-        "train_class_pixels": list(pixels),
-    }
+def _manifest(num_classes=2, pixels=(900, 100)):
+    return fake_manifest(num_classes, ignore_index=IGNORE, train_class_pixels=list(pixels))
 
 
 # --- CE with class and pixel weights --------------------------------------------------------

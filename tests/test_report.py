@@ -20,7 +20,7 @@ from pipeline.config import parse_params
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.stages import report
-from tests.fakes import random_image, save_image
+from tests.fakes import fake_manifest, random_image, save_image
 
 SIZE = (40, 36)  # (H, W)
 TEST_STEMS = ["t0", "t1", "t2"]
@@ -44,22 +44,15 @@ def params(**overrides):
     return parse_params({**base, **overrides})
 
 
-def write_manifest(class_names: list[str], observer: dict | None) -> dict:
-    manifest = {
-        "dataset": "fake",
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "in_channels": 3,
-        "ignore_index": 255,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "crop_size": 32,
-        "splits": {"train": ["a", "b"], "val": ["c"], "test": TEST_STEMS},
-        "crops": ["a_0", "a_1"],
-        "second_observer": observer,
-    }
+def write_manifest(class_names: list[str], observer: dict | None):
+    manifest = fake_manifest(
+        len(class_names),
+        class_names=class_names,
+        splits={"train": ["a", "b"], "val": ["c"], "test": TEST_STEMS},
+        second_observer=observer,
+    )
     paths.MANIFEST.parent.mkdir(parents=True, exist_ok=True)
-    paths.MANIFEST.write_text(json.dumps(manifest))
+    paths.MANIFEST.write_text(json.dumps(manifest.model_dump()))
     rng = np.random.default_rng(1)
     for stem in TEST_STEMS:
         save_image(paths.split_dir("test", "images") / f"{stem}.png", random_image(*SIZE))
@@ -286,9 +279,9 @@ def test_panels_hold_one_row_per_image_and_colour_the_errors(fake):
         assert (row[1][:4] == report.IGNORED).all()  # the ignored band, in the truth
         assert (row[4][:4] == report.IGNORED).all()  # ...and in the error maps
 
-    report.write_panels(rows, stems, manifest["class_names"], dpi=50)
+    report.write_panels(rows, stems, manifest.class_names, dpi=50)
     two = Image.open(paths.PANELS_PNG).size
-    report.write_panels(rows[:1], stems[:1], manifest["class_names"], dpi=50)
+    report.write_panels(rows[:1], stems[:1], manifest.class_names, dpi=50)
     one = Image.open(paths.PANELS_PNG).size
     assert two[0] == one[0] and two[1] > one[1] * 1.4  # a row more, same width
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import pipeline.engine.loop as loop
 import pipeline.stages.train as tr
 from pipeline import paths
 from pipeline.common import PipelineError
@@ -90,14 +91,14 @@ def test_epoch_log_records_loader_and_compute_time(data):
 
 def _interrupt_after(monkeypatch, epoch: int):
     """Make train_epoch raise when it starts `epoch` (as if the process died there)."""
-    real = tr.train_epoch
+    real = loop.train_epoch
 
     def dying(engine, loader, desc):
         if desc.startswith(f"unet epoch {epoch}/"):
             raise KeyboardInterrupt
         return real(engine, loader, desc)
 
-    monkeypatch.setattr(tr, "train_epoch", dying)
+    monkeypatch.setattr(loop, "train_epoch", dying)
 
 
 def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(data, monkeypatch):
@@ -132,8 +133,8 @@ def test_resume_false_starts_afresh(data, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             tr.train("unet", _params())
     calls = []
-    real = tr.train_epoch
-    monkeypatch.setattr(tr, "train_epoch", lambda *a: calls.append(1) or real(*a))
+    real = loop.train_epoch
+    monkeypatch.setattr(loop, "train_epoch", lambda *a: calls.append(1) or real(*a))
     tr.train("unet", _params(train={**TINY["train"], "resume": False}))
     assert len(calls) == 3
 
@@ -149,7 +150,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(dat
         return loss * float("nan") if self.epoch_hint == 2 else loss
 
     calls = {"n": 0}
-    real_epoch = tr.train_epoch
+    real_epoch = loop.train_epoch
 
     def counting(engine, loader, desc):
         calls["n"] += 1
@@ -157,7 +158,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(dat
         return real_epoch(engine, loader, desc)
 
     monkeypatch.setattr(tr.Engine, "step", step)
-    monkeypatch.setattr(tr, "train_epoch", counting)
+    monkeypatch.setattr(loop, "train_epoch", counting)
     with pytest.raises(PipelineError) as err:
         tr.train("unet", _params(lr=0.002))
     msg = str(err.value)
@@ -243,7 +244,7 @@ def test_an_unwritable_output_folder_stops_training_before_the_first_epoch(data,
     def never(*args, **kwargs):
         raise AssertionError("no epoch may run")
 
-    monkeypatch.setattr(tr, "train_epoch", never)
+    monkeypatch.setattr(loop, "train_epoch", never)
     with pytest.raises(PipelineError) as err:
         tr.train("unet", _params())
     msg = str(err.value)

@@ -8,7 +8,6 @@ run all see exactly the same augmented crops.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -16,21 +15,18 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from pipeline import paths
-from pipeline.common import PipelineError, read_json
+from pipeline.common import PipelineError
+from pipeline.data.manifest import Manifest
 from pipeline.data.sources import read_image
 
 
-def load_manifest() -> dict[str, Any]:
-    return read_json(paths.MANIFEST, "processed-data manifest")
-
-
-def transforms(manifest: dict[str, Any], augment: bool, seed: int | None = None) -> A.Compose:
+def transforms(manifest: Manifest, augment: bool, seed: int | None = None) -> A.Compose:
     """Normalise with the train split's mean/std; optionally flip and rotate by 90 degrees
     (label-preserving for vessels and exact on the pixel grid)."""
     ops: list[A.BasicTransform] = []
     if augment:
         ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
-    ops.append(A.Normalize(mean=manifest["mean"], std=manifest["std"], max_pixel_value=255.0))
+    ops.append(A.Normalize(mean=manifest.mean, std=manifest.std, max_pixel_value=255.0))
     # a border weight map travels with the label (flipped and rotated, never normalised)
     return A.Compose(ops, strict=True, seed=seed, additional_targets={"weight": "mask"})
 
@@ -122,31 +118,29 @@ class EpochSampler(Sampler[int]):
         return len(self.inner)
 
 
-def crops_dataset(manifest: dict[str, Any], augment: bool, seed: int) -> SegmentationDataset:
-    names = manifest["crops"]
+def crops_dataset(manifest: Manifest, augment: bool, seed: int) -> SegmentationDataset:
+    names = manifest.crops
     weights = None
-    if manifest.get("border_weights"):
+    if manifest.border_weights:
         weights = [paths.crops_dir("weights") / f"{n}.npy" for n in names]
     return SegmentationDataset(
         [paths.crops_dir("images") / f"{n}.png" for n in names],
         [paths.crops_dir("labels") / f"{n}.png" for n in names],
         transforms(manifest, augment, seed),
-        manifest["in_channels"],
+        manifest.in_channels,
         weights,
         seed,
     )
 
 
-def split_dataset(
-    manifest: dict[str, Any], split: str, limit: int | None = None
-) -> SegmentationDataset:
+def split_dataset(manifest: Manifest, split: str, limit: int | None = None) -> SegmentationDataset:
     """Full-size images of a split (the first `limit` of them), normalised, not augmented."""
-    stems = manifest["splits"][split][:limit]
+    stems = manifest.splits[split][:limit]
     if not stems:
         raise PipelineError(f"{paths.MANIFEST}: split {split!r} is empty")
     return SegmentationDataset(
         [paths.split_dir(split, "images") / f"{s}.png" for s in stems],
         [paths.split_dir(split, "labels") / f"{s}.png" for s in stems],
         transforms(manifest, augment=False),
-        manifest["in_channels"],
+        manifest.in_channels,
     )

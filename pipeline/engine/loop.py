@@ -1,11 +1,13 @@
-"""The training step and the epoch loop's pieces: `Engine` (forward, backward, clipping, the
-optimizer and scheduler step, under autocast), `train_epoch` (one pass over the crops, every
-rank deciding alike on a non-finite loss) and the best-epoch rule."""
+"""The training step and the epoch loop: `Engine` (forward, backward, clipping, the optimizer
+and scheduler step, under autocast), `train_epoch` (one pass over the crops, every rank
+deciding alike on a non-finite loss), `fit` (the epochs, with the caller's hooks after each)
+and the best-epoch rule."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,3 +120,30 @@ def is_better(monitor: str, value: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value < best if monitor == "val_loss" else value > best
+
+
+def fit(
+    engine: Engine,
+    loader: DataLoader,
+    sampler,
+    epochs: range,
+    total: int,
+    name: str,
+    end_epoch: Callable[[int, dict[str, float], float], None],
+) -> None:
+    """The epoch loop: each epoch one pass over the crops in a fresh order (`train_epoch`),
+    then `end_epoch(epoch, stats, started)`: the caller's hooks (validation, the best epoch,
+    logging, the resume state). `epochs` may start late: a resumed run."""
+    bar = tqdm(
+        epochs,
+        desc=name,
+        unit="epoch",
+        initial=epochs.start - 1,
+        total=total,
+        disable=None if engine.ctx.main else True,
+    )
+    for epoch in bar:
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        stats = train_epoch(engine, loader, f"{name} epoch {epoch}/{total}")
+        end_epoch(epoch, stats, started)

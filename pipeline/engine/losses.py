@@ -19,6 +19,7 @@ from pipeline.common import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.config import LossParams
+    from pipeline.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +160,24 @@ def median_frequency_weights(class_pixels: list[int]) -> list[float]:
     return weights.tolist()
 
 
-def resolve_class_weights(loss_params: LossParams, manifest: dict) -> list[float] | None:
+def resolve_class_weights(loss_params: LossParams, manifest: Manifest) -> list[float] | None:
     """loss.class_weights -> one CE weight per class, or None."""
-    spec, n = loss_params.class_weights, manifest["num_classes"]
+    spec, n = loss_params.class_weights, manifest.num_classes
     if spec is None:
         return None
     if spec == "median_frequency":
-        weights = median_frequency_weights(manifest["train_class_pixels"])
+        weights = median_frequency_weights(manifest.train_class_pixels)
         log.info("median-frequency class weights: %s", [round(w, 4) for w in weights])
         return weights
     if len(spec) != n:
-        names = ", ".join(manifest.get("class_names", []))
+        names = ", ".join(manifest.class_names)
         raise PipelineError(f"loss.class_weights: {len(spec)} weights for {n} classes ({names})")
     if not any(spec):
         raise PipelineError("loss.class_weights: all weights are 0")
     return [float(w) for w in spec]
 
 
-def build_eval_loss(loss_params: LossParams, manifest: dict) -> SegmentationLoss:
+def build_eval_loss(loss_params: LossParams, manifest: Manifest) -> SegmentationLoss:
     """The plain (single-output) loss, e.g. for the validation loss."""
     return SegmentationLoss(
         loss_params.ce_weight,
@@ -184,12 +185,12 @@ def build_eval_loss(loss_params: LossParams, manifest: dict) -> SegmentationLoss
         loss_params.focal_weight,
         loss_params.focal_gamma,
         resolve_class_weights(loss_params, manifest),
-        manifest.get("ignore_index", 255),
+        manifest.ignore_index,
     )
 
 
 def build_loss(
-    loss_params: LossParams, arch_has_deep_supervision: bool, manifest: dict
+    loss_params: LossParams, arch_has_deep_supervision: bool, manifest: Manifest
 ) -> nn.Module:
     """The training loss: SegmentationLoss, summed over the heads with loss.ds_weights when the
     architecture has deep supervision."""

@@ -14,7 +14,6 @@ data/raw/ is replaced only once the new raw data is complete: a failure leaves i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -23,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
-from pipeline.config import Params, load_params
+from pipeline.common import PipelineError, atomic_path, timed, write_json
+from pipeline.config import Params
 from pipeline.data.archives import (
     copy_folder,
     fetch_url,
@@ -35,7 +34,8 @@ from pipeline.data.archives import (
 )
 from pipeline.data.sources import ROOT_HINTS, ROOT_MARKERS
 from pipeline.data.synthetic import generate
-from pipeline.tracking.runs import failures_recorded, mlflow_run
+from pipeline.stages import lifecycle
+from pipeline.tracking.runs import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,7 @@ def download(params: Params) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    params = load_params()
-    with failures_recorded(params, "download"):
-        download(params)
-
+main = lifecycle.stage_main("download", download, __doc__)
 
 if __name__ == "__main__":
-    run_cli(main)
+    lifecycle.run(main)

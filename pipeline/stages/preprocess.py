@@ -14,7 +14,6 @@ image so that the distances to objects cross the crop borders.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -30,16 +29,16 @@ from pipeline import paths
 from pipeline.common import (
     PipelineError,
     atomic_path,
-    run_cli,
     timed,
-    write_json,
 )
-from pipeline.config import IGNORE_INDEX, Params, load_params
+from pipeline.config import IGNORE_INDEX, Params
 from pipeline.data.archives import is_url
 from pipeline.data.crops import make_crops, pad_to_crop, resize
+from pipeline.data.manifest import BorderWeights, Manifest, write_manifest
 from pipeline.data.sources import RawDataset, equalize, open_dataset
 from pipeline.data.weightmap import balanced_class_weights, border_weight_map
-from pipeline.tracking.runs import failures_recorded, mlflow_run
+from pipeline.stages import lifecycle
+from pipeline.tracking.runs import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -230,41 +229,35 @@ def _preprocess(params: Params) -> Path:
             raise PipelineError(f"{ds.root}: no training crop holds a labelled pixel")
         mean, std = stats.mean_std()
         stats.write_csv(tmp / paths.CLASS_PIXELS.name, ds.class_names)
-        manifest = {
-            "dataset": ds.name,
-            "num_classes": len(ds.class_names),
-            "class_names": ds.class_names,
-            # binary tasks: the class the binary metrics score (the sigmoid channel, index 1)
-            "positive_class": ds.class_names[1] if len(ds.class_names) == 2 else None,
-            "in_channels": ds.in_channels,
-            "ignore_index": IGNORE_INDEX,
-            "mean": mean,
-            "std": std,
-            "train_class_pixels": stats.hist["train"][:-1].tolist(),
-            "crop_size": pp.crop_size,
-            "crop_stride": pp.crop_stride,
-            "crops_per_image": pp.crops_per_image,
-            "clahe": pp.clahe,  # applied to every image before anything else (and by predict)
-            # images (all splits) resized by this before the model sees them, train labels
-            # too; val/test labels stay full-size, so the logits are upsampled to score them
-            "scale": pp.scale,
-            # 16-bit images were scaled by 2**bit_depth - 1 (0: 16 bits); predict does alike
-            "bit_depth": params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
-            "splits": {s: [i.stem for i in items] for s, items in ds.splits.items()},
-            "crops": crops,
-            # DRIVE: a second human's tracing of the test images, scored like a model
-            "second_observer": observer
+        manifest = Manifest(
+            dataset=ds.name,
+            num_classes=len(ds.class_names),
+            class_names=ds.class_names,
+            positive_class=ds.class_names[1] if len(ds.class_names) == 2 else None,
+            in_channels=ds.in_channels,
+            ignore_index=IGNORE_INDEX,
+            mean=mean,
+            std=std,
+            train_class_pixels=stats.hist["train"][:-1].tolist(),
+            crop_size=pp.crop_size,
+            crop_stride=pp.crop_stride,
+            crops_per_image=pp.crops_per_image,
+            clahe=pp.clahe,
+            scale=pp.scale,
+            bit_depth=params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
+            splits={s: [i.stem for i in items] for s, items in ds.splits.items()},
+            crops=crops,
+            second_observer=observer
             and {k: round(v, 6) for k, v in observer.compute(ds.class_names).items()},
-            # crops/weights/<crop>.npy: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
-            "border_weights": None
+            border_weights=None
             if class_weights is None
-            else {
-                "w0": border.w0,
-                "sigma": border.sigma,
-                "class_weights": [round(float(w), 6) for w in class_weights],
-            },
-        }
-        write_json(tmp / paths.MANIFEST.name, manifest)
+            else BorderWeights(
+                w0=border.w0,
+                sigma=border.sigma,
+                class_weights=[round(float(w), 6) for w in class_weights],
+            ),
+        )
+        write_manifest(tmp, manifest)
     log.info(
         "processed %s: %s images, %d training crops of %d px",
         ds.name,
@@ -303,12 +296,7 @@ def _preprocess(params: Params) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    params = load_params()
-    with failures_recorded(params, "preprocess"):
-        preprocess(params)
-
+main = lifecycle.stage_main("preprocess", preprocess, __doc__)
 
 if __name__ == "__main__":
-    run_cli(main)
+    lifecycle.run(main)

@@ -7,7 +7,6 @@ Writes reports/pruning.csv and reports/pruning.json.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any
 
@@ -15,14 +14,16 @@ import pandas as pd
 import torch
 
 from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, run_cli, timed, write_json
-from pipeline.config import Params, load_params
-from pipeline.data.loading import load_manifest, split_dataset
+from pipeline.common import PipelineError, atomic_path, timed, write_json
+from pipeline.config import Params
+from pipeline.data.loading import split_dataset
+from pipeline.data.manifest import load_manifest
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import amp_dtype
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import image_shape, model_stats
-from pipeline.tracking.runs import failures_recorded, log_to_parent, mlflow_run
+from pipeline.stages import lifecycle
+from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def prune(params: Params) -> pd.DataFrame:
         quality = evaluate(
             sub,
             test_ds,
-            manifest["class_names"],
+            manifest.class_names,
             device,
             multiple,
             params.inference,
@@ -99,7 +100,7 @@ def prune(params: Params) -> pd.DataFrame:
         )
         rows.append(row)
 
-    export_all(model, pp.depths, manifest["in_channels"], shape[-2:], pp.onnx)
+    export_all(model, pp.depths, manifest.in_channels, shape[-2:], pp.onnx)
 
     df = pd.DataFrame(rows)
     with atomic_path(paths.PRUNING_CSV) as tmp:
@@ -150,12 +151,7 @@ def prune(params: Params) -> pd.DataFrame:
     return df
 
 
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    params = load_params()
-    with failures_recorded(params, "prune"):
-        prune(params)
-
+main = lifecycle.stage_main("prune", prune, __doc__)
 
 if __name__ == "__main__":
-    run_cli(main)
+    lifecycle.run(main)

@@ -8,7 +8,6 @@ test images with both models' predictions and errors.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,16 +23,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, read_json, run_cli, timed
+from pipeline.common import PipelineError, atomic_path, read_json, timed
 from pipeline.config import (
     IGNORE_INDEX,
     InferenceParams,
     Params,
     flatten,
-    load_params,
     parse_params,
 )
-from pipeline.data.loading import SegmentationDataset, load_manifest, split_dataset
+from pipeline.data.loading import SegmentationDataset, split_dataset
+from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import pick_device
 from pipeline.inference.forward import predict
@@ -41,8 +40,9 @@ from pipeline.inference.tiling import predict_tiled
 from pipeline.report import plots
 from pipeline.report.html import Block, Figure, Heading, Table, Text, render_html
 from pipeline.report.palette import PALETTE
+from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import git_commit
-from pipeline.tracking.runs import failures_recorded, log_to_parent, mlflow_run
+from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,15 @@ def changed_params(params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value", "default"])
 
 
-def setup_table(manifest: dict[str, Any], generated: datetime) -> pd.DataFrame:
+def setup_table(manifest: Manifest, generated: datetime) -> pd.DataFrame:
     commit = git_commit()
-    splits = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
+    splits = ", ".join(f"{k} {len(v)}" for k, v in manifest.splits.items())
     rows = {
-        "dataset": manifest["dataset"],
-        "classes": f"{manifest['num_classes']} ({', '.join(manifest['class_names'])})",
+        "dataset": manifest.dataset,
+        "classes": f"{manifest.num_classes} ({', '.join(manifest.class_names)})",
         "images": splits,
-        "input channels": str(manifest["in_channels"]),
-        "training crops": f"{len(manifest['crops'])} of {manifest['crop_size']} px",
+        "input channels": str(manifest.in_channels),
+        "training crops": f"{len(manifest.crops)} of {manifest.crop_size} px",
         "git commit": commit[:12] if commit else "unknown",
         "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
     }
@@ -159,10 +159,10 @@ def metrics_table(metrics: dict[str, dict], columns: list[str]) -> pd.DataFrame:
     )
 
 
-def observer_table(manifest: dict[str, Any], columns: list[str]) -> pd.DataFrame | None:
+def observer_table(manifest: Manifest, columns: list[str]) -> pd.DataFrame | None:
     """DRIVE: the second human observer scored like a model, a reference no model is expected
     to pass; None for other datasets."""
-    observer = manifest.get("second_observer")
+    observer = manifest.second_observer
     if not observer:
         return None
     row = {"reference": "2nd human observer", **{k: observer.get(k, NAN) for k in columns}}
@@ -205,40 +205,40 @@ class Tables:
     inference: str  # how full-size images were predicted, in words
 
 
-def gather(params: Params, manifest: dict[str, Any], panels: int) -> Tables:
+def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
     metric = params.report.metric
-    columns = quality_columns(manifest["num_classes"])
+    columns = quality_columns(manifest.num_classes)
     metrics = {name: arch_metrics(arch) for arch, name in ARCH_NAMES.items()}
     pruning = read_csv(paths.PRUNING_CSV, [*PRUNING_COLUMNS, metric])
     prune_columns = [c for c in columns if c in pruning]
     best = read_json(paths.PRUNING_JSON, "pruning summary").get("best_depth")
     if best is None:
         raise PipelineError(f"{paths.PRUNING_JSON}: missing best_depth (re-run the prune stage)")
-    multi = manifest["num_classes"] > 2
+    multi = manifest.num_classes > 2
     return Tables(
-        dataset=manifest["dataset"],
+        dataset=manifest.dataset,
         metric=metric,
         setup=setup_table(manifest, datetime.now(UTC)),
         changed=changed_params(params),
         architectures=architecture_table(metrics),
         test=metrics_table(metrics, columns),
         observer=observer_table(manifest, columns),
-        per_class=per_class_iou(metrics, manifest["class_names"]) if multi else None,
+        per_class=per_class_iou(metrics, manifest.class_names) if multi else None,
         pruning=pruning,
         pruning_view=pruning_view(pruning, prune_columns, best),
         best_depth=best,
         logs=epoch_logs(metric),
         panels=panels,
         positive=positive_class(manifest),
-        inference=inference_text(params.inference, manifest.get("scale", 1.0)),
+        inference=inference_text(params.inference, manifest.scale),
     )
 
 
-def positive_class(manifest: dict[str, Any]) -> str | None:
+def positive_class(manifest: Manifest) -> str | None:
     """The class binary metrics score: the model's sigmoid channel, class index 1."""
-    if manifest["num_classes"] != 2:
+    if manifest.num_classes != 2:
         return None
-    return manifest.get("positive_class") or manifest["class_names"][1]
+    return manifest.positive_class or manifest.class_names[1]
 
 
 TTA_TEXT = {
@@ -358,17 +358,17 @@ def panel_legends(class_names: list[str]) -> list[plots.Legend]:
 
 
 def panels_figure(
-    manifest: dict[str, Any], n: int, inference: InferenceParams
+    manifest: Manifest, n: int, inference: InferenceParams
 ) -> tuple[list[list[np.ndarray]], list[str]]:
     """(panel rows, their image names) for the first n test images; runs both checkpoints,
     so a missing or corrupt one stops the stage before anything is written."""
-    stems = manifest["splits"]["test"][:n]
+    stems = manifest.splits["test"][:n]
     dataset = split_dataset(manifest, "test", limit=n)  # normalised as for evaluation
     device = pick_device("auto")
     predictions = {
         name: predict_arch(arch, dataset, inference, device) for arch, name in ARCH_NAMES.items()
     }
-    return panel_rows(dataset, predictions, manifest["num_classes"]), stems
+    return panel_rows(dataset, predictions, manifest.num_classes), stems
 
 
 def write_panels(rows: list, stems: list[str], class_names: list[str], dpi: int) -> None:
@@ -523,14 +523,14 @@ def write_xlsx(t: Tables, path: Path) -> None:
 
 def report(params: Params) -> None:
     manifest = load_manifest()
-    panels = min(params.report.panels, len(manifest["splits"]["test"]))
+    panels = min(params.report.panels, len(manifest.splits["test"]))
     t = gather(params, manifest, panels)  # the cheap checks first
     rows, stems = panels_figure(manifest, panels, params.inference) if panels else ([], [])
     dpi = params.report.dpi
 
     plots.learning_curves(t.logs, paths.LEARNING_CURVES_PNG, f"val_{t.metric}", dpi)
     plots.pruning_tradeoff(t.pruning, paths.PRUNING_PNG, t.metric, dpi)
-    write_panels(rows, stems, manifest["class_names"], dpi)
+    write_panels(rows, stems, manifest.class_names, dpi)
     with atomic_path(paths.REPORT_MD) as tmp:
         tmp.write_text(render_markdown(t))
     with atomic_path(paths.REPORT_HTML) as tmp:
@@ -569,12 +569,7 @@ def report(params: Params) -> None:
             log_to_parent(run, files=files, folder="report")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    params = load_params()
-    with failures_recorded(params, "report"):
-        report(params)
-
+main = lifecycle.stage_main("report", report, __doc__)
 
 if __name__ == "__main__":
-    run_cli(main)
+    lifecycle.run(main)

@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.common import (
@@ -35,13 +34,13 @@ from pipeline.common import (
     atomic_path,
     check_writable,
     clock,
-    run_cli,
     seed_everything,
     timed,
     write_json,
 )
 from pipeline.config import Params, load_params
-from pipeline.data.loading import EpochSampler, crops_dataset, load_manifest, split_dataset
+from pipeline.data.loading import EpochSampler, crops_dataset, split_dataset
+from pipeline.data.manifest import load_manifest
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
     cpu_state,
@@ -52,18 +51,128 @@ from pipeline.engine.checkpoint import (
     set_rng_state,
 )
 from pipeline.engine.distributed import SINGLE, Dist, amp_dtype, pick_device
-from pipeline.engine.loop import Engine, NonFiniteLoss, is_better, train_epoch
+from pipeline.engine.loop import Engine, NonFiniteLoss, fit, is_better
 from pipeline.engine.losses import build_eval_loss, build_loss
 from pipeline.engine.optim import make_optimizer, make_scheduler
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import count_params, image_shape, model_stats
 from pipeline.models import REGISTRY, build_model
 from pipeline.report import plots
+from pipeline.stages import lifecycle
 from pipeline.tracking.runs import log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
 
 ARCHS = tuple(sorted(REGISTRY))  # one training stage per registered architecture
+
+
+def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
+    """Train `arch` on the crops, keep its best epoch, score it on the test split, and write
+    its checkpoint, epoch log, curves and metrics (rank 0); returns the test metrics."""
+    check_request(arch, params, ctx)
+    manifest = load_manifest()
+    # where the results land must take them before the training they would hold runs
+    check_writable(
+        paths.checkpoint(arch).parent, paths.arch_reports(arch), paths.resume_state(arch).parent
+    )
+    device = pick_device(params.train.device, ctx)
+    seed_everything(params.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest
+    model = place_model(arch, params, manifest, device, ctx)
+    crops = crops_dataset(manifest, params.train.augment, params.seed)
+    loader, sampler = crops_loader(crops, params, device, ctx)
+    engine = make_engine(arch, params, manifest, model, len(loader), device, ctx)
+    epochs = Epochs(arch, params, manifest, model, engine, ctx)
+    epochs.resume()
+    with epochs.tracked() as tracked:  # the stage's MLflow run (rank 0; None untracked)
+        try:
+            fit(engine, loader, sampler, epochs.remaining(), params.epochs, arch, epochs.end)
+        except NonFiniteLoss as exc:
+            raise epochs.stopped(exc) from None
+        metrics = epochs.test()
+        if ctx.main:
+            example = crops[0][0][None]  # (1, C, crop, crop): MLflow's input example
+            outputs = (arch, params, manifest, model, metrics, epochs.progress, tracked, example)
+            _write_outputs(*outputs)
+        distributed.barrier(ctx)
+    return metrics
+
+
+def check_request(arch: str, params: Params, ctx: Dist) -> None:
+    if arch not in ARCHS:
+        raise PipelineError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if params.batch_size % ctx.world:
+        raise PipelineError(
+            f"batch_size ({params.batch_size}) must be divisible by the {ctx.world} DDP "
+            "processes: it is the global batch"
+        )
+
+
+def place_model(arch, params: Params, manifest, device: torch.device, ctx: Dist) -> nn.Module:
+    """The model on its device (SyncBatchNorm under CUDA DDP; NHWC where it pays)."""
+    model = build_model(
+        arch, manifest.in_channels, manifest.num_classes, **params.model(arch).model_dump()
+    )
+    if ctx.active and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last(params, device):  # NHWC: faster convolutions on tensor cores
+        model = model.to(memory_format=torch.channels_last)
+    log.info(
+        "%s: %s parameters, channels %s, device %s, %d process(es)",
+        arch,
+        f"{count_params(model):,}",
+        model.encoder.channels,
+        device,
+        ctx.world,
+    )
+    return model
+
+
+def channels_last(params: Params, device: torch.device) -> bool:
+    return device.type == "cuda" and params.train.channels_last
+
+
+def crops_loader(crops, params: Params, device: torch.device, ctx: Dist):
+    """This rank's batches of the training crops, reshuffled every epoch (`set_epoch`)."""
+    tp = params.train
+    sampler = EpochSampler(len(crops), params.seed, ctx.rank, ctx.world)
+    loader = DataLoader(
+        crops,
+        batch_size=params.batch_size // ctx.world,  # batch_size is the global batch
+        sampler=sampler,
+        num_workers=tp.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=tp.num_workers > 0,
+        # worker seeds from their own generator: the global RNG stays as a resume restores it
+        generator=torch.Generator().manual_seed(params.seed),
+    )
+    return loader, sampler
+
+
+def make_engine(arch, params: Params, manifest, model, steps_per_epoch: int, device, ctx) -> Engine:
+    """What one step needs: the forward (DDP and/or compiled), the loss (UNet++: over its
+    heads), optimizer, schedule, precision."""
+    tp = params.train
+    deep = arch == "unetpp" and params.unetpp.deep_supervision
+    dtype = amp_dtype(tp.amp, device)
+    forward = nn.parallel.DistributedDataParallel(model) if ctx.active else model
+    if tp.compile:
+        forward = torch.compile(forward)
+    optimizer = make_optimizer(params, model)
+    return Engine(
+        model=forward,
+        loss_fn=build_loss(params.loss, deep, manifest),
+        optimizer=optimizer,
+        scheduler=make_scheduler(params, optimizer, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+        amp_dtype=dtype,
+        grad_clip=tp.grad_clip,
+        device=device,
+        channels_last=channels_last(params, device),
+        ctx=ctx,
+    )
 
 
 def write_epoch_log(rows: list[dict[str, Any]], arch: str) -> pd.DataFrame:
@@ -122,30 +231,175 @@ class Progress:
     train_seconds: float = 0.0
 
 
-def _resume(arch, params, ctx, model, engine) -> Progress:
-    path = paths.resume_state(arch)
-    state = None
-    if params.train.resume and ctx.main:
-        state = load_resume(path, fingerprint(arch, params, ctx, engine.device))
-    state = distributed.broadcast_object(state, ctx)  # every rank resumes rank 0's state
-    if state is None:
-        return Progress()
-    model.load_state_dict(state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
-    engine.scheduler.load_state_dict(state["scheduler"])
-    if engine.scaler is not None and state["scaler"]:
-        engine.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    log.info("%s: resuming after epoch %d from %s", arch, state["epoch"], path)
-    return Progress(
-        state["epoch"],
-        state["rows"],
-        state["best"],
-        state["best_epoch"],
-        state["best_state"],
-        state["run_id"],
-        state["train_seconds"],
-    )
+class Epochs:
+    """The stage's side of the epoch loop: what happens after each pass over the crops
+    (`end`: validate, keep the best, log to MLflow, stop on non-finite weights, save the
+    resume state, one INFO line), and the resume, tracking and test around it."""
+
+    def __init__(self, arch: str, params: Params, manifest, model, engine: Engine, ctx: Dist):
+        self.arch, self.params, self.model, self.engine, self.ctx = arch, params, model, engine, ctx
+        self.classes, self.dataset = manifest.class_names, manifest.dataset
+        self.monitor = params.train.monitor
+        self.val = split_dataset(manifest, "val")
+        self.test_split = split_dataset(manifest, "test")
+        self.eval_loss = build_eval_loss(params.loss, manifest)
+        self.progress = Progress()
+        self.run: Any = None  # the stage's MLflow run (rank 0, tracking on)
+
+    def score(self, dataset, loss_fn=None) -> dict[str, Any]:
+        distributed.sync_buffers(self.model, self.ctx)
+        return evaluate(
+            self.model,
+            dataset,
+            self.classes,
+            self.engine.device,
+            self.model.size_multiple,  # full images are mirror-padded to this
+            self.params.inference,
+            loss_fn,
+            self.ctx,
+            self.params.batch_size,
+            self.engine.amp_dtype,
+        )
+
+    def resume(self) -> None:
+        """Continue from models/resume/<arch>.pt when a run with the same fingerprint left it."""
+        arch, params, ctx, engine = self.arch, self.params, self.ctx, self.engine
+        path = paths.resume_state(arch)
+        state = None
+        if params.train.resume and ctx.main:
+            state = load_resume(path, fingerprint(arch, params, ctx, engine.device))
+        state = distributed.broadcast_object(state, ctx)  # every rank resumes rank 0's state
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+        if engine.scaler is not None and state["scaler"]:
+            engine.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        log.info("%s: resuming after epoch %d from %s", arch, state["epoch"], path)
+        self.progress = Progress(
+            state["epoch"],
+            state["rows"],
+            state["best"],
+            state["best_epoch"],
+            state["best_state"],
+            state["run_id"],
+            state["train_seconds"],
+        )
+
+    def remaining(self) -> range:
+        return range(self.progress.epoch + 1, self.params.epochs + 1)
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """The stage's MLflow run (rank 0), continued after a resume."""
+        arch, progress = self.arch, self.progress
+        if not self.ctx.main:
+            yield None
+            return
+        used = stage_params(arch, self.params)
+        with mlflow_run(
+            self.params,
+            f"train_{arch}",
+            arch,
+            progress.run_id,
+            used=used,
+            consumes="data/processed",
+        ) as run:
+            if run:
+                import mlflow
+
+                if run.info.run_id != progress.run_id:  # a continued run has these already
+                    with timed("tracking"):
+                        mlflow.set_tags({"arch": arch, "dataset": self.dataset})
+                progress.run_id = run.info.run_id
+            self.run = run
+            yield run
+
+    def end(self, epoch: int, stats: dict[str, float], started: float) -> None:
+        """After epoch `epoch`'s pass over the crops (`stats` from `train_epoch`)."""
+        arch, params, progress = self.arch, self.params, self.progress
+        t_val = time.perf_counter()
+        val = self.score(self.val, self.eval_loss)
+        row = {
+            "epoch": epoch,
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "train_loss": stats["loss"],  # the final output's, as val_loss
+            "train_objective": stats["objective"],  # UNet++: the sum over its heads
+            **{f"val_{k}": v for k, v in val.items()},
+            "data_seconds": stats["data_seconds"],
+            "compute_seconds": stats["compute_seconds"],
+            "val_seconds": time.perf_counter() - t_val,
+            "loader_images_per_s": stats["images"] / max(stats["data_seconds"], 1e-9),
+            "step_images_per_s": stats["images"] / max(stats["compute_seconds"], 1e-9),
+        }
+        # plain Python numbers: the resume state must load with weights_only=True
+        row = {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+        value = float(epoch) if self.monitor == "last" else row[self.monitor]  # last: the latest
+        if is_better(self.monitor, value, progress.best):
+            progress.best, progress.best_epoch = value, epoch
+            progress.best_state = cpu_state(self.model)
+        if self.run:
+            import mlflow
+
+            with timed("tracking"):
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        row["seconds"] = time.perf_counter() - started  # training, validation and logging
+        progress.epoch = epoch
+        progress.train_seconds += row["seconds"]
+        progress.rows.append(row)
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise PipelineError(
+                f"{arch} epoch {epoch}/{params.epochs}: the weights became NaN or infinite; "
+                f"training stopped, the last good state (epoch {epoch - 1}) stays in "
+                f"{paths.resume_state(arch)}. Lower lr or set train.grad_clip."
+            )
+        if self.ctx.main:
+            _save_resume(arch, params, self.ctx, self.model, self.engine, progress)
+            _epoch_summary(arch, row, params.epochs, progress)
+        distributed.barrier(self.ctx)
+
+    def stopped(self, exc: NonFiniteLoss) -> PipelineError:
+        epoch = self.progress.epoch
+        kept = (
+            f"the last good state (epoch {epoch}) stays in {paths.resume_state(self.arch)}"
+            if epoch
+            else "no epoch completed"
+        )
+        return PipelineError(
+            f"{exc}: training stopped; {kept}, earlier outputs are untouched. "
+            "Lower lr or set train.grad_clip."
+        )
+
+    def test(self) -> dict[str, Any]:
+        """The best epoch's weights scored on the test split (+ params, GFLOPs, latency)."""
+        progress, classes, monitor = self.progress, self.classes, self.monitor
+        if progress.best_state is None:
+            raise PipelineError(f"{self.arch}: {monitor} was NaN at every epoch; nothing to keep")
+        self.model.load_state_dict(progress.best_state)
+        test = self.score(self.test_split)
+        metrics = {
+            **test,
+            **({"positive_class": classes[1]} if len(classes) == 2 else {}),
+            "best_epoch": progress.best_epoch,
+            **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
+            "train_seconds": round(progress.train_seconds, 2),
+        }
+        if self.ctx.main:
+            lat = self.params.pruning  # latency_runs / latency_warmup: one setting for all
+            # params, GFLOPs and latency on one full-size test image, on the training device
+            shape = image_shape(self.test_split, self.model.size_multiple)
+            metrics.update(model_stats(self.model, shape, lat.latency_runs, lat.latency_warmup))
+            log.info(
+                "%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)",
+                self.arch,
+                test["miou"],
+                test["dice"],
+                test["global_accuracy"],
+                progress.best_epoch,
+            )
+        return metrics
 
 
 def _save_resume(arch, params, ctx, model, engine, progress: Progress) -> None:
@@ -203,208 +457,7 @@ def _epoch_summary(arch: str, row: dict[str, Any], epochs: int, progress: Progre
         )
 
 
-def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
-    if arch not in ARCHS:
-        raise PipelineError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    if params.batch_size % ctx.world:
-        raise PipelineError(
-            f"batch_size ({params.batch_size}) must be divisible by the {ctx.world} DDP "
-            "processes: it is the global batch"
-        )
-    manifest = load_manifest()
-    # where the results land must take them before the training they would hold runs
-    check_writable(
-        paths.checkpoint(arch).parent, paths.arch_reports(arch), paths.resume_state(arch).parent
-    )
-    device = pick_device(params.train.device, ctx)
-    tp = params.train
-    seed_everything(params.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest
-
-    mp = params.model(arch)
-    options = mp.model_dump()
-    model = build_model(arch, manifest["in_channels"], manifest["num_classes"], **options)
-    if ctx.active and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = device.type == "cuda" and tp.channels_last
-    model = model.to(device)
-    if channels_last:  # NHWC: faster convolutions on tensor cores
-        model = model.to(memory_format=torch.channels_last)
-    multiple = model.size_multiple  # full images are mirror-padded to this for the forward
-    log.info(
-        "%s: %s parameters, channels %s, device %s, %d process(es)",
-        arch,
-        f"{count_params(model):,}",
-        model.encoder.channels,
-        device,
-        ctx.world,
-    )
-
-    train_ds = crops_dataset(manifest, tp.augment, params.seed)
-    sampler = EpochSampler(len(train_ds), params.seed, ctx.rank, ctx.world)
-    loader = DataLoader(
-        train_ds,
-        batch_size=params.batch_size // ctx.world,  # batch_size is the global batch
-        sampler=sampler,
-        num_workers=tp.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=tp.num_workers > 0,
-        # worker seeds from their own generator: the global RNG stays as a resume restores it
-        generator=torch.Generator().manual_seed(params.seed),
-    )
-    val_ds, test_ds = split_dataset(manifest, "val"), split_dataset(manifest, "test")
-
-    deep = arch == "unetpp" and params.unetpp.deep_supervision
-    dtype = amp_dtype(tp.amp, device)
-    forward = nn.parallel.DistributedDataParallel(model) if ctx.active else model
-    if tp.compile:
-        forward = torch.compile(forward)
-    optimizer = make_optimizer(params, model)
-    engine = Engine(
-        model=forward,
-        loss_fn=build_loss(params.loss, deep, manifest),
-        optimizer=optimizer,
-        scheduler=make_scheduler(params, optimizer, len(loader)),
-        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
-        amp_dtype=dtype,
-        grad_clip=tp.grad_clip,
-        device=device,
-        channels_last=channels_last,
-        ctx=ctx,
-    )
-    eval_loss = build_eval_loss(params.loss, manifest)
-    classes, monitor = manifest["class_names"], tp.monitor
-
-    def score(dataset, loss_fn=None) -> dict[str, Any]:
-        distributed.sync_buffers(model, ctx)
-        return evaluate(
-            model,
-            dataset,
-            classes,
-            device,
-            multiple,
-            params.inference,
-            loss_fn,
-            ctx,
-            params.batch_size,
-            dtype,
-        )
-
-    progress = _resume(arch, params, ctx, model, engine)
-    tracked = mlflow_run(
-        params,
-        f"train_{arch}",
-        arch,
-        progress.run_id,
-        used=stage_params(arch, params),
-        consumes="data/processed",
-    )
-    with tracked if ctx.main else contextlib.nullcontext(None) as run:
-        if run:
-            import mlflow
-
-            if run.info.run_id != progress.run_id:  # a continued run has these already
-                with timed("tracking"):
-                    mlflow.set_tags({"arch": arch, "dataset": manifest["dataset"]})
-            progress.run_id = run.info.run_id
-        epochs = tqdm(
-            range(progress.epoch + 1, params.epochs + 1),
-            desc=arch,
-            unit="epoch",
-            initial=progress.epoch,
-            total=params.epochs,
-            disable=None if ctx.main else True,
-        )
-        for epoch in epochs:
-            t0 = time.perf_counter()
-            sampler.set_epoch(epoch)
-            desc = f"{arch} epoch {epoch}/{params.epochs}"
-            try:
-                fit = train_epoch(engine, loader, desc)
-            except NonFiniteLoss as exc:
-                kept = (
-                    f"the last good state (epoch {progress.epoch}) stays in "
-                    f"{paths.resume_state(arch)}"
-                    if progress.epoch
-                    else "no epoch completed"
-                )
-                raise PipelineError(
-                    f"{exc}: training stopped; {kept}, earlier outputs are untouched. "
-                    "Lower lr or set train.grad_clip."
-                ) from None
-            t_val = time.perf_counter()
-            val = score(val_ds, eval_loss)
-            row = {
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": fit["loss"],  # the final output's, as val_loss
-                "train_objective": fit["objective"],  # UNet++: the sum over its heads
-                **{f"val_{k}": v for k, v in val.items()},
-                "data_seconds": fit["data_seconds"],
-                "compute_seconds": fit["compute_seconds"],
-                "val_seconds": time.perf_counter() - t_val,
-                "loader_images_per_s": fit["images"] / max(fit["data_seconds"], 1e-9),
-                "step_images_per_s": fit["images"] / max(fit["compute_seconds"], 1e-9),
-            }
-            # plain Python numbers: the resume state must load with weights_only=True
-            row = {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
-            value = float(epoch) if monitor == "last" else row[monitor]  # last: the latest
-            if is_better(monitor, value, progress.best):
-                progress.best, progress.best_epoch = value, epoch
-                progress.best_state = cpu_state(model)
-            if run:
-                with timed("tracking"):
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            row["seconds"] = time.perf_counter() - t0  # training, validation and logging
-            progress.epoch = epoch
-            progress.train_seconds += row["seconds"]
-            progress.rows.append(row)
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise PipelineError(
-                    f"{desc}: the weights became NaN or infinite; training stopped, the last "
-                    f"good state (epoch {epoch - 1}) stays in {paths.resume_state(arch)}. "
-                    "Lower lr or set train.grad_clip."
-                )
-            if ctx.main:
-                _save_resume(arch, params, ctx, model, engine, progress)
-                _epoch_summary(arch, row, params.epochs, progress)
-            distributed.barrier(ctx)
-
-        if progress.best_state is None:
-            raise PipelineError(f"{arch}: {monitor} was NaN at every epoch; nothing to keep")
-        model.load_state_dict(progress.best_state)
-        test = score(test_ds)
-        metrics = {
-            **test,
-            **({"positive_class": classes[1]} if len(classes) == 2 else {}),
-            "best_epoch": progress.best_epoch,
-            **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
-            "train_seconds": round(progress.train_seconds, 2),
-        }
-        if ctx.main:
-            lat = params.pruning  # latency_runs / latency_warmup: one setting for every model
-            # params, GFLOPs and latency on one full-size test image, on the training device
-            metrics.update(
-                model_stats(
-                    model, image_shape(test_ds, multiple), lat.latency_runs, lat.latency_warmup
-                )
-            )
-            log.info(
-                "%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)",
-                arch,
-                test["miou"],
-                test["dice"],
-                test["global_accuracy"],
-                progress.best_epoch,
-            )
-            example = train_ds[0][0][None]  # (1, C, crop, crop): MLflow's input example
-            _write_outputs(arch, params, manifest, model, options, metrics, progress, run, example)
-        distributed.barrier(ctx)
-    return metrics
-
-
-def _write_outputs(arch, params, manifest, model, options, metrics, progress, run, example):
+def _write_outputs(arch, params, manifest, model, metrics, progress, run, example):
     """Every output is written only now, so a failed run leaves the previous ones intact."""
     df = write_epoch_log(progress.rows, arch)
     out = paths.arch_reports(arch)
@@ -416,19 +469,15 @@ def _write_outputs(arch, params, manifest, model, options, metrics, progress, ru
         model,
         arch=arch,
         model_config={
-            "in_channels": manifest["in_channels"],
-            "num_classes": manifest["num_classes"],
-            "options": options,
+            "in_channels": manifest.in_channels,
+            "num_classes": manifest.num_classes,
+            "options": params.model(arch).model_dump(),
         },
         params=params.model_dump(),
         metrics=metrics,
         best_epoch=progress.best_epoch,
-        data={
-            **{k: manifest[k] for k in ("dataset", "class_names", "mean", "std", "ignore_index")},
-            "clahe": manifest.get("clahe", 0.0),  # pipeline.predict equalises images alike
-            "scale": manifest.get("scale", 1.0),  # ...and resizes them alike
-            "bit_depth": manifest.get("bit_depth", 0),  # ...and scales 16-bit images alike
-        },
+        # pipeline.predict normalises, equalises, resizes and scales 16-bit images alike
+        data=manifest.checkpoint_data(),
     )
     write_json(out / "metrics.json", metrics)
     if run:
@@ -468,10 +517,11 @@ def main(argv: list[str] | None = None) -> None:
     if not ctx.main:  # rank 0 speaks for all
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        train(args.arch, params, ctx)
+        with lifecycle.recorded(params, f"train_{args.arch}", ctx.main):
+            train(args.arch, params, ctx)
     finally:
         distributed.shutdown()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    lifecycle.run(main)

@@ -184,6 +184,14 @@ def mlflow_run(
     try:
         yield started
         status = "FINISHED"
+    except BaseException as exc:
+        exc.mlflow_run_failed = True  # this run records it: failures_recorded skips it
+        if isinstance(exc, Exception):  # not an interrupt: say why
+            with timed("tracking"), contextlib.suppress(Exception):
+                import mlflow
+
+                mlflow.set_tag("error", (str(exc) or type(exc).__name__)[:5000])
+        raise
     finally:
         with timed("tracking"):
             import mlflow
@@ -211,14 +219,18 @@ def _start_run(
     client = mlflow.MlflowClient()
     current = execution()
     parent = parent_run(params, exp_id, *current) if current else None
+    old_tags: dict[str, str] = {}
     if run_id is not None:
         try:
-            old_parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
+            old_tags = client.get_run(run_id).data.tags
+            old_parent = old_tags.get(PARENT_TAG)
         except mlflow.exceptions.MlflowException:
             log.info("MLflow run %s not found in %s; starting a new one", run_id, uri)
             run_id = None
     if run_id is not None:
         _relink(client, run_id, old_parent, parent)
+        if "error" in old_tags:  # the failure it continues from is over
+            client.delete_tag(run_id, "error")
         started = mlflow.start_run(run_id=run_id)
         log.info("MLflow run %s continued in %s", run_id, uri)
     else:
@@ -239,14 +251,15 @@ def _start_run(
 @contextlib.contextmanager
 def failures_recorded(params: Params, stage: str) -> Iterator[None]:
     """Stages that open their MLflow run only once their work is done (download, preprocess,
-    prune, report) record a failure of that work as a FAILED run of the stage, with the
-    params and the error, under the execution's parent (which turns FAILED too); the
-    training stages' runs are open throughout and fail by themselves. The original error
-    always propagates, whatever the store does."""
+    prune, report), and training before its run opens, record a failure of that work as a
+    FAILED run of the stage, with the params and the error, under the execution's parent
+    (which turns FAILED too); a failure inside an open run (training) marks that run FAILED
+    instead. The original error always propagates, whatever the store does."""
     try:
         yield
     except Exception as exc:
-        if params.mlflow.enabled:
+        # a stage whose own run was open when it failed (training) has recorded it there
+        if params.mlflow.enabled and not getattr(exc, "mlflow_run_failed", False):
             try:
                 with (
                     timed("tracking"),
