@@ -1,65 +1,158 @@
-"""Every file and folder the pipeline reads or writes, in one place.
+"""Every file and folder the pipeline reads or writes, in one place: a `Paths` object for a
+project root, and this module's names (`paths.MANIFEST`, `paths.checkpoint("unet")`, ...)
+reading the current one.
 
 Paths are relative to the project root (the folder holding dvc.yaml), which is where DVC
 runs each stage, also inside the temporary copies `dvc exp run --temp/--queue` makes.
 The MLflow store is the exception: it lives in the *real* repository (see `store_root`).
+Tests point the pipeline at a temporary project with `rooted(root)`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PARAMS = ROOT / "params.yaml"
 
-DATA = ROOT / "data"
-RAW = DATA / "raw"
-PROCESSED = DATA / "processed"
-MANIFEST = PROCESSED / "manifest.json"
-CLASS_PIXELS = PROCESSED / "class_pixels.csv"
+@dataclass(frozen=True)
+class Paths:
+    root: Path
 
-MODELS = ROOT / "models"
-REPORTS = ROOT / "reports"
-PRUNING_CSV = REPORTS / "pruning.csv"
-PRUNING_JSON = REPORTS / "pruning.json"
-REPORT_MD = REPORTS / "report.md"
-REPORT_XLSX = REPORTS / "report.xlsx"
-REPORT_HTML = REPORTS / "report.html"  # self-contained: images embedded, no external links
-PANELS_PNG = REPORTS / "panels.png"
-LEARNING_CURVES_PNG = REPORTS / "learning_curves.png"
-PRUNING_PNG = REPORTS / "pruning_tradeoff.png"
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def raw(self) -> Path:
+        return self.data / "raw"
+
+    @property
+    def processed(self) -> Path:
+        return self.data / "processed"
+
+    @property
+    def manifest(self) -> Path:
+        return self.processed / "manifest.json"
+
+    @property
+    def class_pixels(self) -> Path:
+        return self.processed / "class_pixels.csv"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def onnx(self) -> Path:
+        return self.models / "onnx"  # the prune stage's exports: unetpp.onnx, unetpp_L<k>.onnx
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def report(self, name: str) -> Path:
+        return self.reports / name
+
+    def raw_dir(self, dataset: str) -> Path:
+        return self.raw / dataset
+
+    def split_dir(self, split: str, kind: str, processed: Path | None = None) -> Path:
+        """`kind` is "images", "labels" or "second" (a second observer's labels, DRIVE test);
+        `processed` defaults to data/processed (preprocess passes the temporary folder it
+        builds before renaming it into place)."""
+        return (processed or self.processed) / split / kind
+
+    def crops_dir(self, kind: str, processed: Path | None = None) -> Path:
+        return (processed or self.processed) / "crops" / kind
+
+    def checkpoint(self, arch: str) -> Path:
+        return self.models / f"{arch}.pt"
+
+    def resume_state(self, arch: str) -> Path:
+        """Per-epoch state of a running training stage; deleted when the stage completes."""
+        return self.models / "resume" / f"{arch}.pt"
+
+    def arch_reports(self, arch: str) -> Path:
+        return self.reports / arch
+
+
+_current = Paths(Path(__file__).resolve().parent.parent)
+
+
+def current() -> Paths:
+    return _current
+
+
+@contextmanager
+def rooted(root: Path) -> Iterator[Paths]:
+    """Every path under `root` inside the block (tests: a temporary project)."""
+    global _current
+    before, _current = _current, Paths(Path(root))
+    try:
+        yield _current
+    finally:
+        _current = before
+
+
+# module-level names, read from the current Paths on every access
+_NAMES = {
+    "ROOT": lambda p: p.root,
+    "PARAMS": lambda p: p.params,
+    "DATA": lambda p: p.data,
+    "RAW": lambda p: p.raw,
+    "PROCESSED": lambda p: p.processed,
+    "MANIFEST": lambda p: p.manifest,
+    "CLASS_PIXELS": lambda p: p.class_pixels,
+    "MODELS": lambda p: p.models,
+    "ONNX": lambda p: p.onnx,
+    "REPORTS": lambda p: p.reports,
+    "PRUNING_CSV": lambda p: p.report("pruning.csv"),
+    "PRUNING_JSON": lambda p: p.report("pruning.json"),
+    "REPORT_MD": lambda p: p.report("report.md"),
+    "REPORT_XLSX": lambda p: p.report("report.xlsx"),
+    # self-contained: images embedded, no external links
+    "REPORT_HTML": lambda p: p.report("report.html"),
+    "PANELS_PNG": lambda p: p.report("panels.png"),
+    "LEARNING_CURVES_PNG": lambda p: p.report("learning_curves.png"),
+    "PRUNING_PNG": lambda p: p.report("pruning_tradeoff.png"),
+}
+
+
+def __getattr__(name: str) -> Path:
+    if name in _NAMES:
+        return _NAMES[name](_current)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def raw_dir(dataset: str) -> Path:
-    return RAW / dataset
+    return _current.raw_dir(dataset)
 
 
 def split_dir(split: str, kind: str, processed: Path | None = None) -> Path:
-    """`kind` is "images", "labels" or "second" (a second observer's labels, DRIVE test);
-    `processed` defaults to PROCESSED (preprocess passes the temporary folder it builds
-    before renaming it into place)."""
-    return (processed or PROCESSED) / split / kind
+    return _current.split_dir(split, kind, processed)
 
 
 def crops_dir(kind: str, processed: Path | None = None) -> Path:
-    return (processed or PROCESSED) / "crops" / kind
+    return _current.crops_dir(kind, processed)
 
 
 def checkpoint(arch: str) -> Path:
-    return MODELS / f"{arch}.pt"
+    return _current.checkpoint(arch)
 
 
 def resume_state(arch: str) -> Path:
-    """Per-epoch state of a running training stage; deleted when the stage completes."""
-    return MODELS / "resume" / f"{arch}.pt"
-
-
-ONNX = MODELS / "onnx"  # the prune stage's exports: unetpp.onnx and unetpp_L<k>.onnx
+    return _current.resume_state(arch)
 
 
 def arch_reports(arch: str) -> Path:
-    return REPORTS / arch
+    return _current.arch_reports(arch)
 
 
 def downloads() -> Path:
@@ -81,4 +174,4 @@ def store_root() -> Path:
     DVC sets DVC_ROOT to the repository root for every stage it runs, and to the *parent*
     repository for queued/temp experiments, whose working copy is thrown away afterwards.
     """
-    return Path(os.environ.get("DVC_ROOT") or ROOT).resolve()
+    return Path(os.environ.get("DVC_ROOT") or _current.root).resolve()

@@ -24,16 +24,6 @@ from tests.fakes import fake_manifest, random_image, save_image
 
 SIZE = (40, 36)  # (H, W)
 TEST_STEMS = ["t0", "t1", "t2"]
-REPORT_FILES = {
-    "REPORT_MD": "report.md",
-    "REPORT_HTML": "report.html",
-    "REPORT_XLSX": "report.xlsx",
-    "PANELS_PNG": "panels.png",
-    "LEARNING_CURVES_PNG": "learning_curves.png",
-    "PRUNING_PNG": "pruning_tradeoff.png",
-    "PRUNING_CSV": "pruning.csv",
-    "PRUNING_JSON": "pruning.json",
-}
 
 
 def params(**overrides):
@@ -119,16 +109,9 @@ def write_pruning() -> None:
     paths.PRUNING_JSON.write_text(json.dumps({"best_depth": 2}))
 
 
-def point_paths_at(root: Path, mp: pytest.MonkeyPatch) -> None:
-    """Every path the report stage reads or writes, under `root`; MLflow off."""
-    mp.setattr(paths, "ROOT", root)
-    mp.setattr(paths, "PROCESSED", root / "data" / "processed")
-    mp.setattr(paths, "MANIFEST", root / "data" / "processed" / "manifest.json")
-    mp.setattr(paths, "MODELS", root / "models")
-    mp.setattr(paths, "REPORTS", root / "reports")
-    for name, file in REPORT_FILES.items():
-        mp.setattr(paths, name, root / "reports" / file)
-    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext())  # no store
+def no_store(mp: pytest.MonkeyPatch) -> None:
+    """MLflow off: the report stage logs nowhere."""
+    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext())
 
 
 def build(class_names=("background", "vessel"), observer=None) -> dict:
@@ -145,8 +128,8 @@ def build(class_names=("background", "vessel"), observer=None) -> dict:
 @contextlib.contextmanager
 def built_report(root: Path, stage_params, **inputs):
     """A project under `root` whose report stage has run; paths stay patched inside."""
-    with pytest.MonkeyPatch.context() as mp:
-        point_paths_at(root, mp)
+    with pytest.MonkeyPatch.context() as mp, paths.rooted(root):
+        no_store(mp)
         build(**inputs)
         report.report(stage_params)
         yield root
@@ -172,8 +155,9 @@ def multiclass(tmp_path_factory):
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """A fresh project holding every input of the report stage, for tests that change one."""
-    point_paths_at(tmp_path, monkeypatch)
-    return build
+    no_store(monkeypatch)
+    with paths.rooted(tmp_path):
+        yield build
 
 
 def img_sources(html: str) -> list[str]:
