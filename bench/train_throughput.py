@@ -59,10 +59,9 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
 
 
 def build_unet(base: int, depth: int) -> nn.Module:
-    from pipeline.models.blocks import level_channels
-    from pipeline.models.unet import UNet
+    from pipeline.models import build_model
 
-    return UNet(3, 2, level_channels(base, depth), upsampling="transpose", norm="batch")
+    return build_model("unet", 3, 2, base_channels=base, depth=depth, upsampling="transpose")
 
 
 def plain_step(model: nn.Module, optimizer, criterion) -> Callable:

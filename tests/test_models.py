@@ -11,6 +11,7 @@ from pipeline.common import PipelineError
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.inference.stats import count_params
 from pipeline.models import REGISTRY, build_model, out_channels
+from pipeline.models.config import ModelConfig
 from pipeline.models.unet import UNet
 from pipeline.models.unetpp import UNetPlusPlus, node
 
@@ -237,7 +238,7 @@ def test_prune_without_that_head_raises():
 
 def test_heads_must_lie_within_the_depth():
     with pytest.raises(ValueError, match="heads"):
-        UNetPlusPlus(3, 1, (4, 8, 16), heads=(3,))
+        UNetPlusPlus(ModelConfig("unetpp", 3, 2, base_channels=4, depth=2, heads=(3,)))
 
 
 # --- registry -------------------------------------------------------------------------------
@@ -456,3 +457,20 @@ def test_pretrained_weights_that_cannot_be_fetched_are_one_line(monkeypatch, fai
     assert "encoder_weights: null" in message and "HF_HOME" in message
     # without weights nothing is downloaded, so nothing can fail that way
     build_model("unet", 3, 2, base_channels=4, depth=2, encoder="resnet18")
+
+
+def test_params_and_the_model_config_share_one_set_of_defaults():
+    """params.yaml's unet:/unetpp: sections and ModelConfig default alike, field by field."""
+    from dataclasses import fields
+
+    from pipeline.config import ModelParams, UNetPPParams
+
+    config = {f.name: f.default for f in fields(ModelConfig)}
+    for section in (ModelParams, UNetPPParams):
+        for name, field in section.model_fields.items():
+            assert field.default == config[name], f"{section.__name__}.{name}"
+    # and a pruned UNet++ is its config with a smaller depth, fetching no pretrained weights
+    full = ModelConfig("unetpp", 3, 2, encoder="resnet18", encoder_weights="imagenet")
+    assert full.pruned(2, (2,)) == ModelConfig(
+        "unetpp", 3, 2, depth=2, encoder="resnet18", heads=(2,)
+    )

@@ -55,7 +55,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
         raise PipelineError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     try:
         cfg = ckpt["model_config"]
-        model = build_model(ckpt["arch"], cfg["in_channels"], cfg["num_classes"], **cfg["options"])
+        options = dict(cfg["options"])
+        if "encoder_weights" in options:  # the checkpoint holds the weights: fetch nothing
+            options["encoder_weights"] = None
+        model = build_model(ckpt["arch"], cfg["in_channels"], cfg["num_classes"], **options)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -6,28 +6,24 @@ import torch
 from torch import nn
 
 from pipeline.models.blocks import OutConv, Up, make_encoder
+from pipeline.models.config import ModelConfig
 
 
 class UNet(nn.Module):
-    """channels: per level, e.g. (64, 128, 256, 512, 1024) for the paper (depth = len - 1).
+    """Channels per level from `config` (base 64, depth 4: the paper's 64..1024).
 
     padding=1 (same) keeps output size == input size; padding=0 is the paper's valid variant.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        channels: tuple[int, ...],
-        upsampling: str = "transpose",
-        norm: str = "batch",
-        padding: int = 1,
-        encoder: str = "none",
-        encoder_weights: str | None = None,
-    ):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.depth = len(channels) - 1
-        self.encoder = make_encoder(encoder, in_channels, channels, norm, padding, encoder_weights)
+        self.config = config
+        self.depth = config.depth
+        upsampling, norm, padding = config.upsampling, config.norm, config.padding
+        self.encoder = make_encoder(
+            config.encoder, config.in_channels, config.channels, norm, padding,
+            config.encoder_weights,
+        )  # fmt: skip
         channels = self.encoder.channels  # on an smp encoder, the encoder's widths
         # same padding takes any size (odd ones are padded inside Up; full images are best
         # mirror-padded to this multiple first); valid convolutions take only the sizes whose
@@ -37,7 +33,7 @@ class UNet(nn.Module):
             Up(channels[i + 1], channels[i], channels[i], upsampling, norm, padding)
             for i in reversed(range(self.depth))
         )
-        self.head = OutConv(channels[0], out_channels)
+        self.head = OutConv(channels[0], config.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_multiple is None:

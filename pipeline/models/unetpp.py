@@ -14,11 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.blocks import (
-    OutConv,
-    Up,
-    make_encoder,
-)
+from pipeline.models.blocks import OutConv, Up, make_encoder
+from pipeline.models.config import ModelConfig
 
 
 def node(i: int, j: int) -> str:
@@ -26,31 +23,15 @@ def node(i: int, j: int) -> str:
 
 
 class UNetPlusPlus(nn.Module):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        channels: tuple[int, ...],
-        upsampling: str = "transpose",
-        norm: str = "batch",
-        deep_supervision: bool = True,
-        heads: tuple[int, ...] | None = None,
-        encoder: str = "none",
-        encoder_weights: str | None = None,
-    ):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.depth = len(channels) - 1
-        self.config = dict(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            channels=tuple(channels),
-            upsampling=upsampling,
-            norm=norm,
-            encoder=encoder,
-        )
+        self.config = config
+        self.depth = depth = config.depth
+        upsampling, norm = config.upsampling, config.norm
         self.encoder = make_encoder(
-            encoder, in_channels, channels, norm, padding=1, weights=encoder_weights
-        )
+            config.encoder, config.in_channels, config.channels, norm, padding=1,
+            weights=config.encoder_weights,
+        )  # fmt: skip
         channels = self.encoder.channels
         self.size_multiple = self.encoder.size_multiple
         self.nodes = nn.ModuleDict()
@@ -59,11 +40,14 @@ class UNetPlusPlus(nn.Module):
                 self.nodes[node(i, j)] = Up(
                     channels[i + 1], j * channels[i], channels[i], upsampling, norm
                 )
+        heads = config.heads
         if heads is None:
-            heads = tuple(range(1, self.depth + 1)) if deep_supervision else (self.depth,)
+            heads = tuple(range(1, depth + 1)) if config.deep_supervision else (depth,)
         if not heads or any(not 1 <= k <= self.depth for k in heads):
             raise ValueError(f"heads must lie in 1..{self.depth}, got {heads}")
-        self.heads = nn.ModuleDict({str(k): OutConv(channels[0], out_channels) for k in heads})
+        self.heads = nn.ModuleDict(
+            {str(k): OutConv(channels[0], config.out_channels) for k in heads}
+        )
 
     @property
     def head_depths(self) -> list[int]:
@@ -105,8 +89,7 @@ class UNetPlusPlus(nn.Module):
         if str(depth) not in self.heads:
             raise ValueError(f"no head at depth {depth}; heads: {self.head_depths}")
         heads = tuple(k for k in self.head_depths if k <= depth) if keep_heads else (depth,)
-        cfg = dict(self.config, channels=self.config["channels"][: depth + 1])
-        pruned = UNetPlusPlus(**cfg, heads=heads)
+        pruned = UNetPlusPlus(self.config.pruned(depth, heads))
         own = self.state_dict()
         pruned.load_state_dict({k: own[k] for k in pruned.state_dict()})
         return pruned.train(self.training)
