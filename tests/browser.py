@@ -1,6 +1,6 @@
 """Browser-level test support: a real `mlflow server`, its REST API, and headless Chromium.
 
-Used by tests/test_browser.py and by end-to-end tests that look at a real pipeline store:
+Used by tests/e2e/test_browser.py and by end-to-end tests that look at a real pipeline store:
 
     with mlflow_server(f"sqlite:///{db}", tmp_path / "mlartifacts") as base_url:
         experiment = rest(base_url, "experiments/get-by-name", {"experiment_name": "x"})

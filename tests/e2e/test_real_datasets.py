@@ -22,7 +22,7 @@ from pipeline.stages.preprocess import preprocess
 
 pytestmark = pytest.mark.slow
 
-DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
 
 def archive(name: str) -> Path:

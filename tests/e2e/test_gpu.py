@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pipeline.stages.train as tr
-from tests.test_training import _params
-from tests.test_training import data as data  # the tiny project fixture
+from tests.unit.engine.test_training import _params
+from tests.unit.engine.test_training import data as data  # the tiny project fixture
 
 pytestmark = [
     pytest.mark.gpu,

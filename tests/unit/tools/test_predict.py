@@ -22,7 +22,7 @@ from pipeline.models import build_model
 from pipeline.predict import main, predict_files
 from pipeline.report.palette import PALETTE
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[3]
 OPTIONS = {"base_channels": 4, "depth": 2}
 INFERENCE = {"tile_size": 32, "tile_overlap": 8, "blend": "gaussian"}
 

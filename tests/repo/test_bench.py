@@ -14,8 +14,8 @@ from torch import nn
 from bench import inference_latency, loader_throughput, train_throughput
 from bench.benchlib import markdown_table, out_stem, train_step_flops
 from pipeline import paths
-from tests.test_training import TINY
-from tests.test_training import data as data  # the tiny preprocessed project fixture
+from tests.unit.engine.test_training import TINY
+from tests.unit.engine.test_training import data as data  # the tiny preprocessed project fixture
 
 ENV_KEYS = {"devices", "date", "commit", "command", "torch", "rows"}
 

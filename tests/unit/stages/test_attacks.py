@@ -32,9 +32,9 @@ from pipeline.data.sources import read_image, read_label
 from pipeline.engine.distributed import SINGLE
 from pipeline.inference.evaluate import eval_shard
 from tests.fakes import make_folder, random_image, save_image
-from tests.test_archives import error_of
-from tests.test_datasets import params, run
-from tests.test_predict import read_png, save_model
+from tests.unit.data.test_archives import error_of
+from tests.unit.data.test_datasets import params, run
+from tests.unit.tools.test_predict import read_png, save_model
 
 # --- image files ------------------------------------------------------------------------------
 

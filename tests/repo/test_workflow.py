@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import preset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "report.yml"
 ACTIONLINT_CONFIG = ROOT / ".github" / "actionlint.yaml"
 # the README's set-up command

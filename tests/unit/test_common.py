@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.common import atomic_path
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def killed_while_writing(target: Path) -> None:

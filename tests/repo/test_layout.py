@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_dvc_yaml import PACKAGE, ROOT, docstring_only, imported
+from tests.repo.test_dvc_yaml import PACKAGE, ROOT, docstring_only, imported
 
 # a unit (sub-package, or top-level module) -> the units it may import. Tools (predict, export,
 # plan, preset) sit on top with the stages; the models know nothing of params or data.
