@@ -35,6 +35,7 @@ from pipeline.data.archives import (
 from pipeline.data.sources import ROOT_HINTS, ROOT_MARKERS
 from pipeline.data.synthetic import generate
 from pipeline.stages import lifecycle
+from pipeline.tracking.dvc import declared
 from pipeline.tracking.runs import mlflow_run
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def download(params: Params) -> Path:
         files = sum(1 for p in dest.rglob("*") if p.is_file())
         write_json(dest / "source.json", {"dataset": name, **info, "files": files})
     log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
-    used = {"dataset": params.dataset.model_dump(exclude={"folder"})}
+    used = declared("download", params)
     with timed("tracking"), mlflow_run(params, "download", "download", used=used) as run:
         if run:
             import mlflow

@@ -38,6 +38,7 @@ from pipeline.data.manifest import BorderWeights, Manifest, write_manifest
 from pipeline.data.sources import RawDataset, equalize, open_dataset
 from pipeline.data.weightmap import balanced_class_weights, border_weight_map
 from pipeline.stages import lifecycle
+from pipeline.tracking.dvc import declared
 from pipeline.tracking.runs import mlflow_run
 
 log = logging.getLogger(__name__)
@@ -277,11 +278,7 @@ def _preprocess(params: Params) -> Path:
             weight_seconds,
             weight_seconds / max(n_train, 1),
         )
-    used = {
-        "seed": params.seed,
-        "dataset": params.dataset.model_dump(exclude={"source", "sha256"}),
-        "preprocess": pp.model_dump(),
-    }
+    used = declared("preprocess", params)
     with (
         timed("tracking"),
         mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run,

@@ -23,6 +23,7 @@ from pipeline.engine.distributed import amp_dtype
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import image_shape, model_stats
 from pipeline.stages import lifecycle
+from pipeline.tracking.dvc import declared
 from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,7 @@ def prune(params: Params) -> pd.DataFrame:
     write_json(paths.PRUNING_JSON, summary)
     log.info("best depth within %.3f mIoU of L%d: L%d", pp.tolerance, max(pp.depths), best)
 
-    used = {
-        "batch_size": params.batch_size,
-        "train.amp": params.train.amp,
-        "inference": params.inference.model_dump(),
-        "pruning": pp.model_dump(),
-    }
+    used = declared("prune", params)
     with (
         timed("tracking"),
         mlflow_run(params, "prune", "prune", used=used, consumes="data/processed") as run,

@@ -41,7 +41,7 @@ from pipeline.report import plots
 from pipeline.report.html import Block, Figure, Heading, Table, Text, render_html
 from pipeline.report.palette import PALETTE
 from pipeline.stages import lifecycle
-from pipeline.tracking.dvc import git_commit
+from pipeline.tracking.dvc import declared, git_commit
 from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ def report(params: Params) -> None:
         ),
     )
 
-    used = params.model_dump()  # the setup table lists every param that differs
+    used = declared("report", params)  # every param: the setup table lists those changed
     with (
         timed("tracking"),
         mlflow_run(params, "report", "report", used=used, consumes="data/processed") as run,

@@ -59,6 +59,7 @@ from pipeline.inference.stats import count_params, image_shape, model_stats
 from pipeline.models import REGISTRY, build_model
 from pipeline.report import plots
 from pipeline.stages import lifecycle
+from pipeline.tracking.dvc import declared
 from pipeline.tracking.runs import log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ def write_epoch_log(rows: list[dict[str, Any]], arch: str) -> pd.DataFrame:
 
 
 def stage_params(arch: str, params: Params) -> dict[str, Any]:
-    """The params this stage's results depend on (logged to MLflow, part of the fingerprint)."""
+    """The params this stage's results depend on: what a resume state must match (see
+    `fingerprint`); what the run logs is what dvc.yaml declares."""
     deep = arch == "unetpp" and params.unetpp.deep_supervision
     loss = params.loss.model_dump(exclude=None if deep else {"ds_weights"})
     return {
@@ -298,7 +300,7 @@ class Epochs:
         if not self.ctx.main:
             yield None
             return
-        used = stage_params(arch, self.params)
+        used = declared(f"train_{arch}", self.params)
         with mlflow_run(
             self.params,
             f"train_{arch}",

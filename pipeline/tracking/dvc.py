@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pipeline import paths
+from pipeline.config import Params
 
 
 def git_commit() -> str | None:
@@ -78,3 +80,33 @@ def data_hash(output: str) -> str | None:
     if output == "data/processed" and paths.MANIFEST.is_file():
         return f"sha256:{hashlib.sha256(paths.MANIFEST.read_bytes()).hexdigest()}"
     return None
+
+
+def _dvc_yaml() -> Path | None:
+    """The project's dvc.yaml; in a test project without one, the code's own."""
+    for root in (paths.ROOT, Path(__file__).resolve().parents[2]):
+        if (root / "dvc.yaml").is_file():
+            return root / "dvc.yaml"
+    return None
+
+
+def declared(stage: str, params: Params) -> dict[str, Any]:
+    """The params dvc.yaml lists for `stage`, with their values: the one declaration of what
+    the stage reads (tests/repo/test_dvc_yaml.py checks it covers every read), and what its
+    MLflow run logs. `mlflow.*` is left out: where runs are logged, not what they are."""
+    import yaml
+
+    everything = params.model_dump()
+    source = _dvc_yaml()
+    spec = yaml.safe_load(source.read_text())["stages"][stage] if source else {}
+    out: dict[str, Any] = {}
+    for entry in spec.get("params", [{"params.yaml": None}]):
+        if isinstance(entry, dict):  # `- params.yaml:` lists every param
+            return {k: v for k, v in everything.items() if k != "mlflow"}
+        if entry.split(".")[0] == "mlflow":
+            continue
+        node: Any = everything
+        for key in entry.split("."):
+            node = node[key]
+        out[entry] = node
+    return out
