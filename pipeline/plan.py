@@ -288,11 +288,12 @@ def time_eval(
     label = _labels(data.num_classes, h, w)
     dataset = [(image, label)]
     classes = [str(i) for i in range(data.num_classes)]
-    device = torch.device("cpu")
-    args = (classes, device, model.size_multiple, params.inference, loss_fn)
     t = time.perf_counter()
     dtype = _amp(params) if amp else None
-    evaluate(model, dataset, *args, batch_size=params.batch_size, amp_dtype=dtype)
+    evaluate(
+        model, dataset, classes, params.inference, loss_fn=loss_fn,
+        batch_size=params.batch_size, amp_dtype=dtype,
+    )  # fmt: skip
     return time.perf_counter() - t
 
 

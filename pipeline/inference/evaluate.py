@@ -44,22 +44,25 @@ def evaluate(
     model: nn.Module,
     dataset,
     class_names: list[str],
-    device: torch.device,
-    multiple: int,
     inference: InferenceParams,
+    *,
     loss_fn: nn.Module | None = None,
-    ctx: Dist = SINGLE,
     batch_size: int = 1,
     amp_dtype: torch.dtype | None = None,
+    multiple: int | None = None,
+    ctx: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Metrics over a whole split, from one confusion matrix (and, for binary tasks, one score
     histogram) summed over every pixel of every image and every DDP rank; never a mean of
     per-batch or per-image figures. `loss` is the pixel-weighted mean loss.
 
     Images are predicted full-size by mirror-padded overlap-tile prediction (`inference.*`,
-    with test-time flips where `inference.tta` asks for them).
+    with test-time flips where `inference.tta` asks for them), on the model's device; inputs
+    are mirror-padded to `multiple` (default: the model's size multiple; the prune stage pads
+    every depth like the full UNet++, so the deepest reproduces its test metrics).
     """
-
+    device = next(model.parameters()).device
+    multiple = multiple or model.size_multiple
     model.eval()
     num_classes = len(class_names)
     cm = ConfusionMatrix(num_classes)

@@ -79,11 +79,10 @@ def prune(params: Params) -> pd.DataFrame:
             sub,
             test_ds,
             manifest.class_names,
-            device,
-            multiple,
             params.inference,
             batch_size=params.batch_size,
             amp_dtype=dtype,
+            multiple=multiple,  # the full UNet++'s padding, for every depth
         )
         row = {
             "depth": k,

@@ -254,13 +254,11 @@ class Epochs:
             self.model,
             dataset,
             self.classes,
-            self.engine.device,
-            self.model.size_multiple,  # full images are mirror-padded to this
             self.params.inference,
-            loss_fn,
-            self.ctx,
-            self.params.batch_size,
-            self.engine.amp_dtype,
+            loss_fn=loss_fn,
+            batch_size=self.params.batch_size,
+            amp_dtype=self.engine.amp_dtype,
+            ctx=self.ctx,
         )
 
     def resume(self) -> None:

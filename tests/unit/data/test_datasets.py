@@ -532,7 +532,7 @@ def test_scaled_splits_are_scored_on_their_full_size_labels(project, tmp_path):
     torch.manual_seed(0)
     model = build_model("unet", 3, 2, base_channels=4, depth=2).eval()
     whole = InferenceParams(tile_size=0)
-    got = evaluate(model, test, manifest["class_names"], torch.device("cpu"), 4, whole)
+    got = evaluate(model, test, manifest["class_names"], whole)
     cm = ConfusionMatrix(2)
     for i in range(len(test)):  # the dataset wraps around (epoch * n + i), never ends
         image, label = test[i]

@@ -69,10 +69,7 @@ TILES = InferenceParams(tile_size=8, tile_overlap=4)
 def test_evaluate_does_not_depend_on_the_batch_size(tiles):
     model = build_model("unet", 3, 2, base_channels=4, depth=2)
     data = TensorDataset(torch.randn(5, 3, 12, 12), random_target(2, (5, 12, 12)))
-    cpu = torch.device("cpu")
-    results = [
-        evaluate(model, data, ["bg", "fg"], cpu, 4, tiles, batch_size=bs) for bs in (1, 2, 5)
-    ]
+    results = [evaluate(model, data, ["bg", "fg"], tiles, batch_size=bs) for bs in (1, 2, 5)]
     assert not model.training
     for other in results[1:]:
         assert other == pytest.approx(results[0], nan_ok=True)
@@ -94,8 +91,7 @@ def test_evaluate_reports_the_pixel_weighted_mean_loss_over_images():
 
     def loss_of(idx: list[int]) -> float:
         data = TensorDataset(images[idx], labels[idx])
-        cpu = torch.device("cpu")
-        return evaluate(model, data, ["bg", "fg"], cpu, 4, TILES, SegmentationLoss())["loss"]
+        return evaluate(model, data, ["bg", "fg"], TILES, loss_fn=SegmentationLoss())["loss"]
 
     first, second = loss_of([0]), loss_of([1])
     assert first != pytest.approx(second)  # else the weighting would not show
