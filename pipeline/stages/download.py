@@ -105,11 +105,8 @@ def download(params: Params) -> Path:
     log.info("wrote %s (%d files)", target.relative_to(paths.ROOT), files)
     used = declared("download", params)
     with timed("tracking"), mlflow_run(params, "download", "download", used=used) as run:
-        if run:
-            import mlflow
-
-            mlflow.log_metric("files", files)
-            mlflow.log_artifact(str(target / "source.json"))
+        run.log_metric("files", files)
+        run.log_artifact(target / "source.json")
     return target
 
 

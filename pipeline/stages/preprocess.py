@@ -283,13 +283,10 @@ def _preprocess(params: Params) -> Path:
         timed("tracking"),
         mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run,
     ):
-        if run:
-            import mlflow
-
-            counts = {f"{k}_images": len(v) for k, v in ds.splits.items()}
-            mlflow.log_metrics({**counts, "train_crops": len(crops)})
-            mlflow.log_artifact(str(paths.MANIFEST))
-            mlflow.log_artifact(str(paths.CLASS_PIXELS))
+        counts = {f"{k}_images": len(v) for k, v in ds.splits.items()}
+        run.log_metrics({**counts, "train_crops": len(crops)})
+        run.log_artifact(paths.MANIFEST)
+        run.log_artifact(paths.CLASS_PIXELS)
     return target
 
 

@@ -117,32 +117,23 @@ def prune(params: Params) -> pd.DataFrame:
         timed("tracking"),
         mlflow_run(params, "prune", "prune", used=used, consumes="data/processed") as run,
     ):
-        if run:
-            import mlflow
-
-            mlflow.set_tag("unetpp_checkpoint_epoch", ckpt.get("best_epoch"))
-            for r in rows:
-                mlflow.log_metrics(
-                    {
-                        k: r[k]
-                        for k in (
-                            "miou",
-                            "dice",
-                            "global_accuracy",
-                            "mean_accuracy",
-                            "gflops",
-                            "latency_ms",
-                            "params",
-                        )
-                    },
-                    step=r["depth"],
-                )
-            mlflow.log_metric("best_depth", best)
-            log_to_parent(
-                run, {"best_depth": best, **{f"unetpp_L{r['depth']}_miou": r["miou"] for r in rows}}
-            )
-            mlflow.log_artifact(str(paths.PRUNING_CSV))
-            mlflow.log_artifact(str(paths.PRUNING_JSON))
+        run.set_tags({"unetpp_checkpoint_epoch": ckpt.get("best_epoch")})
+        keys = (
+            "miou",
+            "dice",
+            "global_accuracy",
+            "mean_accuracy",
+            "gflops",
+            "latency_ms",
+            "params",
+        )
+        for r in rows:
+            run.log_metrics({k: r[k] for k in keys}, step=r["depth"])
+        run.log_metric("best_depth", best)
+        miou = {f"unetpp_L{r['depth']}_miou": r["miou"] for r in rows}
+        log_to_parent(run, {"best_depth": best, **miou})
+        run.log_artifact(paths.PRUNING_CSV)
+        run.log_artifact(paths.PRUNING_JSON)
     return df
 
 

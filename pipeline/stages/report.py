@@ -549,24 +549,21 @@ def report(params: Params) -> None:
         timed("tracking"),
         mlflow_run(params, "report", "report", used=used, consumes="data/processed") as run,
     ):
-        if run:
-            import mlflow
-
-            for _, row in t.test.iterrows():
-                key = row["model"].lower().replace("+", "p")
-                mlflow.log_metrics({f"{key}_{k}": row[k] for k in QUALITY})
-            files = (
-                paths.REPORT_MD,
-                paths.REPORT_HTML,
-                paths.REPORT_XLSX,
-                paths.LEARNING_CURVES_PNG,
-                paths.PRUNING_PNG,
-                paths.PANELS_PNG,
-            )
-            for f in files:
-                mlflow.log_artifact(str(f), artifact_path="report")
-            # the execution's parent run carries the report, next to the headline metrics
-            log_to_parent(run, files=files, folder="report")
+        for _, row in t.test.iterrows():
+            key = row["model"].lower().replace("+", "p")
+            run.log_metrics({f"{key}_{k}": row[k] for k in QUALITY})
+        files = (
+            paths.REPORT_MD,
+            paths.REPORT_HTML,
+            paths.REPORT_XLSX,
+            paths.LEARNING_CURVES_PNG,
+            paths.PRUNING_PNG,
+            paths.PANELS_PNG,
+        )
+        for f in files:
+            run.log_artifact(f, artifact_path="report")
+        # the execution's parent run carries the report, next to the headline metrics
+        log_to_parent(run, files=files, folder="report")
 
 
 main = lifecycle.stage_main("report", report, __doc__)

@@ -60,7 +60,7 @@ from pipeline.models import REGISTRY, build_model
 from pipeline.report import plots
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared
-from pipeline.tracking.runs import log_to_parent, log_torch_model, mlflow_run
+from pipeline.tracking.runs import Tracker, log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Epochs:
         self.test_split = split_dataset(manifest, "test")
         self.eval_loss = build_eval_loss(params.loss, manifest)
         self.progress = Progress()
-        self.run: Any = None  # the stage's MLflow run (rank 0, tracking on)
+        self.run = Tracker(None)  # the stage's MLflow run (rank 0, tracking on)
 
     def score(self, dataset, loss_fn=None) -> dict[str, Any]:
         distributed.sync_buffers(self.model, self.ctx)
@@ -296,7 +296,7 @@ class Epochs:
         """The stage's MLflow run (rank 0), continued after a resume."""
         arch, progress = self.arch, self.progress
         if not self.ctx.main:
-            yield None
+            yield Tracker(None)
             return
         used = declared(f"train_{arch}", self.params)
         with mlflow_run(
@@ -307,12 +307,9 @@ class Epochs:
             used=used,
             consumes="data/processed",
         ) as run:
+            if run and run.info.run_id != progress.run_id:  # a continued run has these
+                run.set_tags({"arch": arch, "dataset": self.dataset})
             if run:
-                import mlflow
-
-                if run.info.run_id != progress.run_id:  # a continued run has these already
-                    with timed("tracking"):
-                        mlflow.set_tags({"arch": arch, "dataset": self.dataset})
                 progress.run_id = run.info.run_id
             self.run = run
             yield run
@@ -340,11 +337,7 @@ class Epochs:
         if is_better(self.monitor, value, progress.best):
             progress.best, progress.best_epoch = value, epoch
             progress.best_state = cpu_state(self.model)
-        if self.run:
-            import mlflow
-
-            with timed("tracking"):
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         row["seconds"] = time.perf_counter() - started  # training, validation and logging
         progress.epoch = epoch
         progress.train_seconds += row["seconds"]
@@ -490,14 +483,12 @@ def _write_outputs(arch, params, manifest, model, metrics, progress, run, exampl
 def _log_outputs(arch, model, metrics, run, example) -> None:
     """The test metrics, the reports, the checkpoint and the model on the stage's MLflow run;
     the headline metrics on the execution's parent run too."""
-    import mlflow
-
     out = paths.arch_reports(arch)
     numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    mlflow.log_metrics({f"test_{k}": v for k, v in numbers.items()})
+    run.log_metrics({f"test_{k}": v for k, v in numbers.items()})
     for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
-        mlflow.log_artifact(str(out / f), artifact_path="reports")
-    mlflow.log_artifact(str(paths.checkpoint(arch)), artifact_path="checkpoint")
+        run.log_artifact(out / f, artifact_path="reports")
+    run.log_artifact(paths.checkpoint(arch), artifact_path="checkpoint")
     log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
     headline = ("miou", "dice", "global_accuracy", "mean_accuracy", "f1", "auc_roc")
     log_to_parent(run, {f"{arch}_test_{k}": metrics[k] for k in headline if k in metrics})

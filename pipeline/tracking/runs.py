@@ -158,6 +158,41 @@ def _relink(client: Any, run_id: str, old_parent: str | None, parent: str | None
         client.set_terminated(old_parent, "KILLED")
 
 
+class Tracker:
+    """A stage's MLflow run, or a no-op when tracking is off (`mlflow.enabled: false`): stages
+    log through it without asking. False when off; other attributes are the run's (`info`)."""
+
+    def __init__(self, run: Any = None):
+        self._run = run
+
+    def __bool__(self) -> bool:
+        return self._run is not None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self._run is None:
+            raise AttributeError(name)
+        return getattr(self._run, name)
+
+    def _log(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._run is not None:
+            import mlflow
+
+            with timed("tracking"):
+                getattr(mlflow, method)(*args, **kwargs)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._log("log_metrics", metrics, step=step)
+
+    def log_metric(self, key: str, value: float) -> None:
+        self._log("log_metric", key, value)
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        self._log("log_artifact", str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._log("set_tags", tags)
+
+
 @contextlib.contextmanager
 def mlflow_run(
     params: Params,
@@ -167,7 +202,7 @@ def mlflow_run(
     used: dict[str, Any] | None = None,
     consumes: str | None = None,
 ) -> Iterator[Any]:
-    """An active MLflow run for this stage, or None when params disable tracking.
+    """The stage's MLflow run as a Tracker (a no-op one when params disable tracking).
 
     Under DVC the run is a child of this pipeline execution's parent run (see `execution`),
     which is RUNNING while a stage runs and FINISHED (or FAILED) after it. A new run gets the
@@ -176,13 +211,13 @@ def mlflow_run(
     training stage resumed after an interruption) if it exists.
     """
     if not params.mlflow.enabled:
-        yield None
+        yield Tracker(None)
         return
     with timed("tracking"):
         started, parent = _start_run(params, stage, run_name, run_id, used, consumes)
     status = "FAILED"
     try:
-        yield started
+        yield Tracker(started)
         status = "FINISHED"
     except BaseException as exc:
         exc.mlflow_run_failed = True  # this run records it: failures_recorded skips it
@@ -286,7 +321,7 @@ def log_to_parent(
 ) -> None:
     """Log headline metrics and files on the parent run too, so one row of the MLflow UI
     compares whole executions. A no-op without a run or a parent."""
-    if run is None:
+    if not run:
         return
     import mlflow
     from mlflow.entities import Metric

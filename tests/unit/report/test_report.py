@@ -20,6 +20,7 @@ from pipeline.config import parse_params
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.stages import report
+from pipeline.tracking.runs import Tracker
 from tests.fakes import fake_manifest, random_image, save_image
 
 SIZE = (40, 36)  # (H, W)
@@ -111,7 +112,7 @@ def write_pruning() -> None:
 
 def no_store(mp: pytest.MonkeyPatch) -> None:
     """MLflow off: the report stage logs nowhere."""
-    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext())
+    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext(Tracker(None)))
 
 
 def build(class_names=("background", "vessel"), observer=None) -> dict:
