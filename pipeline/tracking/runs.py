@@ -295,24 +295,25 @@ def failures_recorded(params: Params, stage: str) -> Iterator[None]:
     except Exception as exc:
         # a stage whose own run was open when it failed (training) has recorded it there
         if params.mlflow.enabled and not getattr(exc, "mlflow_run_failed", False):
+            run_id = None
             try:
                 with (
                     timed("tracking"),
                     mlflow_run(params, stage, stage, used=params.model_dump()) as run,
                 ):
-                    import mlflow
-
-                    mlflow.set_tag("error", (str(exc) or type(exc).__name__)[:5000])
-                    raise _StageFailed(run.info.run_id)
-            except _StageFailed as failed:
-                log.info("MLflow run %s marked FAILED", failed.args[0])
+                    run_id = run.info.run_id
+                    # ends the run FAILED, with this error's text as its `error` tag
+                    raise _StageFailed(str(exc) or type(exc).__name__)
+            except _StageFailed:
+                log.info("MLflow run %s marked FAILED", run_id)
             except Exception as store:  # the store's own trouble must not hide the error
                 log.warning("could not record the failure in MLflow: %s", store)
         raise
 
 
 class _StageFailed(Exception):
-    """Raised inside mlflow_run to end the recorded run as FAILED."""
+    """Raised inside mlflow_run to end the recorded run as FAILED, carrying the original
+    error's text (which mlflow_run records)."""
 
 
 @timed("tracking")

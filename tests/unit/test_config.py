@@ -106,8 +106,11 @@ def test_partial_sections_keep_the_other_defaults():
 
 
 def test_channels_double_at_each_level():
+    from pipeline.models.config import ModelConfig
+
     p = parse_params({"unet": {"base_channels": 8, "depth": 3}})
-    assert p.unet.channels == (8, 16, 32, 64)
+    config = ModelConfig.of("unet", 3, 2, **p.unet.model_dump(include={"base_channels", "depth"}))
+    assert config.channels == (8, 16, 32, 64)
     assert p.model("unet") is p.unet
     assert p.model("unetpp") is p.unetpp
 

@@ -363,8 +363,8 @@ def test_datasets_read_the_processed_data(project, tiny):
     download(tiny)
     pre.preprocess(tiny)
     manifest = load_manifest()
-    crops = data.crops_dataset(manifest, augment=True, seed=0)
-    assert len(crops) == len(manifest["crops"])
+    crops = data.crops_dataset(manifest, augment="dihedral", seed=0)
+    assert len(crops) == len(manifest.crops)
     image, label = crops[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert label.shape == (32, 32) and label.dtype == torch.int64
@@ -431,10 +431,10 @@ def test_preprocess_failing_while_writing_keeps_the_previous_output(project, tin
     pre.preprocess(tiny)
     before = _snapshot(project / "data" / "processed")
 
-    def broken_write_json(path, obj):
+    def broken_write_manifest(folder, manifest):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pre, "write_json", broken_write_json)
+    monkeypatch.setattr(pre, "write_manifest", broken_write_manifest)
     with pytest.raises(OSError, match="disk full"):
         pre.preprocess(parse_params({**TINY, "seed": 4}))
     _assert_previous_output_kept(project, before)

@@ -264,7 +264,7 @@ def test_a_stage_whose_work_fails_shows_as_failed_in_mlflow(clean_env, store, pr
 
     from pipeline.common import PipelineError
 
-    module = importlib.import_module(f"pipeline.{stage}")
+    module = importlib.import_module(f"pipeline.stages.{stage}")
     full = parse_params({"dataset": {"name": "drive", "source": str(project / "none.zip")}})
     (project / "params.yaml").write_text(yaml.safe_dump(full.model_dump()))
     clean_env.setenv("PIPELINE_EXECUTION", f"exec-{stage}")
