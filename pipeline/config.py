@@ -204,8 +204,11 @@ class LossParams(Section):
     focal_weight: NonNegFloat = 0.0  # focal loss term; 0 = off
     focal_gamma: NonNegFloat = 2.0
     # per-class weights of the CE term: null (none), "median_frequency" (from the training
-    # split's class histogram) or one weight per class
-    class_weights: Literal["median_frequency"] | list[NonNegFloat] | None = None
+    # split's class histogram), "sqrt_median_frequency" (its square root: milder) or one
+    # weight per class
+    class_weights: (
+        Literal["median_frequency", "sqrt_median_frequency"] | list[NonNegFloat] | None
+    ) = None
     # weight of each UNet++ head, shallowest (L1) first; one per depth
     ds_weights: list[NonNegFloat] = [0.25, 0.25, 0.25, 0.25]
 
@@ -230,7 +233,10 @@ class TrainParams(Section):
     poly_power: Annotated[float, Field(gt=0)] = 0.9
     min_lr: NonNegFloat = 0.0  # cosine / poly end at this lr
     grad_clip: NonNegFloat = 0.0  # max gradient norm; 0 = off
-    augment: bool = True
+    # augmentation of the training crops: dihedral = flips and 90-degree rotations (no up:
+    # vessels, cells); scene = horizontal flip, zoom and brightness/contrast jitter (photographs
+    # with an up); none. true / false (older params) mean dihedral / none.
+    augment: Literal["none", "dihedral", "scene"] = "dihedral"
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # mixed precision: auto = bf16 on CUDA, off on CPU; fp16 adds a gradient scaler
@@ -247,6 +253,14 @@ class TrainParams(Section):
     monitor: Literal[
         "val_loss", "val_miou", "val_dice", "val_global_accuracy", "val_mean_accuracy", "last"
     ] = "val_miou"
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: object) -> object:
+        """`augment: true` in params written before the named policies still means flips."""
+        if isinstance(value, bool):
+            return "dihedral" if value else "none"
+        return value
 
 
 class PruningParams(Section):

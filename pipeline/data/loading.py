@@ -20,12 +20,25 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.sources import read_image
 
 
-def transforms(manifest: Manifest, augment: bool, seed: int | None = None) -> A.Compose:
-    """Normalise with the train split's mean/std; optionally flip and rotate by 90 degrees
-    (label-preserving for vessels and exact on the pixel grid)."""
+def transforms(manifest: Manifest, augment: str, seed: int | None = None) -> A.Compose:
+    """Normalise with the train split's mean/std, after the training crops' augmentation:
+    `dihedral` flips and rotates by 90 degrees (exact on the pixel grid, for images with no up:
+    vessels, cells); `scene` keeps the up of photographs (sky above road): a horizontal flip,
+    a zoom into part of the crop (up to 1.7x) and brightness/contrast jitter; `none` only
+    normalises."""
     ops: list[A.BasicTransform] = []
-    if augment:
+    if augment == "dihedral":
         ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    elif augment == "scene":
+        size = (manifest.crop_size, manifest.crop_size)
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            # labels and weight maps are resized nearest-neighbour: 255 (ignore) stays 255
+            A.RandomResizedCrop(size=size, scale=(0.35, 1.0), ratio=(0.75, 4 / 3), p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ]
+    elif augment != "none":
+        raise PipelineError(f"train.augment: unknown {augment!r} (none | dihedral | scene)")
     ops.append(A.Normalize(mean=manifest.mean, std=manifest.std, max_pixel_value=255.0))
     # a border weight map travels with the label (flipped and rotated, never normalised)
     return A.Compose(ops, strict=True, seed=seed, additional_targets={"weight": "mask"})
@@ -118,7 +131,7 @@ class EpochSampler(Sampler[int]):
         return len(self.inner)
 
 
-def crops_dataset(manifest: Manifest, augment: bool, seed: int) -> SegmentationDataset:
+def crops_dataset(manifest: Manifest, augment: str, seed: int) -> SegmentationDataset:
     names = manifest.crops
     weights = None
     if manifest.border_weights:
@@ -141,6 +154,6 @@ def split_dataset(manifest: Manifest, split: str, limit: int | None = None) -> S
     return SegmentationDataset(
         [paths.split_dir(split, "images") / f"{s}.png" for s in stems],
         [paths.split_dir(split, "labels") / f"{s}.png" for s in stems],
-        transforms(manifest, augment=False),
+        transforms(manifest, augment="none"),
         manifest.in_channels,
     )

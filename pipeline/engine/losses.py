@@ -165,9 +165,11 @@ def resolve_class_weights(loss_params: LossParams, manifest: Manifest) -> list[f
     spec, n = loss_params.class_weights, manifest.num_classes
     if spec is None:
         return None
-    if spec == "median_frequency":
+    if spec in ("median_frequency", "sqrt_median_frequency"):
         weights = median_frequency_weights(manifest.train_class_pixels)
-        log.info("median-frequency class weights: %s", [round(w, 4) for w in weights])
+        if spec == "sqrt_median_frequency":  # milder: ratios are the square roots
+            weights = [w**0.5 for w in weights]
+        log.info("%s class weights: %s", spec, [round(w, 4) for w in weights])
         return weights
     if len(spec) != n:
         names = ", ".join(manifest.class_names)

@@ -193,7 +193,7 @@ def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
     assert manifest["in_channels"] == 1 and len(manifest["mean"]) == 1
     assert manifest["splits"]["train"] == ["train00", "train01", "train02"]
     assert manifest["splits"]["val"] == ["val00", "val01"]
-    image, label = data.crops_dataset(load_manifest(), augment=True, seed=0)[0]
+    image, label = data.crops_dataset(load_manifest(), augment="dihedral", seed=0)[0]
     assert image.shape == (1, 32, 32) and label.shape == (32, 32)
     image, _ = data.split_dataset(load_manifest(), "test")[0]
     assert image.shape == (1, *SIZE)

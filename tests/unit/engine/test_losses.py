@@ -270,6 +270,8 @@ def test_build_loss_resolves_class_weights():
     manifest = _manifest(2, (900, 100))
     loss = build_eval_loss(LossParams(class_weights="median_frequency"), manifest)
     assert loss.class_weights.tolist() == pytest.approx([0.5 / 0.9, 0.5 / 0.1])
+    loss = build_eval_loss(LossParams(class_weights="sqrt_median_frequency"), manifest)
+    assert loss.class_weights.tolist() == pytest.approx([(0.5 / 0.9) ** 0.5, (0.5 / 0.1) ** 0.5])
     loss = build_eval_loss(LossParams(class_weights=[1.0, 3.0]), manifest)
     assert loss.class_weights.tolist() == [1.0, 3.0]
     assert build_eval_loss(LossParams(), manifest).class_weights is None
