@@ -384,6 +384,6 @@ def log_torch_model(model: Any, example: Any) -> str:
         input_example=x,
         pip_requirements=requirements,
         serialization_format="pickle",
-        code_paths=[str(Path(__file__).resolve().parent)],  # this package
+        code_paths=[str(Path(__file__).resolve().parents[1])],  # the pipeline package
     )
     return info.model_uri

@@ -82,7 +82,8 @@ def test_actionlint_knows_the_self_hosted_label():
 
 def test_triggers(workflow):
     on = _triggers(workflow)
-    assert set(on) == {"workflow_dispatch", "pull_request"}
+    assert set(on) == {"workflow_dispatch", "pull_request", "push"}
+    assert on["push"] == {"branches": ["main"]}  # a run on main becomes the baseline
     assert on["pull_request"]["types"] == ["labeled", "synchronize", "opened", "reopened"]
     inputs = on["workflow_dispatch"]["inputs"]
     assert inputs["launch_runner"]["type"] == "boolean"
@@ -90,10 +91,11 @@ def test_triggers(workflow):
     assert set(inputs["preset"]["options"]) <= set(preset.available())
 
 
-def test_the_report_job_runs_only_when_labelled_or_dispatched(workflow):
+def test_the_report_job_runs_only_when_labelled_dispatched_or_on_main(workflow):
     condition = " ".join(workflow["jobs"]["report"]["if"].split())
     assert "contains(github.event.pull_request.labels.*.name, 'run-gpu')" in condition
     assert "github.event_name == 'workflow_dispatch'" in condition
+    assert "github.event_name == 'push'" in condition
     # also after a skipped launch job; a fork's PR never reaches the self-hosted runner
     assert "!cancelled()" in condition or "always()" in condition
     assert "needs.launch-runner.result != 'failure'" in condition
@@ -129,12 +131,13 @@ def test_pipeline_runs_with_a_preset(workflow):
     assert workflow["jobs"]["report"]["env"]["PRESET"].startswith("${{ inputs.preset")
 
 
-def test_one_updated_comment_with_the_metrics_diff(workflow, text):
+def test_one_updated_comment_with_the_diffs_against_the_baseline(workflow, text):
     runs = _runs(workflow)
     assert text.count("cml comment update") == 1
     assert "--watermark-title=" in runs
-    assert "git fetch" in runs and "origin main" in runs
-    assert "dvc metrics diff --md" in runs
+    assert 'git fetch --no-tags origin "+refs/heads/baseline/$PRESET:' in runs
+    for diff in ("metrics diff --md --all", "params diff --md", "plots diff"):
+        assert f'dvc {diff} "$baseline"' in runs
     assert "reports/report.md" in runs
     post = next(s for s in _steps(workflow, "report") if "cml comment update" in s.get("run", ""))
     assert post["env"]["REPO_TOKEN"] in (
@@ -143,8 +146,18 @@ def test_one_updated_comment_with_the_metrics_diff(workflow, text):
     )
 
 
+def test_only_runs_on_main_store_the_baseline(workflow):
+    command = 'python3 -m uv run python -m pipeline.baseline "$PRESET" --push origin'
+    (step,) = [s for s in _steps(workflow, "report") if s.get("run", "").strip() == command]
+    assert step["if"].startswith("github.ref == 'refs/heads/main' && ")
+    names = [s.get("name") for s in _steps(workflow, "report")]
+    # after the comment, which compares the run with the previous baseline
+    assert names.index(step["name"]) > names.index("Write the comment")
+
+
 def test_permissions_and_artifact(workflow):
-    assert workflow["permissions"] == {"contents": "read", "pull-requests": "write"}
+    # contents: write to push baseline/<preset> after a run on main
+    assert workflow["permissions"] == {"contents": "write", "pull-requests": "write"}
     upload = next(
         s
         for s in _steps(workflow, "report")

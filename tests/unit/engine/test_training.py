@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +234,9 @@ def test_mlflow_run_has_hash_tags_and_a_loadable_pytorch_model(data, monkeypatch
     with torch.no_grad():
         expected = reference(x).numpy()
     assert pyfunc.predict(x.numpy()) == pytest.approx(expected, abs=1e-5)
+    # the whole pipeline package travels with it: it loads where this checkout is not
+    local = Path(mlflow.artifacts.download_artifacts(models[0].model_uri))
+    assert (local / "code" / "pipeline" / "models" / "unet.py").is_file()
 
 
 def test_an_unwritable_output_folder_stops_training_before_the_first_epoch(data, monkeypatch):
