@@ -27,6 +27,7 @@ synthetic); a folder dataset needs `dvc repro preprocess` first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -34,6 +35,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +312,18 @@ def time_forward(model, data: DataPlan) -> float:
     return time.perf_counter() - t
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """INFO lines of `logger` dropped: the class weights of the timing manifest mean nothing."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> ArchPlan:
     from pipeline.engine.loop import Engine
     from pipeline.engine.losses import build_eval_loss, build_loss
@@ -320,9 +334,14 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     mp = params.model(arch)
     model = build_model(arch, data.in_channels, data.num_classes, **mp.model_dump())
     deep = arch == "unetpp" and params.unetpp.deep_supervision
+    with _quiet("pipeline.engine.losses"):
+        loss_fn, eval_loss = (
+            build_loss(params.loss, deep, manifest),
+            build_eval_loss(params.loss, manifest),
+        )
     engine = Engine(
         model=model,
-        loss_fn=build_loss(params.loss, deep, manifest),
+        loss_fn=loss_fn,
         optimizer=make_optimizer(params, model),
         amp_dtype=_amp(params),
         grad_clip=params.train.grad_clip,
@@ -334,7 +353,6 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     workers = params.train.num_workers
     # workers load in parallel with the step (on other cores); without them it adds up
     step_total = max(step, loader / workers) if workers else step + loader
-    eval_loss = build_eval_loss(params.loss, manifest)
     evals = {
         "val": time_eval(model, data, params, "val", eval_loss),
         "test": time_eval(model, data, params, "test"),

@@ -57,6 +57,14 @@ def test_the_epochs_scale_the_training_estimate_and_mlflow_adds_its_cost(project
     assert tracked["download"] == pytest.approx(few["download"] + plan.MLFLOW["download"])
 
 
+def test_the_timing_manifests_class_weights_are_not_logged(project, caplog):
+    """The plan times steps with a made-up class histogram: weights derived from it would read
+    as the run's own."""
+    with caplog.at_level(logging.INFO):
+        plan.estimate(tiny(loss={"class_weights": "sqrt_median_frequency"}), seconds=0.01)
+    assert not [r for r in caplog.records if "class weights" in r.getMessage()]
+
+
 def test_known_layouts_give_the_counts_before_any_download(project):
     drive = plan.data_plan(
         tiny(
