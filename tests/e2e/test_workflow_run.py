@@ -327,6 +327,10 @@ def test_the_pull_requests_comment_compares_its_run_with_mains_baseline(runs):
         row = rows[(f"reports/{arch}/metrics.json", "miou")]
         old, new = float(row[2]), float(row[3])  # both a number: nothing missing on either side
         assert 0 <= old <= 1 and 0 <= new <= 1
+    # the headline only; every metric (pruned depths, per class, cost) folded below it
+    assert {r[1] for r in metrics[2:]} <= {"miou", "dice", "f1", "auc_roc", "global_accuracy"}
+    every = comment.split("<details>", 1)[1].split("</details>", 1)[0]
+    assert "| reports/pruning.json" in every and "L1.miou" in every and "latency_ms" in every
     section, key, value = CHANGE
     params = _table(comment, "### Params that differ from main")
     (changed,) = [r for r in params[2:] if r[1] == f"{section}.{key}"]
