@@ -107,12 +107,14 @@ def _check_dvc_status() -> None:
 
 
 def _author_env() -> dict[str, str]:
+    """The environment, with the bot as author and committer where git has no identity."""
     env = dict(os.environ)
+    configured = {key: _git("config", f"user.{key}", check=False) for key in ("name", "email")}
     for role in ("AUTHOR", "COMMITTER"):
-        if not env.get(f"GIT_{role}_NAME") and not _git("config", "user.name", check=False):
-            env[f"GIT_{role}_NAME"] = BOT[0]
-        if not env.get(f"GIT_{role}_EMAIL") and not _git("config", "user.email", check=False):
-            env[f"GIT_{role}_EMAIL"] = BOT[1]
+        for key, value in zip(("name", "email"), BOT, strict=True):
+            name = f"GIT_{role}_{key.upper()}"
+            if not configured[key] and not env.get(name):
+                env[name] = value
     return env
 
 

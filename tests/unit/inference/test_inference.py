@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import InferenceParams
@@ -15,20 +14,10 @@ from pipeline.inference.forward import pad_to_multiple, predict_logits
 from pipeline.models import build_model
 from tests.fakes import random_target
 
-IGNORE = 255
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _perfect_logits(target: torch.Tensor, channels: int, margin: float = 20.0) -> torch.Tensor:
-    safe = torch.where(target == IGNORE, 0, target)
-    if channels == 1:
-        return (safe.float() * 2 - 1)[:, None] * margin
-    onehot = nn.functional.one_hot(safe, channels).permute(0, 3, 1, 2).float()
-    return (onehot * 2 - 1) * margin
 
 
 # --- full-image inference -------------------------------------------------------------------
