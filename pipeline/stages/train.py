@@ -248,13 +248,16 @@ class Epochs:
         self.progress = Progress()
         self.run = Tracker(None)  # the stage's MLflow run (rank 0, tracking on)
 
-    def score(self, dataset, loss_fn=None) -> dict[str, Any]:
+    def score(self, dataset, loss_fn=None, tta: bool = True) -> dict[str, Any]:
         distributed.sync_buffers(self.model, self.ctx)
+        inference = self.params.inference
+        if not tta:
+            inference = inference.model_copy(update={"tta": "none"})
         return evaluate(
             self.model,
             dataset,
             self.classes,
-            self.params.inference,
+            inference,
             loss_fn=loss_fn,
             batch_size=self.params.batch_size,
             amp_dtype=self.engine.amp_dtype,
@@ -318,7 +321,8 @@ class Epochs:
         """After epoch `epoch`'s pass over the crops (`stats` from `train_epoch`)."""
         arch, params, progress = self.arch, self.params, self.progress
         t_val = time.perf_counter()
-        val = self.score(self.val, self.eval_loss)
+        # the plain forward: validation ranks epochs, test-time flips would double its cost
+        val = self.score(self.val, self.eval_loss, tta=False)
         row = {
             "epoch": epoch,
             "lr": self.engine.optimizer.param_groups[0]["lr"],

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import FocalLoss
+from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
 from pipeline.common import PipelineError
 from pipeline.config import LossParams
@@ -167,6 +167,23 @@ def test_dice_equals_the_hand_formula_on_valid_pixels(channels, num_classes):
     logits = torch.randn(2, channels, 8, 8) * 3
     dice = SegmentationLoss(0.0, 1.0)(logits, target)
     assert torch.allclose(dice, _hand_dice(logits, target), atol=1e-6)
+
+
+@pytest.mark.parametrize(("channels", "num_classes"), [*MODES, (5, 3)])  # (5, 3): 2 absent
+def test_dice_equals_smp_dice_loss_in_value_and_gradient(channels, num_classes):
+    """Our one-hot-free Dice is smp's DiceLoss(from_logits, smooth 0, ignore_index), the
+    reference it replaced for speed: the same value and the same gradient."""
+    target = random_target(num_classes, shape=(2, 16, 16))
+    target[0, :3] = IGNORE
+    ours_in = (torch.randn(2, channels, 16, 16) * 3).requires_grad_()
+    smp_in = ours_in.detach().clone().requires_grad_()
+    ours = SegmentationLoss(0.0, 1.0)(ours_in, target)
+    mode = "binary" if channels == 1 else "multiclass"
+    ref = DiceLoss(mode, from_logits=True, ignore_index=IGNORE)(smp_in, target)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(ours_in.grad, smp_in.grad, atol=1e-6)
 
 
 def test_multiclass_dice_counts_an_absent_class_as_zero():

@@ -294,3 +294,32 @@ def test_monitor_last_keeps_the_final_epoch(data):
     metrics = tr.train("unet", _params(train={**TINY["train"], "monitor": "last"}))
     assert metrics["best_epoch"] == TINY["epochs"]
     assert not any(k.startswith("best_") and k != "best_epoch" for k in metrics)
+
+
+def test_validation_scores_the_plain_forward_and_test_the_flips(data):
+    """inference.tta costs x2 / x4 per prediction: the per-epoch validation (which only ranks
+    epochs) scores the plain forward, the test split the flipped copies as asked."""
+    import pandas as pd
+
+    from pipeline.data.loading import split_dataset
+    from pipeline.data.manifest import load_manifest
+    from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.inference.evaluate import evaluate
+
+    p = _params(
+        train={**TINY["train"], "monitor": "last"}, inference={**TINY["inference"], "tta": "flips"}
+    )
+    metrics = tr.train("unet", p)
+    model, _ = load_checkpoint(paths.checkpoint("unet"))
+    manifest = load_manifest()
+
+    def score(split, tta):
+        inference = p.inference.model_copy(update={"tta": tta})
+        return evaluate(model, split_dataset(manifest, split), manifest.class_names, inference)
+
+    last = pd.read_csv(paths.arch_reports("unet") / "epochs.csv").iloc[-1]
+    plain, flipped = score("test", "none"), score("test", "flips")
+    assert plain["auc_roc"] != flipped["auc_roc"]  # the flips change the scores
+    assert last["val_auc_roc"] == pytest.approx(score("val", "none")["auc_roc"], abs=1e-9)
+    assert last["val_auc_roc"] != pytest.approx(score("val", "flips")["auc_roc"], abs=1e-9)
+    assert metrics["auc_roc"] == pytest.approx(flipped["auc_roc"], abs=1e-9)
