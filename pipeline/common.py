@@ -216,6 +216,17 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_json(path: Path, obj: Any) -> None:
     text = json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:

@@ -307,6 +307,9 @@ class MlflowParams(Section):
     tracking_uri: str = ""
     experiment: Annotated[str, Field(min_length=1)] = "unet-pipeline"
     enabled: bool = True
+    # the report stage registers the chosen model under this name ({dataset} filled in);
+    # "" registers nothing
+    registered_model: str = "unet-family-{dataset}"
 
 
 class Params(Section):

@@ -46,6 +46,11 @@ class Paths:
         return self.processed / "class_pixels.csv"
 
     @property
+    def example_image(self) -> Path:
+        # a raw test image (its central 512 px at most): the served model's input example
+        return self.processed / "example.png"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 
@@ -110,6 +115,7 @@ _NAMES = {
     "PROCESSED": lambda p: p.processed,
     "MANIFEST": lambda p: p.manifest,
     "CLASS_PIXELS": lambda p: p.class_pixels,
+    "EXAMPLE_IMAGE": lambda p: p.example_image,
     "MODELS": lambda p: p.models,
     "ONNX": lambda p: p.onnx,
     "REPORTS": lambda p: p.reports,

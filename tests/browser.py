@@ -135,6 +135,39 @@ def mlflow_server(
         "1",
         *extra_args,
     ]
+    with _serving(cmd, f"{base_url}/health", timeout) as _:
+        yield base_url
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, timeout: float = 180.0) -> Iterator[str]:
+    """Run `mlflow models serve -m <model_uri> --env-manager local` against the store at
+    `tracking_uri` on a free 127.0.0.1 port; yield its base URL once GET /ping answers."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    cmd = [
+        _mlflow_executable(),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with _serving(cmd, f"{base_url}/ping", timeout, MLFLOW_TRACKING_URI=tracking_uri) as _:
+        yield base_url
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], ready_url: str, timeout: float, **env: str) -> Iterator[None]:
+    """Start `cmd` in its own process group, wait until `ready_url` answers 200, stop it after.
+    Raises with the server's output if it exits or does not answer within `timeout` s."""
     with tempfile.TemporaryDirectory(prefix="mlflow-server-") as logs:
         log = Path(logs) / "server.log"
         with log.open("wb") as out:
@@ -143,7 +176,7 @@ def mlflow_server(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=_server_env(),
+                env=_server_env() | env,
                 cwd=logs,  # nothing (./mlruns, ./mlartifacts) lands in the caller's cwd
                 start_new_session=True,  # its own process group, killed as a whole
             )
@@ -152,22 +185,22 @@ def mlflow_server(
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"mlflow server exited with {proc.returncode} before answering:\n"
-                        f"{' '.join(cmd)}\n{_tail(log)}"
+                        f"{' '.join(cmd[1:3])} exited with {proc.returncode} before "
+                        f"answering:\n{' '.join(cmd)}\n{_tail(log)}"
                     )
                 try:
-                    with _OPENER.open(f"{base_url}/health", timeout=2) as response:
+                    with _OPENER.open(ready_url, timeout=2) as response:
                         if response.status == 200:
                             break
                 except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                     pass
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"mlflow server did not answer {base_url}/health within {timeout:.0f} s:"
+                        f"{ready_url} did not answer within {timeout:.0f} s:"
                         f"\n{' '.join(cmd)}\n{_tail(log)}"
                     )
                 time.sleep(0.25)
-            yield base_url
+            yield
         finally:
             _stop(proc)
 

@@ -50,7 +50,9 @@ def make_repo(root: Path, overrides: dict) -> Path:
     return root
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
+    """The caller's environment without MLFLOW_* and DVC_* (plus `extra`), the venv first on
+    PATH, and a git identity."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
@@ -58,13 +60,41 @@ def env() -> dict[str, str]:
         GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test",
         GIT_COMMITTER_EMAIL="test@example.com",
+        **extra,
     )
     return env
 
 
-def dvc(repo: Path, *args: str) -> str:
+def dvc(repo: Path, *args: str, extra_env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
-        ["dvc", *args], cwd=repo, env=env(), capture_output=True, text=True, timeout=900
+        ["dvc", *args],
+        cwd=repo,
+        env=env(**(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
+
+
+def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | None = None) -> str:
+    """Queue one `dvc exp run -S lr=<lr> -n <name>` per item of `names`, run them all at once
+    (`dvc queue start -j <n>`), wait until none is queued or running (15 min at most) and
+    check that each succeeded; returns the last `dvc queue status`."""
+    import re
+    import time
+
+    for name, lr in names.items():
+        dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name, extra_env=extra_env)
+    dvc(repo, "queue", "start", "-j", str(len(names)), extra_env=extra_env)
+    deadline = time.monotonic() + 900
+    while True:
+        status = dvc(repo, "queue", "status")
+        if not any(s in status for s in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, f"queue still busy:\n{status}"
+        time.sleep(5)
+    for name in names:
+        assert re.search(rf"{name}\s.*Success", status), status
+    return status

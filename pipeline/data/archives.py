@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,6 @@ ARCHIVE_SUFFIXES = (".zip", *TAR_SUFFIXES)
 
 def is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str, what: str | None = None) -> str:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -80,19 +81,23 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
-def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
+def read_image(
+    path: Path | IO[bytes], mode: str, bit_depth: int = 0, name: str | None = None
+) -> np.ndarray:
     """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad.
 
     8-bit images as they are. 16-bit greyscale (microscopy TIFFs, PNGs) is scaled by its
     range, 2**bit_depth - 1 (bit_depth 0: the file's 16 bits; 12 for 12-bit data stored in
     16-bit files), and float images must hold values in [0, 1]: never clipped to 255, which
-    PIL's convert("L") would do. Other modes (32-bit integers) are an error."""
+    PIL's convert("L") would do. Other modes (32-bit integers) are an error. `path` may be an
+    open binary file (bytes sent to a served model); errors name it `name` then."""
+    who = path if name is None else name
     try:
         with Image.open(path) as img:
             img.load()
             if getattr(img, "n_frames", 1) > 1:  # a stack would silently lose all but one
                 raise PipelineError(
-                    f"{path}: {img.n_frames} frames (a stack or an animation); give one "
+                    f"{who}: {img.n_frames} frames (a stack or an animation); give one "
                     "image per file"
                 )
             img = upright(img)
@@ -100,9 +105,9 @@ def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
                 return np.array(img.convert(mode))  # writable copy
             arr = np.array(img)
     except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        raise PipelineError(f"{who}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable or corrupt image ({exc})") from None
+        raise PipelineError(f"{who}: unreadable or corrupt image ({exc})") from None
     if img.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
         sixteen = True  # how some PIL versions open 16-bit PNGs
     else:
@@ -112,14 +117,14 @@ def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
         peak = int(arr.max())
         if peak > top:
             raise PipelineError(
-                f"{path}: 16-bit values up to {peak} exceed dataset.folder.bit_depth "
+                f"{who}: 16-bit values up to {peak} exceed dataset.folder.bit_depth "
                 f"{bit_depth} (max {top}); set it to {int(peak).bit_length()} or 0 (16 bits)"
             )
         if not bit_depth and 0 < peak < 2**12:
             log.warning(
                 "%s: 16-bit image with values up to %d only: if the data are %d-bit, set "
                 "dataset.folder.bit_depth: %d (read as 16-bit, it is nearly black)",
-                path,
+                who,
                 peak,
                 peak.bit_length(),
                 peak.bit_length(),
@@ -130,14 +135,14 @@ def read_image(path: Path, mode: str, bit_depth: int = 0) -> np.ndarray:
         low, high = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 0)
         if not finite.all() or low < 0 or high > 1:
             raise PipelineError(
-                f"{path}: float image with values in [{low:g}, {high:g}]"
+                f"{who}: float image with values in [{low:g}, {high:g}]"
                 + ("" if finite.all() else " and NaN/inf")
                 + ": float images must hold intensities in [0, 1]"
             )
         scaled = arr.astype(np.float64) * 255.0
     else:
         raise PipelineError(
-            f"{path}: image mode {img.mode} is not supported (8-bit, 16-bit greyscale and "
+            f"{who}: image mode {img.mode} is not supported (8-bit, 16-bit greyscale and "
             "float greyscale in [0, 1] are); convert the file"
         )
     grey = np.rint(scaled).astype(np.uint8)  # (H, W)

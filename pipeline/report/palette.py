@@ -57,3 +57,13 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     fg = labels != 0
     out[fg] = ((rgb[fg].astype(np.uint16) + PALETTE[labels[fg]]) // 2).astype(np.uint8)
     return out
+
+
+def label_image(labels: np.ndarray):
+    """(H, W) uint8 class indices -> a palette PNG image: the pixel values are the indices,
+    the palette only colours them for viewers."""
+    from PIL import Image
+
+    img = Image.fromarray(labels)  # "L"; a palette makes it "P", values unchanged
+    img.putpalette(PALETTE.tobytes())
+    return img

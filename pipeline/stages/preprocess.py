@@ -50,6 +50,13 @@ def save_png(folder: Path, name: str, array: np.ndarray) -> None:
     Image.fromarray(array).save(folder / f"{name}.png", compress_level=1)
 
 
+def save_example(path: Path, image: np.ndarray, size: int = 512) -> None:
+    """A raw image, cut to its central `size` px: the served model's input example."""
+    h, w = image.shape[:2]
+    y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    Image.fromarray(image[y : y + size, x : x + size]).save(path)
+
+
 def save_pair(
     image_dir: Path, label_dir: Path, name: str, image: np.ndarray, label: np.ndarray
 ) -> None:
@@ -184,6 +191,8 @@ def _preprocess(params: Params) -> Path:
             )
             for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2, disable=None):
                 sample = ds.read(item)
+                if split == "test" and item is items[0]:  # as users will send it
+                    save_example(tmp / paths.EXAMPLE_IMAGE.name, sample.image)
                 # the model's input: equalised at full size, then resized (as predict does)
                 sample.image = resize(equalize(sample.image, pp.clahe), pp.scale)
                 if split == "train":  # cropped at the model's size; val/test score full-size

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, timed, write_json
+from pipeline.common import PipelineError, atomic_path, sha256_file, timed, write_json
 from pipeline.config import Params
 from pipeline.data.loading import split_dataset
 from pipeline.data.manifest import load_manifest
@@ -24,6 +24,7 @@ from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import image_shape, model_stats
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared
+from pipeline.tracking.registry import CHECKPOINT_TAG
 from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,21 @@ def prune(params: Params) -> pd.DataFrame:
         log_to_parent(run, {"best_depth": best, **miou})
         run.log_artifact(paths.PRUNING_CSV)
         run.log_artifact(paths.PRUNING_JSON)
+        if run:
+            _log_segmenters(run, sorted(pp.depths) if pp.onnx else [best])
     return df
+
+
+def _log_segmenters(run, depths: list[int]) -> None:
+    """The pruned UNet++ as segmentation pyfunc models `segmenter_L<k>`: the best depth, and
+    every depth when they are exported (pruning.onnx); tagged with the checkpoint they cut."""
+    from pipeline.serving import log_segmenter  # mlflow.pyfunc: only when tracking
+
+    checkpoint = paths.checkpoint("unetpp")
+    run.set_tags({CHECKPOINT_TAG: sha256_file(checkpoint)})
+    for k in depths:
+        uri = log_segmenter(checkpoint, paths.EXAMPLE_IMAGE, depth=k, name=f"segmenter_L{k}")
+        log.info("UNet++ L%d segmenter logged as %s", k, uri)
 
 
 main = lifecycle.stage_main("prune", prune, __doc__)

@@ -8,6 +8,7 @@ test images with both models' predictions and errors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, read_json, timed
+from pipeline.common import PipelineError, atomic_path, read_json, sha256_file, timed
 from pipeline.config import (
     IGNORE_INDEX,
     InferenceParams,
@@ -42,6 +43,7 @@ from pipeline.report.html import Block, Figure, Heading, Table, Text, render_htm
 from pipeline.report.palette import PALETTE
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared, git_commit
+from pipeline.tracking.registry import Candidate, register
 from pipeline.tracking.runs import log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -466,6 +468,42 @@ def winner(test: pd.DataFrame, metric: str) -> str:
     return test.loc[test[metric].idxmax(), "model"]
 
 
+def candidate(t: Tables, tolerance: float) -> Candidate:
+    """The model to register: the better architecture on the test split (report.metric), or
+    UNet++ pruned to the best depth when its mIoU is within pruning.tolerance of that one's (the
+    prune stage picks the best depth by mIoU too)."""
+    metric = t.metric
+    best = t.test.loc[t.test[metric].idxmax()]
+    arch = next(a for a, n in ARCH_NAMES.items() if n == best["model"])
+    pruned = t.pruning.loc[t.pruning["depth"] == t.best_depth].iloc[0]
+    deepest = int(t.pruning["depth"].max())
+    numbers = [c for c in t.test.columns if c != "model"]
+    if t.best_depth < deepest and pruned["miou"] >= best["miou"] - tolerance:
+        return Candidate(
+            label=f"UNet++ L{t.best_depth}",
+            stage="prune",
+            model=f"segmenter_L{t.best_depth}",
+            checkpoint_sha256=sha256_file(paths.checkpoint("unetpp")),
+            metrics={k: float(pruned[k]) for k in numbers if k in pruned and pd.notna(pruned[k])},
+        )
+    return Candidate(
+        label=best["model"],
+        stage=f"train_{arch}",
+        model="segmenter",
+        checkpoint_sha256=sha256_file(paths.checkpoint(arch)),
+        metrics={k: float(best[k]) for k in numbers if pd.notna(best[k])},
+    )
+
+
+def split_hash(manifest: Manifest) -> str:
+    """The test split's identity: its image names and the bytes of its full-size labels."""
+    digest = hashlib.sha256(manifest.dataset.encode())
+    for stem in manifest.splits["test"]:
+        label = paths.split_dir("test", "labels") / f"{stem}.png"
+        digest.update(f"{stem}:{sha256_file(label)};".encode())
+    return digest.hexdigest()[:16]
+
+
 def title(t: Tables) -> str:
     return f"UNet vs UNet++ on {t.dataset}"
 
@@ -564,6 +602,30 @@ def report(params: Params) -> None:
             run.log_artifact(f, artifact_path="report")
         # the execution's parent run carries the report, next to the headline metrics
         log_to_parent(run, files=files, folder="report")
+        if run and params.mlflow.registered_model:
+            _register(params, manifest, t, run)
+
+
+def _register(params: Params, manifest: Manifest, t: Tables, run) -> None:
+    """The chosen model into the registry. The report is written and logged by now: a registry
+    that refuses (a server where this user may not edit the registered model) is a warning,
+    not a failed stage."""
+    from mlflow.exceptions import MlflowException
+
+    chosen = candidate(t, params.pruning.tolerance)
+    try:
+        done = register(params, chosen, manifest.dataset, split_hash(manifest), t.metric)
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning(
+            "%s not registered (%s); on a server with basic auth the user needs EDIT on the "
+            'registered model, or set mlflow.registered_model: "" to skip the registry',
+            chosen.label,
+            first,
+        )
+        return
+    if done:
+        run.set_tags({"registered_model": f"{done.name}/{done.version}", "alias": done.alias})
 
 
 main = lifecycle.stage_main("report", report, __doc__)

@@ -35,6 +35,7 @@ from pipeline.common import (
     check_writable,
     clock,
     seed_everything,
+    sha256_file,
     timed,
     write_json,
 )
@@ -60,6 +61,7 @@ from pipeline.models import REGISTRY, build_model
 from pipeline.report import plots
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared
+from pipeline.tracking.registry import CHECKPOINT_TAG
 from pipeline.tracking.runs import Tracker, log_to_parent, log_torch_model, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -493,7 +495,13 @@ def _log_outputs(arch, model, metrics, run, example) -> None:
     for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
         run.log_artifact(out / f, artifact_path="reports")
     run.log_artifact(paths.checkpoint(arch), artifact_path="checkpoint")
+    # the registry finds this run's models by the checkpoint they were made from
+    run.set_tags({CHECKPOINT_TAG: sha256_file(paths.checkpoint(arch))})
     log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
+    from pipeline.serving import log_segmenter  # mlflow.pyfunc: only when tracking
+
+    segmenter = log_segmenter(paths.checkpoint(arch), paths.EXAMPLE_IMAGE)
+    log.info("%s segmenter (images in, masks out) logged as %s", arch, segmenter)
     headline = ("miou", "dice", "global_accuracy", "mean_accuracy", "f1", "auc_roc")
     log_to_parent(run, {f"{arch}_test_{k}": metrics[k] for k in headline if k in metrics})
 

@@ -5,11 +5,10 @@ Slow (about two minutes on 2 cores): run with `pytest -m slow`, skip with `-m "n
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import re
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from bench.startup import stage_splits
-from tests.project import dvc, env, make_repo
+from tests.project import dvc, env, make_repo, run_queue
 
 pytestmark = pytest.mark.slow
 
@@ -192,6 +191,82 @@ def test_repro_is_one_mlflow_parent_run_with_a_child_run_per_stage(repo: Path, r
     assert {"report/report.md", "report/report.html", "report/report.xlsx"} <= on_parent
 
 
+REGISTERED = "unet-family-synthetic"  # mlflow.registered_model for the synthetic dataset
+
+
+def chosen_checkpoint(repo: Path, label: str) -> tuple[Path, int | None]:
+    """(checkpoint, depth) of a registered model's label: UNet, UNet++ or UNet++ L<k>."""
+    if label.startswith("UNet++ L"):
+        return repo / "models/unetpp.pt", int(label.removeprefix("UNet++ L"))
+    return repo / {"UNet": "models/unet.pt", "UNet++": "models/unetpp.pt"}[label], None
+
+
+def test_report_registers_the_chosen_model_as_champion(repo: Path, reproduced: str):
+    client, runs = mlflow_runs(repo)
+    _, stages = executions(runs)[next(iter(executions(runs)))]
+    version = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert str(version.version) == "1"
+    assert stages["report"].data.tags["registered_model"] == f"{REGISTERED}/1"
+    tags = version.tags
+    assert tags["dataset"] == "synthetic" and len(tags["test_split"]) == 16
+    assert tags["git.commit"] == stages["report"].data.tags["git.commit"]
+    # the better architecture, or the best pruned depth within pruning.tolerance of it
+    scores = {
+        name: json.loads((repo / f"reports/{arch}/metrics.json").read_text())["miou"]
+        for arch, name in (("unet", "UNet"), ("unetpp", "UNet++"))
+    }
+    pruning = json.loads((repo / "reports/pruning.json").read_text())
+    scores |= {f"UNet++ {k}": v["miou"] for k, v in pruning.items() if k.startswith("L")}
+    label = tags["model"]
+    assert float(tags["test_miou"]) == pytest.approx(scores[label], abs=1e-5)
+    assert scores[label] >= max(scores["UNet"], scores["UNet++"]) - 0.01
+    stage = (
+        "prune"
+        if label.startswith("UNet++ L")
+        else f"train_{'unet' if label == 'UNet' else 'unetpp'}"
+    )
+    assert version.run_id == stages[stage].info.run_id
+
+
+def test_the_champion_served_over_http_answers_like_pipeline_predict(
+    repo: Path, reproduced: str, tmp_path: Path
+):
+    """`mlflow models serve -m models:/<name>@champion --env-manager local`, one REST request
+    with a raw test image (base64), and the mask `pipeline.predict` writes for it."""
+    import base64
+    import urllib.request
+
+    from pipeline.predict import predict_files
+    from tests.browser import model_server
+
+    client, _ = mlflow_runs(repo)
+    label = client.get_model_version_by_alias(REGISTERED, "champion").tags["model"]
+    checkpoint, depth = chosen_checkpoint(repo, label)
+    image = repo / "data/processed/example.png"  # a raw test image, as users send them
+    predict_files(checkpoint, [image], tmp_path / "out", depth=depth, device="cpu")
+    request = {
+        "dataframe_split": {
+            "columns": ["image"],
+            "data": [[base64.b64encode(image.read_bytes()).decode()]],
+        },
+        "params": {"probabilities": True},
+    }
+    uri = f"models:/{REGISTERED}@champion"
+    with model_server(uri, f"sqlite:///{repo / 'mlflow.db'}") as url:
+        req = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as response:
+            answer = json.loads(response.read())
+    (row,) = answer["predictions"]
+    expected = (tmp_path / "out" / "example_label.png").read_bytes()
+    assert base64.b64decode(row["mask"]) == expected
+    probs = np.load(io.BytesIO(base64.b64decode(row["probabilities"])))
+    assert probs.shape == (row["height"], row["width"]) and probs.dtype == np.float32
+
+
 @pytest.mark.browser
 def test_mlflow_server_and_a_browser_show_the_pipelines_runs_and_report(
     repo: Path, reproduced: str, tmp_path: Path
@@ -357,18 +432,7 @@ def test_queued_experiments_with_two_workers_all_land_in_the_repo_store(
     )
     assert init.returncode == 0, init.stderr
     queued = {"q-fast": "0.02", "q-slow": "0.001"}
-    for name, lr in queued.items():
-        dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name)
-    dvc(repo, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 900
-    while True:
-        status = dvc(repo, "queue", "status")
-        if not any(s in status for s in ("Queued", "Running")):
-            break
-        assert time.monotonic() < deadline, f"queue still busy:\n{status}"
-        time.sleep(5)
-    for name in queued:
-        assert re.search(rf"{name}\s.*Success", status), status
+    run_queue(repo, queued)
 
     _, runs = mlflow_runs(repo)
     found = executions(runs)
@@ -382,3 +446,11 @@ def test_queued_experiments_with_two_workers_all_land_in_the_repo_store(
         assert stages["train_unet"].data.params["lr"] == lr
     # nothing was written to a store inside the temporary copies
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    # each experiment's report registered its chosen model; one version holds `champion`
+    client, _ = mlflow_runs(repo)
+    versions = client.search_model_versions(f"name = '{REGISTERED}'")
+    for name in queued:
+        assert [v for v in versions if v.tags.get("dvc.exp_name") == name], name
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    best = max(float(v.tags["test_miou"]) for v in versions)
+    assert float(champion.tags["test_miou"]) == best

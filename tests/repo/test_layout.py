@@ -22,7 +22,9 @@ ALLOWED = {
     "engine": {"common", "config", "data", "models"},
     "inference": {"common", "config", "engine"},
     "export": {"common", "engine", "models"},
-    "predict": {"common", "config", "data", "engine", "inference", "models", "report"},
+    "segmenter": {"common", "config", "data", "engine", "inference", "models"},
+    "serving": {"common", "report", "segmenter"},
+    "predict": {"common", "inference", "report", "segmenter"},
     "preset": {"common", "paths", "config"},
     "baseline": {"common", "paths"},
     "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
@@ -37,6 +39,7 @@ ALLOWED = {
         "report",
         "tracking",
         "export",
+        "serving",
     },  # fmt: skip
 }
 

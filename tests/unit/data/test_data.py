@@ -359,6 +359,21 @@ def test_processed_labels_merge_the_raw_tracing_and_mask(project, tiny):
     assert np.array_equal(label, merge_vessel_label(manual, fov))
 
 
+def test_the_served_models_example_is_the_first_raw_test_image(project, tiny):
+    download(tiny)
+    pre.preprocess(tiny)
+    stem = _read_manifest(project)["splits"]["test"][0]
+    raw = read_image(project / "data" / "raw" / "synthetic" / "images" / f"{stem}.png", "RGB")
+    example = read_image(project / "data" / "processed" / "example.png", "RGB")
+    assert np.array_equal(example, raw)  # untouched: what a user would send
+
+
+def test_the_example_is_cut_to_its_central_512_px(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (600, 700, 3), np.uint8)
+    pre.save_example(tmp_path / "example.png", image)
+    assert np.array_equal(read_image(tmp_path / "example.png", "RGB"), image[44:556, 94:606])
+
+
 def test_datasets_read_the_processed_data(project, tiny):
     download(tiny)
     pre.preprocess(tiny)

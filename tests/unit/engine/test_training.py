@@ -13,10 +13,11 @@ import torch
 import pipeline.engine.loop as loop
 import pipeline.stages.train as tr
 from pipeline import paths
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, sha256_file
 from pipeline.config import parse_params
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess
+from pipeline.tracking.registry import CHECKPOINT_TAG
 from tests.fakes import tiny_params
 
 TINY = tiny_params(
@@ -225,8 +226,13 @@ def test_mlflow_run_has_hash_tags_and_a_loadable_pytorch_model(data, monkeypatch
     tags = run.data.tags
     assert len(tags["params.sha256"]) == 64
     assert tags["data.hash"].startswith(("md5:", "sha256:"))
-    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    by_name = {m.name: m for m in logged}
+    assert sorted(by_name) == ["model", "segmenter"]  # logits of tensors; masks of image files
+    assert all(m.source_run_id == run.info.run_id for m in logged)
+    # the registry finds the run by the checkpoint its models were made from
+    assert tags[CHECKPOINT_TAG] == sha256_file(paths.checkpoint("unet"))
+    models = [by_name["model"]]
     # any batch and size (a multiple of the model's), predicted like the checkpoint
     x = torch.randn(2, 3, 48, 64)
     pyfunc = mlflow.pyfunc.load_model(models[0].model_uri)

@@ -361,3 +361,44 @@ def test_an_undefined_metric_is_null_in_strict_json_and_a_dash_in_the_report(fak
     report.report(params())
     md = paths.REPORT_MD.read_text()
     assert re.search(r"^\| UNet\s+\|.*\|\s*–\s*\|", md, re.M) and "nan" not in md.lower()
+
+
+# --- the model the registry gets -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("unet", "unetpp", "l1", "best_depth", "chosen"),
+    [
+        (0.80, 0.70, 0.795, 1, ("UNet++ L1", "prune", "segmenter_L1", "unetpp")),  # within 0.01
+        (0.80, 0.70, 0.780, 1, ("UNet", "train_unet", "segmenter", "unet")),
+        (0.70, 0.80, 0.795, 2, ("UNet++", "train_unetpp", "segmenter", "unetpp")),  # L2: full
+    ],
+)
+def test_the_registry_gets_the_better_architecture_or_a_pruned_depth_within_tolerance(
+    fake, unet, unetpp, l1, best_depth, chosen
+):
+    from pipeline.common import sha256_file
+
+    manifest = fake()
+    t = report.gather(params(), manifest, 0)
+    t.test.loc[t.test["model"] == "UNet", "miou"] = unet
+    t.test.loc[t.test["model"] == "UNet++", "miou"] = unetpp
+    t.pruning.loc[t.pruning["depth"] == 1, "miou"] = l1
+    t.best_depth = best_depth
+    got = report.candidate(t, tolerance=0.01)
+    label, stage, model, arch = chosen
+    assert (got.label, got.stage, got.model) == (label, stage, model)
+    assert got.checkpoint_sha256 == sha256_file(paths.checkpoint(arch))
+    assert got.metrics["miou"] == pytest.approx(l1 if stage == "prune" else max(unet, unetpp))
+
+
+def test_the_test_split_hash_follows_the_labels_bytes(fake):
+    manifest = fake()
+    first = report.split_hash(manifest)
+    assert report.split_hash(manifest) == first and len(first) == 16
+    stem = manifest.splits["test"][0]
+    label = paths.split_dir("test", "labels") / f"{stem}.png"
+    pixels = np.asarray(Image.open(label)).copy()
+    pixels[5, 0] = (pixels[5, 0] + 1) % 2  # row 5: a labelled pixel, 0 or 1 both valid
+    Image.fromarray(pixels).save(label)
+    assert report.split_hash(manifest) != first
