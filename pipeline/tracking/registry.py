@@ -102,6 +102,10 @@ def register(
     if alias == CHALLENGER:
         _retry(lambda: client.set_registered_model_alias(name, CHALLENGER, ours))
     held = f"version {champion} holds {CHAMPION}" if champion else f"no {CHAMPION}"
+    if alias == CHALLENGER and champion is not None:
+        holder = _retry(lambda: client.get_model_version(name, champion))
+        if (holder.tags.get("dataset"), holder.tags.get("test_split")) != (dataset, test_split):
+            held += " on another dataset or test split: not comparable; promote by hand"
     log.info(
         "registered %s as %s version %s: %s (test %s %.4f; %s)",
         candidate.label,

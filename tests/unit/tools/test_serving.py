@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,13 +19,16 @@ from tests.unit.tools.test_predict import INFERENCE, save_image, save_model
 
 
 @pytest.fixture
-def store(tmp_path):
-    """A private sqlite MLflow store, the process-wide tracking URI restored afterwards."""
+def store(tmp_path, monkeypatch):
+    """A private sqlite MLflow store with its artifacts under tmp_path (set_tracking_uri also
+    sets MLFLOW_TRACKING_URI: monkeypatch restores it)."""
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield mlflow
+    exp = mlflow.create_experiment("serving", (tmp_path / "artifacts").as_uri())
+    yield SimpleNamespace(mlflow=mlflow, experiment_id=exp)
     mlflow.set_tracking_uri(before)
 
 
@@ -41,9 +45,9 @@ def _data(in_channels: int, num_classes: int, **extra) -> dict:
 
 
 def _served(store, checkpoint: Path, example: Path, depth: int | None = None):
-    with store.start_run():
+    with store.mlflow.start_run(experiment_id=store.experiment_id):
         uri = log_segmenter(checkpoint, example, depth=depth)
-    return uri, store.pyfunc.load_model(uri)
+    return uri, store.mlflow.pyfunc.load_model(uri)
 
 
 CASES = {  # (arch, classes, depth, inference, data): every step predict takes
@@ -106,7 +110,7 @@ def test_the_model_carries_its_signature_example_checkpoint_and_code(tmp_path, s
     save_model(checkpoint, arch="unetpp")
     save_image(image, (32, 40))
     uri, _ = _served(store, checkpoint, image, depth=1)
-    local = Path(store.artifacts.download_artifacts(uri))
+    local = Path(store.mlflow.artifacts.download_artifacts(uri))
     meta = Model.load(local)
     assert meta.signature.inputs.input_names() == ["image"]
     assert [p.name for p in meta.signature.params] == ["probabilities"]

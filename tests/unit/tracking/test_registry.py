@@ -15,11 +15,15 @@ NAME = "unet-family-drive"
 
 
 @pytest.fixture
-def params(tmp_path):
+def params(project, monkeypatch):
+    """A private store under the temporary project (set_tracking_uri, which init_store calls,
+    also sets MLFLOW_TRACKING_URI: monkeypatch restores it)."""
     import mlflow
 
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     before = mlflow.get_tracking_uri()
-    yield parse_params({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    yield parse_params({"mlflow": {"tracking_uri": uri}})
     mlflow.set_tracking_uri(before)
 
 
