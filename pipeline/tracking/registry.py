@@ -48,7 +48,7 @@ class Registered:
     name: str
     version: str
     alias: str  # champion or challenger
-    source: str  # the logged model's URI
+    source: str  # the logged model's URI (models:/<model id>)
 
 
 def registered_name(params: Params, dataset: str) -> str:
@@ -101,7 +101,7 @@ def register(
     alias = CHAMPION if champion == ours else CHALLENGER
     if alias == CHALLENGER:
         _retry(lambda: client.set_registered_model_alias(name, CHALLENGER, ours))
-    held = f"version {champion} holds {CHAMPION}" if champion else f"no {CHAMPION}"
+    held = f"version {champion} holds {CHAMPION}" if champion != ours else "the best so far"
     if alias == CHALLENGER and champion is not None:
         holder = _retry(lambda: client.get_model_version(name, champion))
         if (holder.tags.get("dataset"), holder.tags.get("test_split")) != (dataset, test_split):
@@ -127,7 +127,15 @@ def _source(client: Any, exp_id: str, candidate: Candidate) -> str | None:
         f"and tags.`dvc.stage` = '{candidate.stage}' and attributes.status = 'FINISHED'"
     )
     runs = client.search_runs([exp_id], where, order_by=["attributes.start_time DESC"])
-    return f"runs:/{runs[0].info.run_id}/{candidate.model}" if runs else None
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    # the logged model's own URI (runs:/<run>/<name> works too, with a warning each time)
+    models = client.search_logged_models(
+        experiment_ids=[exp_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{candidate.model}'",
+    )
+    return f"models:/{models[0].model_id}" if models else f"runs:/{run_id}/{candidate.model}"
 
 
 def _versions(client: Any, name: str) -> list[Any]:
