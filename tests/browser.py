@@ -105,14 +105,15 @@ def mlflow_server(
     artifacts_dir: Path,
     timeout: float = 90.0,
     extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run `mlflow server` on `store_uri` (e.g. sqlite:////abs/mlflow.db); yield its base URL.
 
     New experiments created through the server store their artifacts under `artifacts_dir`
     (a file URI, like the pipeline's own experiments); proxied `mlflow-artifacts:/` URIs
     resolve there too. The server binds 127.0.0.1 on a free port with one worker;
-    `extra_args` go to `mlflow server` as they are. Raises with the server's output if it
-    exits or does not answer GET /health within `timeout` seconds.
+    `extra_args` go to `mlflow server` as they are, `env` into its environment. Raises with
+    the server's output if it exits or does not answer GET /health within `timeout` seconds.
     """
     artifacts_dir = Path(artifacts_dir).resolve()
     artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -127,15 +128,10 @@ def mlflow_server(
         artifacts_dir.as_uri(),
         "--artifacts-destination",
         artifacts_dir.as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
+        *_local(port),
         *extra_args,
     ]
-    with _serving(cmd, f"{base_url}/health", timeout) as _:
+    with _serving(cmd, f"{base_url}/health", timeout, **(env or {})):
         yield base_url
 
 
@@ -153,15 +149,15 @@ def model_server(model_uri: str, tracking_uri: str, timeout: float = 180.0) -> I
         model_uri,
         "--env-manager",
         "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
+        *_local(port),
     ]
-    with _serving(cmd, f"{base_url}/ping", timeout, MLFLOW_TRACKING_URI=tracking_uri) as _:
+    with _serving(cmd, f"{base_url}/ping", timeout, MLFLOW_TRACKING_URI=tracking_uri):
         yield base_url
+
+
+def _local(port: int) -> list[str]:
+    """Bind 127.0.0.1 only, on `port`, with one worker."""
+    return ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
 @contextlib.contextmanager

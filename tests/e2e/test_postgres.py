@@ -14,7 +14,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.browser import _serving, free_port
+from tests.browser import free_port, mlflow_server
 from tests.project import env, make_repo, run_queue
 
 pytestmark = pytest.mark.slow
@@ -109,26 +108,9 @@ def tracking_server(store: str, auth_db: str, artifacts: Path) -> Iterator[str]:
         f"admin_password = {PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--app-name",
-        "basic-auth",
-        "--backend-store-uri",
-        store,
-        "--artifacts-destination",
-        artifacts.as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    secret = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
-    with _serving(cmd, f"{url}/health", 180, MLFLOW_AUTH_CONFIG_PATH=str(config), **secret):
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
+    auth = ["--app-name", "basic-auth"]
+    with mlflow_server(store, artifacts, 180, extra_args=auth, env=env) as url:
         yield url
 
 
