@@ -16,18 +16,22 @@ from typing import Any
 
 from pipeline.common import run_cli
 from pipeline.config import Params, load_params
-from pipeline.tracking.runs import failures_recorded
+from pipeline.tracking.runs import failures_recorded, settle_warm_up, warm_up
 
 
 @contextmanager
 def recorded(params: Params, stage: str, main: bool = True) -> Iterator[None]:
     """Step 3 for a stage that runs its own command line (training: an arch, DDP ranks);
-    only the main rank records."""
+    only the main rank records. MLflow warms up in the background meanwhile (`warm_up`)."""
     if not main:
         yield
         return
-    with failures_recorded(params, stage):
-        yield
+    warm_up(params)
+    try:
+        with failures_recorded(params, stage):
+            yield
+    finally:
+        settle_warm_up()
 
 
 def stage_main(stage: str, work: Callable[[Params], Any], doc: str) -> Callable[..., None]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.tracking.runs import _retry, init_store, run_tags
+from pipeline.tracking.runs import retry_busy, init_store, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def register(
             **{k: v for k, v in run_tags("report").items() if k in ("git.commit", "dvc.exp_name")},
             **{f"test_{k}": repr(float(v)) for k, v in candidate.metrics.items()},
         }
-        version = _retry(lambda: mlflow.register_model(source, name, tags=tags))
+        version = retry_busy(lambda: mlflow.register_model(source, name, tags=tags))
     else:
         log.info(
             "%s: this checkpoint is already %s version %s", candidate.label, name, version.version
@@ -100,10 +100,10 @@ def register(
     champion = _settle(client, name, ours, dataset, test_split, metric)
     alias = CHAMPION if champion == ours else CHALLENGER
     if alias == CHALLENGER:
-        _retry(lambda: client.set_registered_model_alias(name, CHALLENGER, ours))
+        retry_busy(lambda: client.set_registered_model_alias(name, CHALLENGER, ours))
     held = f"version {champion} holds {CHAMPION}" if champion != ours else "the best so far"
     if alias == CHALLENGER and champion is not None:
-        holder = _retry(lambda: client.get_model_version(name, champion))
+        holder = retry_busy(lambda: client.get_model_version(name, champion))
         if (holder.tags.get("dataset"), holder.tags.get("test_split")) != (dataset, test_split):
             held += " on another dataset or test split: not comparable; promote by hand"
     log.info(
@@ -139,7 +139,7 @@ def _source(client: Any, exp_id: str, candidate: Candidate) -> str | None:
 
 
 def _versions(client: Any, name: str) -> list[Any]:
-    return _retry(lambda: list(client.search_model_versions(f"name = '{name}'")))
+    return retry_busy(lambda: list(client.search_model_versions(f"name = '{name}'")))
 
 
 def _has(version: Any, tags: dict[str, str]) -> bool:
@@ -156,7 +156,7 @@ def _score(version: Any, metric: str) -> float | None:
 
 def _holder(client: Any, name: str, alias: str) -> str | None:
     """The version number holding `alias`, or None."""
-    aliases = _retry(lambda: client.get_registered_model(name).aliases)
+    aliases = retry_busy(lambda: client.get_registered_model(name).aliases)
     return str(aliases[alias]) if alias in aliases else None
 
 
@@ -190,5 +190,5 @@ def _settle(
         )
         if best == holder:
             return holder
-        _retry(lambda b=best: client.set_registered_model_alias(name, CHAMPION, b))
+        retry_busy(lambda b=best: client.set_registered_model_alias(name, CHAMPION, b))
     return _holder(client, name, CHAMPION)

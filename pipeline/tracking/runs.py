@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,7 +79,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+def retry_busy(fn: Callable[[], T], attempts: int = 8) -> T:
     """Call `fn`, retrying briefly while sqlite reports the database locked or busy (MLflow
     already waits 20 s per statement; this covers the rest, e.g. a commit under contention)."""
     for attempt in range(attempts):
@@ -93,9 +94,39 @@ def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
     raise RuntimeError("unreachable")
 
 
+_warming: threading.Thread | None = None
+
+
+def warm_up(params: Params) -> None:
+    """Import mlflow and open the store on a background thread while the stage starts its
+    work: both take seconds, and the stage needs them only once its run opens. Errors are left
+    to the stage's own `init_store`, which waits for this thread first."""
+    global _warming
+    if not params.mlflow.enabled or _warming is not None:
+        return
+
+    def work() -> None:
+        with contextlib.suppress(Exception):
+            init_store(params)
+
+    _warming = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    _warming.start()
+
+
+def settle_warm_up() -> None:
+    """Wait for `warm_up` to finish (before the store is used, and before the stage ends:
+    a process never exits in the middle of creating a store)."""
+    global _warming
+    thread = _warming
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+        _warming = None
+
+
 def init_store(params: Params) -> str:
     """Create the store and the experiment if needed (idempotent); returns the experiment id.
     `python -m pipeline.tracking init` calls it, before fanning out many experiments."""
+    settle_warm_up()
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import mlflow
@@ -110,7 +141,7 @@ def init_store(params: Params) -> str:
 
     with _store_lock(uri):
         try:
-            return _retry(get_or_create)
+            return retry_busy(get_or_create)
         except Exception as exc:  # sqlalchemy, MlflowException, connection errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             if uri.startswith("sqlite:///"):
@@ -134,16 +165,16 @@ def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
     client = mlflow.MlflowClient()
     where = f"tags.`{EXECUTION_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'execution'"
     with _store_lock(tracking_uri(params)):
-        found = _retry(lambda: client.search_runs([exp_id], where, max_results=1))
+        found = retry_busy(lambda: client.search_runs([exp_id], where, max_results=1))
         if found:
             return found[0].info.run_id
         tags = run_tags("pipeline")
         del tags["dvc.stage"]
         name = tags.get("dvc.exp_name") or f"repro {tags.get('git.commit', '')[:7]}".strip()
         tags |= {EXECUTION_TAG: key, ROLE_TAG: "execution", "dvc.command": command}
-        run_id = _retry(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
+        run_id = retry_busy(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
         everything = [Param(k, str(v)) for k, v in flatten(params).items()]
-        _retry(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
+        retry_busy(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
     log.info("MLflow parent run %s (%s) for this pipeline execution", run_id, name)
     return run_id
 
@@ -235,7 +266,7 @@ def mlflow_run(
             if active is not None and active.info.run_id == started.info.run_id:
                 mlflow.end_run(status)
             if parent:
-                _retry(lambda: mlflow.MlflowClient().set_terminated(parent, status))
+                retry_busy(lambda: mlflow.MlflowClient().set_terminated(parent, status))
 
 
 def _start_run(
@@ -279,7 +310,7 @@ def _start_run(
             mlflow.log_params(flatten(used))
         log.info("MLflow run %s in %s", started.info.run_id, uri)
     if parent:
-        _retry(lambda: client.update_run(parent, status="RUNNING"))
+        retry_busy(lambda: client.update_run(parent, status="RUNNING"))
     return started, parent
 
 
@@ -334,7 +365,7 @@ def log_to_parent(
     if metrics:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        _retry(lambda: client.log_batch(parent, metrics=batch))
+        retry_busy(lambda: client.log_batch(parent, metrics=batch))
     for f in files:
         client.log_artifact(parent, str(f), folder or None)
 

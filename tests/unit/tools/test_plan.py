@@ -111,7 +111,14 @@ def test_processed_data_of_the_same_dataset_gives_the_real_counts(project):
     write_json(project / "data/processed/manifest.json", manifest)
     data = plan.data_plan(tiny())
     assert data.crops == 11 and data.counts == {"train": 2, "val": 1, "test": 1}
-    assert data.sizes["test"] == (40, 50)
+    assert data.sizes["test"] == data.label_sizes["test"] == (40, 50)
+    # images stored at preprocess.scale 0.5: the models see them so, and are scored on the
+    # full-size labels (the logits upsampled), which the evaluation estimates must include
+    save_image(project / "data/processed/test/labels/d.png", np.zeros((80, 100), np.uint8))
+    write_json(project / "data/processed/manifest.json", manifest | {"scale": 0.5})
+    halved = plan.data_plan(tiny(preprocess={"scale": 0.5}))
+    assert halved.sizes["test"] == (40, 50) and halved.label_sizes["test"] == (80, 100)
+    write_json(project / "data/processed/manifest.json", manifest)
     # other crop params: the crops are counted from the image size instead (2 x 2 per image)
     assert plan.data_plan(tiny(preprocess={"crop_size": 32, "crop_stride": 32})).crops == 2 * 4
 
