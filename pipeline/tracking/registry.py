@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.tracking.runs import retry_busy, init_store, run_tags
+from pipeline.tracking.runs import init_store, retry_busy, run_tags
 
 log = logging.getLogger(__name__)
 

@@ -279,7 +279,7 @@ def test_a_stage_whose_work_fails_shows_as_failed_in_mlflow(clean_env, store, pr
     assert parent.info.status == "FAILED"
 
 
-def test_the_store_warms_up_behind_the_stage_and_is_settled_when_it_ends(clean_env, store, tmp_path):
+def test_the_store_warms_up_behind_the_stage_and_is_settled_when_it_ends(clean_env, store):
     """`recorded` opens the store on a background thread while the stage works; the stage's
     own run waits for it, and the stage never ends with the thread still writing."""
     from pipeline.stages import lifecycle
