@@ -16,22 +16,18 @@ from typing import Any
 
 from pipeline.common import run_cli
 from pipeline.config import Params, load_params
-from pipeline.tracking.runs import failures_recorded, settle_warm_up, warm_up
+from pipeline.tracking.runs import failures_recorded
 
 
 @contextmanager
 def recorded(params: Params, stage: str, main: bool = True) -> Iterator[None]:
     """Step 3 for a stage that runs its own command line (training: an arch, DDP ranks);
-    only the main rank records. MLflow warms up in the background meanwhile (`warm_up`)."""
+    only the main rank records."""
     if not main:
         yield
         return
-    warm_up(params)
-    try:
-        with failures_recorded(params, stage):
-            yield
-    finally:
-        settle_warm_up()
+    with failures_recorded(params, stage):
+        yield
 
 
 def stage_main(stage: str, work: Callable[[Params], Any], doc: str) -> Callable[..., None]:

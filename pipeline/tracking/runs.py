@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,39 +93,9 @@ def retry_busy(fn: Callable[[], T], attempts: int = 8) -> T:
     raise RuntimeError("unreachable")
 
 
-_warming: threading.Thread | None = None
-
-
-def warm_up(params: Params) -> None:
-    """Import mlflow and open the store on a background thread while the stage starts its
-    work: both take seconds, and the stage needs them only once its run opens. Errors are left
-    to the stage's own `init_store`, which waits for this thread first."""
-    global _warming
-    if not params.mlflow.enabled or _warming is not None:
-        return
-
-    def work() -> None:
-        with contextlib.suppress(Exception):
-            init_store(params)
-
-    _warming = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
-    _warming.start()
-
-
-def settle_warm_up() -> None:
-    """Wait for `warm_up` to finish (before the store is used, and before the stage ends:
-    a process never exits in the middle of creating a store)."""
-    global _warming
-    thread = _warming
-    if thread is not None and thread is not threading.current_thread():
-        thread.join()
-        _warming = None
-
-
 def init_store(params: Params) -> str:
     """Create the store and the experiment if needed (idempotent); returns the experiment id.
     `python -m pipeline.tracking init` calls it, before fanning out many experiments."""
-    settle_warm_up()
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import mlflow

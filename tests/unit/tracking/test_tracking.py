@@ -279,25 +279,6 @@ def test_a_stage_whose_work_fails_shows_as_failed_in_mlflow(clean_env, store, pr
     assert parent.info.status == "FAILED"
 
 
-def test_the_store_warms_up_behind_the_stage_and_is_settled_when_it_ends(clean_env, store):
-    """`recorded` opens the store on a background thread while the stage works; the stage's
-    own run waits for it, and the stage never ends with the thread still writing."""
-    from pipeline.stages import lifecycle
-
-    params = _params(experiment="warm")
-    with lifecycle.recorded(params, "report"):
-        assert tracking._warming is not None  # started before the work
-        run_id = _stage(params, "report")  # waits for the warm-up: one experiment, one run
-    assert tracking._warming is None
-    exp = store.get_experiment_by_name("warm").experiment_id
-    assert [r.info.run_id for r in store.search_runs([exp])] == [run_id]
-    # nothing warms up when tracking is off, or on the DDP ranks that do not record
-    with lifecycle.recorded(_params(enabled=False), "report"):
-        assert tracking._warming is None
-    with lifecycle.recorded(params, "report", main=False):
-        assert tracking._warming is None
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_resumed_stage_moves_to_the_new_execution_and_the_killed_one_is_closed(clean_env, store):
     params = _params(experiment="pipeline")
