@@ -93,7 +93,7 @@ class DataPlan:
     sizes: dict[str, tuple[int, int]]
     counts: dict[str, int]
     source: str  # where the counts come from
-    label_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    label_sizes: dict[str, tuple[int, int]]  # labels are kept full-size: scored there
 
 
 @dataclass
@@ -134,11 +134,7 @@ def data_plan(params: Params) -> DataPlan:
             with Image.open(paths.split_dir(split, "images") / f"{stems[0]}.png") as img:
                 full = (round(img.height / stored), round(img.width / stored))
             sizes[split] = scaled_size(*full, pp.scale)  # what the models will see
-            label = paths.split_dir(split, "labels") / f"{stems[0]}.png"
-            label_sizes[split] = full  # labels are stored full-size: scored there
-            if label.is_file():
-                with Image.open(label) as lab:
-                    label_sizes[split] = (lab.height, lab.width)
+            label_sizes[split] = full
         classes, channels = manifest["num_classes"], manifest["in_channels"]
         source = str(paths.MANIFEST.relative_to(paths.ROOT))
     elif ds.name == "folder":
@@ -295,7 +291,7 @@ def time_eval(
     h, w = data.sizes[split]
     image = torch.randn(data.in_channels, h, w)
     # scored at the labels' full size: with preprocess.scale < 1 the logits are upsampled
-    label = _labels(data.num_classes, *data.label_sizes.get(split, (h, w)))
+    label = _labels(data.num_classes, *data.label_sizes[split])
     dataset = [(image, label)]
     classes = [str(i) for i in range(data.num_classes)]
     dtype = _amp(params) if amp else None

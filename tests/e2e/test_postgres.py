@@ -147,12 +147,8 @@ def test_queued_experiments_land_in_a_postgresql_tracking_server_with_basic_auth
 
         for key, value in credentials.items():
             monkeypatch.setenv(key, value)
-        before = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(url)
-        try:
-            check_the_server(url, repo, queued, tmp_path)
-        finally:
-            mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(url)  # put back after the test by conftest
+        check_the_server(url, repo, queued, tmp_path)
 
 
 def check_the_server(url: str, repo: Path, queued: dict[str, str], tmp_path: Path) -> None:

@@ -114,7 +114,6 @@ def test_processed_data_of_the_same_dataset_gives_the_real_counts(project):
     assert data.sizes["test"] == data.label_sizes["test"] == (40, 50)
     # images stored at preprocess.scale 0.5: the models see them so, and are scored on the
     # full-size labels (the logits upsampled), which the evaluation estimates must include
-    save_image(project / "data/processed/test/labels/d.png", np.zeros((80, 100), np.uint8))
     write_json(project / "data/processed/manifest.json", manifest | {"scale": 0.5})
     halved = plan.data_plan(tiny(preprocess={"scale": 0.5}))
     assert halved.sizes["test"] == (40, 50) and halved.label_sizes["test"] == (80, 100)

@@ -19,17 +19,14 @@ from tests.unit.tools.test_predict import INFERENCE, save_image, save_model
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A private sqlite MLflow store with its artifacts under tmp_path (set_tracking_uri also
-    sets MLFLOW_TRACKING_URI: monkeypatch restores it)."""
+def store(tmp_path):
+    """A private sqlite MLflow store with its artifacts under tmp_path (the tracking URI is
+    put back after the test by conftest's `_mlflow_uri_restored`)."""
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mlflow.create_experiment("serving", (tmp_path / "artifacts").as_uri())
-    yield SimpleNamespace(mlflow=mlflow, experiment_id=exp)
-    mlflow.set_tracking_uri(before)
+    return SimpleNamespace(mlflow=mlflow, experiment_id=exp)
 
 
 def _data(in_channels: int, num_classes: int, **extra) -> dict:

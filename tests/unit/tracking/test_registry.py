@@ -16,15 +16,11 @@ NAME = "unet-family-drive"
 
 @pytest.fixture
 def params(project, monkeypatch):
-    """A private store under the temporary project (set_tracking_uri, which init_store calls,
-    also sets MLFLOW_TRACKING_URI: monkeypatch restores it)."""
-    import mlflow
-
+    """A private store under the temporary project, also where MLFLOW_TRACKING_URI (which
+    beats params) points (conftest's `_mlflow_uri_restored` puts both back afterwards)."""
     uri = f"sqlite:///{project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    before = mlflow.get_tracking_uri()
-    yield parse_params({"mlflow": {"tracking_uri": uri}})
-    mlflow.set_tracking_uri(before)
+    return parse_params({"mlflow": {"tracking_uri": uri}})
 
 
 def logged(params, sha: str, stage: str = "train_unet", name: str = "segmenter") -> str:

@@ -96,15 +96,12 @@ def test_disabled_tracking_yields_no_run(clean_env, tmp_path):
 def test_mlflow_run_records_tags_and_metrics(clean_env, tmp_path: Path):
     import mlflow
     from mlflow.tracking import MlflowClient
-    from mlflow.tracking._tracking_service import utils as mlflow_uri
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     clean_env.setenv("MLFLOW_TRACKING_URI", uri)
     clean_env.setenv("DVC_ROOT", str(tmp_path))  # artifacts under tmp_path, not the project
     clean_env.setenv("DVC_EXP_NAME", "unit-exp")
-    # mlflow_run calls mlflow.set_tracking_uri, a process-wide setting: restore it afterwards
-    clean_env.setattr(mlflow_uri, "_tracking_uri", mlflow_uri._tracking_uri)
 
     params = _params(experiment="unit-tests")
     with tracking.mlflow_run(params, "train_unet", "unet") as run:
@@ -131,11 +128,8 @@ def test_mlflow_run_records_tags_and_metrics(clean_env, tmp_path: Path):
 
 def test_a_corrupt_store_is_one_line_naming_it_and_the_ways_out(clean_env, tmp_path: Path):
     """Not sqlalchemy's 90-line traceback: which file, and how to go on."""
-    from mlflow.tracking._tracking_service import utils as mlflow_uri
-
     from pipeline.common import PipelineError
 
-    clean_env.setattr(mlflow_uri, "_tracking_uri", mlflow_uri._tracking_uri)
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"this is not a sqlite database" * 100)
     clean_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
@@ -152,14 +146,13 @@ def test_a_corrupt_store_is_one_line_naming_it_and_the_ways_out(clean_env, tmp_p
 
 @pytest.fixture
 def store(clean_env, tmp_path: Path):
-    """A fresh sqlite store in tmp_path; MLflow's process-wide URI is restored afterwards."""
+    """A fresh sqlite store in tmp_path (MLflow's process-wide URI is put back afterwards by
+    conftest's `_mlflow_uri_restored`)."""
     from mlflow.tracking import MlflowClient
-    from mlflow.tracking._tracking_service import utils as mlflow_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clean_env.setenv("MLFLOW_TRACKING_URI", uri)
     clean_env.setenv("DVC_ROOT", str(tmp_path))
-    clean_env.setattr(mlflow_uri, "_tracking_uri", mlflow_uri._tracking_uri)
     return MlflowClient(tracking_uri=uri)
 
 
