@@ -20,6 +20,7 @@ Run it with nothing else on the machine: the figures are wall times.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -66,6 +67,19 @@ def results(repo: Path) -> dict:
     return {f: strip(json.loads((repo / f).read_text())) for f in files}
 
 
+def epoch_seconds(repo: Path) -> dict[str, float]:
+    """{arch: its epochs' loading + training steps + per-epoch validation, s}, from the run's
+    reports/<arch>/epochs.csv: the compute that identical results cannot skip (the per-epoch
+    validation picks the best epoch), whatever start-up, tracking or DVC cost around it."""
+    out = {}
+    for arch in ("unet", "unetpp"):
+        with open(repo / "reports" / arch / "epochs.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        keys = ("data_seconds", "compute_seconds", "val_seconds")
+        out[arch] = sum(float(row[k]) for row in rows for k in keys)
+    return out
+
+
 def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
@@ -88,9 +102,16 @@ def measure(clone: Path, runs: int) -> dict:
         if missing:
             sys.exit(f"run {i + 1}: no time split for {missing}; is this commit instrumented?")
         staged = sum(s["total"] for s in splits.values())
-        rows.append({"run": i + 1, "wall": wall, "dvc": wall - staged, "stages": splits})
+        epochs = epoch_seconds(clone)
+        rows.append(
+            {"run": i + 1, "wall": wall, "dvc": wall - staged, "stages": splits, "epochs": epochs}
+        )
         outcomes.append(results(clone))
-        print(f"run {i + 1}: {wall:.1f}s (DVC around the stages {wall - staged:.1f}s)", flush=True)
+        print(
+            f"run {i + 1}: {wall:.1f}s (DVC around the stages {wall - staged:.1f}s; "
+            f"epochs: UNet {epochs['unet']:.1f}s, UNet++ {epochs['unetpp']:.1f}s)",
+            flush=True,
+        )
     noop = [run([*dvc, "repro"], clone)[0] for _ in range(3)]
     return {"setup_s": setup_s, "runs": rows, "noop_s": noop, "same_results": outcomes}
 
@@ -118,6 +139,9 @@ def summarise(measured: dict) -> tuple[list[dict], dict]:
         "noop_median_s": statistics.median(measured["noop_s"]),
         "setup_s": round(measured["setup_s"], 1),
         "identical_results": all(r == first for r in measured["same_results"]),
+        "epochs_median_s": {
+            arch: statistics.median(r["epochs"][arch] for r in runs) for arch in ("unet", "unetpp")
+        },
         "unet_test_miou": first["reports/unet/metrics.json"]["miou"],
         "unetpp_test_miou": first["reports/unetpp/metrics.json"]["miou"],
     }
@@ -155,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".json").write_text(
         json.dumps({**env, **headline, "table": table, **measured}, indent=2) + "\n"
     )
-    m = env["machine"]
+    m, epochs = env["machine"], headline["epochs_median_s"]
     columns = {"stage": "stage", "total": "wall s", "startup": "start-up s",
                "tracking": "tracking s", "work": "work s"}  # fmt: skip
     md = "\n".join(
@@ -172,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
             f"- results identical across runs (timings aside): {headline['identical_results']}; "
             f"test mIoU UNet {headline['unet_test_miou']:.4f}, "
             f"UNet++ {headline['unetpp_test_miou']:.4f}",
+            f"- the two models' epochs alone (loading, training steps and per-epoch validation, "
+            f"summed from reports/*/epochs.csv): median **{sum(epochs.values()):.1f}s** "
+            f"(UNet {epochs['unet']:.1f}s, UNet++ {epochs['unetpp']:.1f}s), a floor for any "
+            "change that keeps the results identical",
             "",
             "Medians per stage. start-up: interpreter and imports before the stage's code; "
             "tracking: MLflow; work: the rest.",

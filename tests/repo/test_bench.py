@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from bench import inference_latency, loader_throughput, train_throughput
+from bench import cpu_step, inference_latency, loader_throughput, train_throughput
 from bench.benchlib import markdown_table, out_stem, train_step_flops
 from pipeline import paths
 from tests.unit.engine.test_training import TINY
@@ -154,3 +154,28 @@ def test_stability_varies_the_run_seed_and_the_data_only_when_asked(
         **{f"{a}_late_drop": 0.05 for a in ("unet", "unetpp")},
         **{f"{a}_seconds": 1.0 for a in ("unet", "unetpp")},
     }
+
+
+def test_cpu_step_main(project, tmp_path):
+    paths.PARAMS.write_text(yaml.safe_dump(TINY))
+    stem = tmp_path / "cs"
+    cpu_step.main(
+        ["--steps", "1", "--windows", "1", "--warmup", "0", "--check", "2", "--out", str(stem)]
+    )
+    report, md = _outputs(stem, cpu_step.TITLE)
+    rows = report["rows"]
+    assert [(r["arch"], r["variant"]) for r in rows] == [
+        (arch, v) for arch in ("unet", "unetpp") for v in ("fp32", "channels_last", "bf16")
+    ]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["speedup"] > 0
+        assert row["identical"] == (row["first_diff"] is None)
+    fp32 = [r for r in rows if r["variant"] == "fp32"]
+    # the pipeline's CPU step repeats itself bit for bit: the reference the others are held to
+    assert all(r["identical"] and r["speedup"] == 1 and r["loss_rel_diff"] == 0 for r in fp32)
+    assert "| unetpp | bf16 |" in md
+
+
+def test_cpu_step_wants_fp32_first(project):
+    with pytest.raises(SystemExit):
+        cpu_step.main(["--variants", "bf16", "fp32"])
