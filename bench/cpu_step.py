@@ -5,11 +5,12 @@ The models are params.yaml's `unet:` and `unetpp:` (UNet++ with its deep-supervi
 batches of `batch_size` crops of `preprocess.crop_size` px with the dataset's channels, as
 `dvc repro` trains them; the step is pipeline.engine.loop.Engine's (bench.benchlib). Variants:
 
-- fp32: what the pipeline runs on a CPU (`train.amp: auto` is off there; channels_last is
-  CUDA only);
+- fp32: what the pipeline runs on a CPU (`train.amp: auto` is off there; `train.channels_last`
+  applies on CUDA only);
 - channels_last: the same fp32 step with NHWC tensors (oneDNN picks other kernels);
-- bf16: autocast to bfloat16 (`train.amp: bf16`), NHWC too; how much it gains depends on
-  the CPU's bf16 instructions (AVX512-BF16, AMX).
+- bf16: autocast to bfloat16, what `train.amp: bf16` runs on a CPU; how much it gains
+  depends on the CPU's bf16 instructions (AVX512-BF16, AMX);
+- bf16_channels_last: both (the pipeline has no switch for it on a CPU).
 
 For each variant: the step time (median of --windows windows of --steps steps, after
 --warmup steps) and the speed-up over fp32; then --check steps from the same seed on the
@@ -35,11 +36,12 @@ import torch
 from bench.benchlib import environment, out_stem, pipeline_engine, time_windows, write_outputs
 
 NAME = "cpu_step"
-TITLE = "The default recipe's training step on the CPU: fp32 vs channels_last vs bf16"
+TITLE = "The default recipe's training step on the CPU: fp32, channels_last, bf16"
 VARIANTS = {  # name -> (autocast dtype, channels_last)
     "fp32": (None, False),
     "channels_last": (None, True),
-    "bf16": (torch.bfloat16, True),
+    "bf16": (torch.bfloat16, False),
+    "bf16_channels_last": (torch.bfloat16, True),
 }
 COLUMNS = {
     "arch": "model",

@@ -2,6 +2,7 @@
 
     uv run python bench/startup.py                 # a fresh clone of HEAD, 3 runs
     uv run python bench/startup.py --runs 5 --keep /tmp/startup-clone
+    uv run python bench/startup.py --runs 1 --set train.amp=bf16 --out /tmp/startup-bf16
 
 Clones the committed HEAD into a temporary folder, sets it up with the README's set-up command
 (timed apart, excluded from the figures), then runs the README's `dvc repro` `--runs` times,
@@ -13,6 +14,9 @@ code runs, tracking the MLflow calls, work the rest. What DVC spends around the 
 Then a no-op `dvc repro` three times. The per-stage medians, each run's total and the
 no-op time are printed and written to reports/benchmarks/startup.{json,md}; each run's
 metrics are compared (timings aside) to show the runs did the same work.
+
+`--set key=value` (repeatable) changes the clone's params.yaml as `dvc exp run -S` would,
+before the first run: what another recipe would cost (its results differ, of course).
 
 Run it with nothing else on the machine: the figures are wall times.
 """
@@ -78,6 +82,21 @@ def epoch_seconds(repo: Path) -> dict[str, float]:
         keys = ("data_seconds", "compute_seconds", "val_seconds")
         out[arch] = sum(float(row[k]) for row in rows for k in keys)
     return out
+
+
+def override(params: Path, sets: list[str]) -> None:
+    """params.yaml with `key=value` overrides, by DVC's own -S code, checked by the stages'
+    loader: a bad key or value stops here, in one line, before any run."""
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.config import load_params
+
+    subprocess.run(["git", "checkout", "-q", "--", params.name], cwd=params.parent, check=True)
+    try:
+        apply_overrides(params, sets)
+        load_params(params)
+    except Exception as exc:  # DVC's and the loader's errors alike: one line, no traceback
+        sys.exit(f"--set {' '.join(sets)}: {str(exc).splitlines()[0]}")
 
 
 def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -153,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp dir)")
     parser.add_argument("--out", help="output stem (default reports/benchmarks/startup)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="as dvc exp run -S"
+    )
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                             capture_output=True, check=True).stdout.strip()  # fmt: skip
@@ -163,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "fetch", "-q", str(ROOT), "HEAD"], cwd=clone, check=True)
         subprocess.run(["git", "checkout", "-q", "--detach", commit], cwd=clone, check=True)
+        if args.set:
+            override(clone / "params.yaml", args.set)
         measured = measure(clone, args.runs)
     finally:
         if tmp is not None:
@@ -172,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "set": args.set,
         "threads": os.environ.get("OMP_NUM_THREADS", "torch's default (one per core)"),
     }
     stem = out_stem(args.out, "startup")
@@ -188,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"- machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; "
             f"commit `{commit}`, {env['date']}",
-            f"- command: `python bench/startup.py --runs {args.runs}` (a fresh clone, set-up "
+            f"- command: `python bench/startup.py --runs {args.runs}"
+            f"{''.join(f' --set {kv}' for kv in args.set)}` (a fresh clone, set-up "
             f"excluded: {headline['setup_s']:.0f}s; each run from a clean state)",
             f"- `dvc repro`: median **{headline['median_s']:.1f}s** of runs "
             f"{', '.join(f'{w:.1f}s' for w in headline['walls_s'])}; no-op `dvc repro` "

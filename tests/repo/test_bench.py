@@ -5,6 +5,7 @@ classic UNet has the paper's 31.0M parameters. Seconds, not minutes: no timing i
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from bench import cpu_step, inference_latency, loader_throughput, train_throughput
 from bench.benchlib import markdown_table, out_stem, train_step_flops
 from pipeline import paths
+from pipeline.config import load_params
 from tests.unit.engine.test_training import TINY
 from tests.unit.engine.test_training import data as data  # the tiny preprocessed project fixture
 
@@ -164,8 +166,9 @@ def test_cpu_step_main(project, tmp_path):
     )
     report, md = _outputs(stem, cpu_step.TITLE)
     rows = report["rows"]
+    assert list(cpu_step.VARIANTS)[0] == "fp32"
     assert [(r["arch"], r["variant"]) for r in rows] == [
-        (arch, v) for arch in ("unet", "unetpp") for v in ("fp32", "channels_last", "bf16")
+        (arch, v) for arch in ("unet", "unetpp") for v in cpu_step.VARIANTS
     ]
     for row in rows:
         assert row["step_ms"] > 0 and row["speedup"] > 0
@@ -179,3 +182,30 @@ def test_cpu_step_main(project, tmp_path):
 def test_cpu_step_wants_fp32_first(project):
     with pytest.raises(SystemExit):
         cpu_step.main(["--variants", "bf16", "fp32"])
+
+
+def test_startup_set_overrides_params_as_dvc_exp_run_does(tmp_path):
+    from bench import startup
+
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    params = repo / "params.yaml"
+    params.write_text((startup.ROOT / "params.yaml").read_text())  # the repo's own
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "p", "--allow-empty"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "params.yaml"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], cwd=repo, check=True)
+
+    startup.override(params, ["train.amp=bf16", "epochs=2"])
+    got = load_params(params)
+    assert got.train.amp == "bf16" and got.epochs == 2
+    assert "# Every key here is validated" in params.read_text()  # DVC's -S keeps comments
+    # each call starts from the committed file: overrides do not pile up
+    startup.override(params, ["epochs=3"])
+    assert load_params(params).train.amp == "auto" and load_params(params).epochs == 3
+
+    with pytest.raises(SystemExit) as info:
+        startup.override(params, ["train.amp=fp64"])
+    assert str(info.value).startswith("--set train.amp=fp64: ") and "amp" in str(info.value)
+    assert "\n" not in str(info.value)
