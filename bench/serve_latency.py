@@ -16,13 +16,8 @@ import argparse
 import base64
 import contextlib
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.benchlib import environment, out_stem, write_outputs
+from bench.servers import OPENER, model_server
 
 NAME = "serving"
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,47 +35,6 @@ COLUMNS = {
     "image_ms": "ms per image",
     "images_per_s": "images/s",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(model: str, tracking_uri: str, timeout: float = 300.0):
-    """`mlflow models serve` in its own process group; yields its URL once /ping answers."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    cmd = [str(exe), "models", "serve", "-m", model, "--env-manager", "local"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    sys.exit(f"mlflow models serve exited:\n{log.read().decode()[-3000:]}")
-                with (
-                    contextlib.suppress(OSError),
-                    urllib.request.urlopen(f"{url}/ping", timeout=2) as response,
-                ):
-                    if response.status == 200:
-                        break
-                if time.monotonic() > deadline:
-                    sys.exit(f"mlflow models serve did not answer {url}/ping in {timeout:.0f} s")
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
 
 
 def request(url: str, images: list[bytes]) -> float:
@@ -96,7 +51,7 @@ def request(url: str, images: list[bytes]) -> float:
         headers={"Content-Type": "application/json"},
     )
     start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as response:
+    with OPENER.open(req, timeout=600) as response:
         answer = json.loads(response.read())
     ms = (time.perf_counter() - start) * 1000
     if len(answer["predictions"]) != len(images):
@@ -121,11 +76,15 @@ def in_process_ms(model: str, tracking_uri: str, image: bytes, runs: int) -> flo
 
 
 def default_model() -> str:
+    from pipeline.common import PipelineError
     from pipeline.config import load_params
     from pipeline.data.manifest import load_manifest
     from pipeline.tracking.registry import registered_name
 
-    return f"models:/{registered_name(load_params(), load_manifest().dataset)}@champion"
+    try:
+        return f"models:/{registered_name(load_params(), load_manifest().dataset)}@champion"
+    except PipelineError as exc:  # no processed data yet: no dataset, no champion
+        sys.exit(f"{exc}; or pass --model")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.tracking_uri = tracking_uri(load_params())
     image = args.image.read_bytes()
     rows = []
-    with served(model, args.tracking_uri) as url:
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(model_server(model, args.tracking_uri, timeout=300.0))
+        except (RuntimeError, TimeoutError) as exc:  # it exited, or never answered /ping
+            sys.exit(f"mlflow models serve -m {model}: {exc}")
         request(url, [image])  # warm-up: the first request loads lazily imported code
         for batch in [int(b) for b in args.batches.split(",")]:
             ms = statistics.median(request(url, [image] * batch) for _ in range(args.runs))

@@ -239,6 +239,7 @@ def test_the_champion_served_over_http_answers_like_pipeline_predict(
     import base64
     import urllib.request
 
+    from bench import serve_latency
     from pipeline.predict import predict_files
     from tests.browser import model_server
 
@@ -263,6 +264,8 @@ def test_the_champion_served_over_http_answers_like_pipeline_predict(
         )
         with urllib.request.urlopen(req, timeout=120) as response:
             answer = json.loads(response.read())
+        # bench/serve_latency.py's timed request against the same server: two images, two masks
+        assert serve_latency.request(url, [image.read_bytes()] * 2) > 0
     (row,) = answer["predictions"]
     expected = (tmp_path / "out" / "example_label.png").read_bytes()
     assert base64.b64decode(row["mask"]) == expected
