@@ -122,8 +122,8 @@ fi
 # --- the preset end to end -------------------------------------------------------------------------
 sets=${GPU_CHECK_SET:-}
 if [[ -n $dry ]]; then  # minutes on 2 CPU cores, every stage and the same code paths
-  sets="epochs=1 batch_size=4 preprocess.crops_per_image=2 preprocess.crop_size=64
-        unet.base_channels=4 unetpp.base_channels=4 unet.depth=2 unetpp.depth=2
+  sets="epochs=1 batch_size=4 preprocess.crops_per_image=2 preprocess.crop_size=64 preprocess.crop_stride=32
+        unet.base_channels=4 unetpp.base_channels=4
         train.device=cpu train.compile=false train.num_workers=0 train.warmup_epochs=0.5
         inference.tile_size=0 pruning.latency_runs=2 pruning.latency_warmup=1 $sets"
   [[ $dataset == camvid ]] && sets="preprocess.scale=0.25 $sets"
@@ -169,7 +169,7 @@ total=$(($(date +%s) - started))
   echo "### GPU check: $dataset${dry:+ (dry run on the CPU)}"
   echo
   echo "- $(date -u '+%Y-%m-%d %H:%M UTC'), wall ${total}s in all"
-  echo "- set: ${sets:-(preset as committed)}" | tr -s ' \n' ' '
+  echo "- set: $(echo ${sets:-(the preset as committed)})"  # one line, single spaces
   echo
   echo "| step | how it ended |"
   echo "|---|---|"
@@ -205,6 +205,16 @@ if prune.is_file():  # every depth, scored like the full model (L4 = UNet++ abov
                      "latency_ms": round(float(m["latency_ms"]), 2)})
 if rows:
     table(rows, ["model", "miou", "dice", "f1", "auc_roc", "global_accuracy", "latency_ms", "train_s"])
+per_class = []  # IoU of every class (CamVid's 11), test split
+for arch, label in (("unet", "UNet"), ("unetpp", "UNet++ L4")):
+    f = rep / arch / "metrics.json"
+    if f.is_file():
+        m = json.loads(f.read_text())
+        per_class.append({"model": label, **{k[4:]: round(v, 3) for k, v in m.items()
+                                             if k.startswith("iou_")}})
+if per_class and len(per_class[0]) > 3:  # multi-class: binary tasks have F1/AUC above
+    print("Test IoU per class:\n")
+    table(per_class, list(per_class[0]))
 for name in ("train_throughput", "inference_latency"):
     f = Path(sys.argv[1]) / f"{name}.md"
     if f.is_file():

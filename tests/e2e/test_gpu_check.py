@@ -60,8 +60,8 @@ def test_dry_run_takes_every_step(tmp_path, dataset, archive):
     proc = _run([dataset, "--dry-run"], out, GPU_CHECK_SOURCE=str(source))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    steps = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ")]
-    ended = {cells[0].lstrip("| "): cells[1] for cells in steps if len(cells) == 2}
+    lines = summary.split("| step | how it ended |\n|---|---|\n", 1)[1].split("\n\n")[0]
+    ended = dict(line.strip("| ").split(" | ") for line in lines.splitlines())
     expected = ["CUDA tests", "params", "download", "preprocess", "train_unet", "train_unetpp"]
     expected += ["prune", "report"]
     if dataset == "drive":
@@ -70,6 +70,8 @@ def test_dry_run_takes_every_step(tmp_path, dataset, archive):
     assert all(how.startswith("ok,") for how in ended.values()), ended
     for model in ("UNet", "UNet++ L4", "pruned L1", "pruned L4"):
         assert f"| {model} |" in summary
+    # CamVid: the test IoU of each of the 11 classes; DRIVE: F1 and AUC in the main table
+    assert ("| model | Sky | Building | Pole |" in summary) == (dataset == "camvid")
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"reports/report.md", "reports/pruning.csv", "bench/params.yaml"} <= names
