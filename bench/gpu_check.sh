@@ -18,7 +18,8 @@
 #
 # Everything lands in $OUT (default ./gpu_out): log.txt (all output), summary.md (the table
 # printed last), results.tar.gz (reports/, the benchmark tables, the params that ran). Each
-# step has its own time limit, so one overrunning step cannot take the summary with it.
+# step has its own time limit, and all of them fit GPU_CHECK_BUDGET seconds (default 560, under
+# the device's 600 s per command): an overrunning step cannot take the summary with it.
 set -uo pipefail
 
 dataset=${1:?usage: bash bench/gpu_check.sh drive|camvid [--dry-run]}
@@ -46,9 +47,19 @@ exec > >(tee -a "$out/log.txt") 2>&1
 started=$(date +%s)
 status=()  # "step: ok|FAILED (rc)|TIMEOUT  seconds"
 
+budget=${GPU_CHECK_BUDGET:-560}  # s for the whole run: the device stops a command at 600
+
 step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, record how it ended
   local name=$1 limit=$2 t0 rc
   shift 2
+  # within the run's budget, 20 s kept for the summary: a late step is cut short, not the summary
+  local left=$((budget - ($(date +%s) - started) - 20))
+  if ((left < 10)); then
+    status+=("$name: SKIPPED (out of the ${budget}s budget), 0s")
+    echo "=== $name: SKIPPED, out of the ${budget}s budget"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
   echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
   t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@"

@@ -77,3 +77,15 @@ def test_dry_run_takes_every_step(tmp_path, dataset, archive):
     assert {"reports/report.md", "reports/pruning.csv", "bench/params.yaml"} <= names
     assert ("bench/train_throughput.md" in names) == (dataset == "drive")
     assert (out / "log.txt").read_text().count("=== ") >= 2 * len(expected)
+
+
+def test_steps_past_the_budget_are_skipped_and_the_summary_still_written(tmp_path):
+    fake = tmp_path / "DRIVE.zip"
+    fake.write_bytes(b"")  # never read: no step gets to run
+    out = tmp_path / "out"
+    proc = _run(["drive", "--dry-run"], out, GPU_CHECK_SOURCE=str(fake), GPU_CHECK_BUDGET="20")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    summary = (out / "summary.md").read_text()
+    for name in ("CUDA tests", "train_throughput", "inference_latency", "params"):
+        assert f"| {name} | SKIPPED (out of the 20s budget), 0s |" in summary
+    assert "| download |" not in summary  # the stages need the params step

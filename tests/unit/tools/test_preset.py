@@ -191,7 +191,7 @@ def test_apply_writes_valid_params_yaml_atomically(params_copy):
     params = load_params(params_copy)
     _, merged = preset.resolve("drive-gpu", "/data/DRIVE.zip", params_path=PROJECT_PARAMS)
     assert params == parse_params(merged)
-    assert params.dataset.source == "/data/DRIVE.zip" and params.epochs == 80
+    assert params.dataset.source == "/data/DRIVE.zip" and params.epochs == 40
     # DVC's -S code keeps the comments and the key order
     assert after.splitlines()[0] == before.splitlines()[0]
     assert list(yaml.safe_load(after)) == list(yaml.safe_load(before))
