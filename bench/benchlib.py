@@ -186,6 +186,22 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def parse_sets(items: Sequence[str]) -> dict:
+    """`key.sub=value` strings (as `dvc exp run -S` takes them) -> a nested overlay dict, each
+    value read as YAML (`0.01` a float, `null` None); pipeline.preset.merge / apply take it."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
 def out_stem(out: str | None, name: str) -> Path:
     """--out: a path stem (a .json or .md suffix is dropped); default reports/benchmarks/NAME."""
     path = Path(out) if out else OUT_DIR / name

@@ -27,13 +27,20 @@ cannot be a drop-in speed-up of the default.
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from bench.benchlib import environment, out_stem, pipeline_engine, time_windows, write_outputs
+from bench.benchlib import (
+    environment,
+    out_stem,
+    pipeline_engine,
+    pipeline_step,
+    time_windows,
+    write_outputs,
+)
 
 NAME = "cpu_step"
 TITLE = "The default recipe's training step on the CPU: fp32, channels_last, bf16"
@@ -55,36 +62,36 @@ COLUMNS = {
 
 
 def recipe(params_path: str | None):
-    """(params, in_channels, num_classes) of the default run: params.yaml's, with the
-    synthetic dataset's RGB images and two classes unless a processed manifest says more."""
+    """(params, manifest) of the default run: params.yaml's, and the processed data's
+    manifest, or without one the synthetic dataset's RGB images and two classes."""
+    from types import SimpleNamespace
+
     from pipeline import paths
     from pipeline.config import load_params
+    from pipeline.data.manifest import IGNORE_INDEX, load_manifest
 
     params = load_params(None if params_path is None else Path(params_path), complete=False)
-    channels, classes = 3, 2
     if paths.MANIFEST.is_file():
-        manifest = json.loads(paths.MANIFEST.read_text())
-        channels, classes = manifest["in_channels"], manifest["num_classes"]
-    return params, channels, classes
+        return params, load_manifest()
+    # what build_loss reads when loss.class_weights is null (the default's)
+    return params, SimpleNamespace(in_channels=3, num_classes=2, ignore_index=IGNORE_INDEX)
 
 
-def build(arch: str, params, channels: int, classes: int):
-    """The model and its training loss as pipeline.stages.train builds them (no class weights)."""
-    from pipeline.engine.losses import DeepSupervisionLoss, SegmentationLoss
+def build(arch: str, params, manifest):
+    """The model and its training loss as pipeline.stages.train builds them."""
+    from pipeline.engine.losses import build_loss
     from pipeline.models import build_model
 
     config = params.model(arch).model_dump()
-    model = build_model(arch, channels, classes, **config)
-    loss = SegmentationLoss(params.loss.ce_weight, params.loss.dice_weight)
-    if config.get("deep_supervision"):
-        loss = DeepSupervisionLoss(loss, params.loss.ds_weights)
-    return model, loss
+    model = build_model(arch, manifest.in_channels, manifest.num_classes, **config)
+    return model, build_loss(params.loss, bool(config.get("deep_supervision")), manifest)
 
 
-def batches(params, channels: int, classes: int, count: int) -> list[tuple[torch.Tensor, ...]]:
+def batches(params, manifest, count: int) -> list[tuple[torch.Tensor, ...]]:
     """`count` fixed random batches of the recipe's shape."""
     g = torch.Generator().manual_seed(0)
     b, size = params.batch_size, params.preprocess.crop_size
+    channels, classes = manifest.in_channels, manifest.num_classes
     return [
         (
             torch.randn(b, channels, size, size, generator=g),
@@ -94,9 +101,9 @@ def batches(params, channels: int, classes: int, count: int) -> list[tuple[torch
     ]
 
 
-def engine_for(arch: str, variant: str, params, channels: int, classes: int):
+def engine_for(arch: str, variant: str, params, manifest):
     torch.manual_seed(params.seed)
-    model, loss = build(arch, params, channels, classes)
+    model, loss = build(arch, params, manifest)
     dtype, cl = VARIANTS[variant]
     engine = pipeline_engine(model, torch.device("cpu"), dtype, cl, False, loss, params.lr)
     engine.model.train()
@@ -115,26 +122,23 @@ def losses(engine, data: Sequence[tuple[torch.Tensor, ...]]) -> list[float]:
 
 
 def measure(args) -> list[dict]:
-    params, channels, classes = recipe(args.params)
-    data = batches(params, channels, classes, max(args.check, 2))
+    params, manifest = recipe(args.params)
+    data = batches(params, manifest, max(args.check, 2))
     rows = []
     for arch in args.archs:
         # a run of its own: so fp32's row checks that fp32 repeats itself bit for bit
-        reference = losses(engine_for(arch, "fp32", params, channels, classes), data[: args.check])
+        reference = losses(engine_for(arch, "fp32", params, manifest), data[: args.check])
         base_ms: float | None = None
         for variant in args.variants:
-            engine = engine_for(arch, variant, params, channels, classes)
-            state = {"i": 0}
-
-            def step(engine=engine, state=state):
-                images, labels = data[state["i"] % len(data)]
-                state["i"] += 1
-                images, labels = engine.to_device([images, labels])
-                engine.step(images, labels)[0].item()  # the loss read-out, as in training
-                engine.apply()
-
-            t = time_windows(step, torch.device("cpu"), args.steps, args.windows, args.warmup)
-            got = losses(engine_for(arch, variant, params, channels, classes), data[: args.check])
+            engine, batch = engine_for(arch, variant, params, manifest), itertools.cycle(data)
+            t = time_windows(
+                lambda e=engine, b=batch: pipeline_step(e, *next(b)),
+                torch.device("cpu"),
+                args.steps,
+                args.windows,
+                args.warmup,
+            )
+            got = losses(engine_for(arch, variant, params, manifest), data[: args.check])
             pairs = list(zip(got, reference, strict=True))
             diffs = [i for i, (a, b) in enumerate(pairs) if a != b]
             ms = t["step_s"] * 1e3

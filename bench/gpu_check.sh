@@ -142,27 +142,21 @@ fi
 step "params" 60 $py - "$dataset-gpu" "$src" $sets <<'EOF'
 import sys
 import yaml
+from bench.benchlib import parse_sets
 from pipeline import paths
 from pipeline.config import load_params, load_yaml
 from pipeline.preset import check_keys, load_overlay, merge
 
+# pipeline.preset's checks and merge; written with PyYAML, as DVC (its -S code) does not travel
 preset, source, *sets = sys.argv[1:]
 base = load_yaml(paths.PARAMS.read_text())
-overlay = load_overlay(preset)
-extra = {"dataset": {"source": source}, "mlflow": {"enabled": False}}
-for kv in sets:
-    key, _, value = kv.partition("=")
-    node = extra
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
-for layer in (overlay, extra):
+run = {"dataset": {"source": source}, "mlflow": {"enabled": False}}
+for layer in (load_overlay(preset), run, parse_sets(sets)):
     check_keys(layer, base, preset)
     base = merge(base, layer)
 paths.PARAMS.write_text(yaml.safe_dump(base, sort_keys=False))
 load_params()  # the stages' own check, before anything runs
-print(f"params.yaml = {preset} + {extra}")
+print(f"params.yaml = {preset} + {run} + {sets}")
 EOF
 stages=(download preprocess "train unet" "train unetpp" prune report)
 limits=(60 120 300 300 120 90)
@@ -198,32 +192,25 @@ def table(rows, cols):
     print()
 
 rep = Path("reports")
-rows = []
-for arch, label in (("unet", "UNet"), ("unetpp", "UNet++ L4")):
-    f = rep / arch / "metrics.json"
-    if f.is_file():
-        m = json.loads(f.read_text())
-        rows.append({"model": label, **{k: round(m[k], 4) for k in
-                     ("miou", "dice", "f1", "auc_roc", "global_accuracy") if k in m},
-                     "latency_ms": round(m.get("latency_ms", float("nan")), 2),
-                     "train_s": m.get("train_seconds")})
+keys = ("miou", "dice", "f1", "auc_roc", "global_accuracy")
+trained = {label: json.loads((rep / arch / "metrics.json").read_text())
+           for arch, label in (("unet", "UNet"), ("unetpp", "UNet++ L4"))
+           if (rep / arch / "metrics.json").is_file()}
+rows = [{"model": label, **{k: round(m[k], 4) for k in keys if k in m},
+         "latency_ms": round(m["latency_ms"], 2), "train_s": m["train_seconds"]}
+        for label, m in trained.items()]
 prune = rep / "pruning.csv"
 if prune.is_file():  # every depth, scored like the full model (L4 = UNet++ above)
     import csv
     for m in csv.DictReader(prune.open()):
         rows.append({"model": f"pruned L{m['depth']}", **{k: round(float(m[k]), 4) for k in
-                     ("miou", "dice", "f1", "auc_roc", "global_accuracy") if m.get(k)},
-                     "latency_ms": round(float(m["latency_ms"]), 2)})
+                     keys if m.get(k)}, "latency_ms": round(float(m["latency_ms"]), 2)})
 if rows:
-    table(rows, ["model", "miou", "dice", "f1", "auc_roc", "global_accuracy", "latency_ms", "train_s"])
-per_class = []  # IoU of every class (CamVid's 11), test split
-for arch, label in (("unet", "UNet"), ("unetpp", "UNet++ L4")):
-    f = rep / arch / "metrics.json"
-    if f.is_file():
-        m = json.loads(f.read_text())
-        per_class.append({"model": label, **{k[4:]: round(v, 3) for k, v in m.items()
-                                             if k.startswith("iou_")}})
-if per_class and len(per_class[0]) > 3:  # multi-class: binary tasks have F1/AUC above
+    table(rows, ["model", *keys, "latency_ms", "train_s"])
+# multi-class (CamVid's 11): the test IoU of every class; binary tasks have F1/AUC above
+per_class = [{"model": label, **{k[4:]: round(v, 3) for k, v in m.items() if k.startswith("iou_")}}
+             for label, m in trained.items()]
+if per_class and len(per_class[0]) > 3:
     print("Test IoU per class:\n")
     table(per_class, list(per_class[0]))
 for name in ("train_throughput", "inference_latency"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bench.benchlib import environment, out_stem, write_outputs
+from bench.benchlib import environment, out_stem, parse_sets, write_outputs
 from pipeline.common import read_json
 from pipeline.preset import merge
 
@@ -71,18 +71,6 @@ def run_seed(seed: int, overrides: dict, workdir: Path, vary_data: bool = False)
         row[f"{arch}_late_drop"] = round(late_drop(epochs["val_miou"]), 4)
         row[f"{arch}_seconds"] = round(metrics["train_seconds"], 1)
     return row
-
-
-def parse_sets(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return out
 
 
 def main() -> None:

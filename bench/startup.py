@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.benchlib import markdown_table, out_stem
+from bench.benchlib import markdown_table, out_stem, parse_sets
 from bench.results import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,18 +85,17 @@ def epoch_seconds(repo: Path) -> dict[str, float]:
 
 
 def override(params: Path, sets: list[str]) -> None:
-    """params.yaml with `key=value` overrides, by DVC's own -S code, checked by the stages'
-    loader: a bad key or value stops here, in one line, before any run."""
-    from dvc.utils.hydra import apply_overrides
-
-    from pipeline.config import load_params
+    """The committed params.yaml with `key=value` overrides, written as `dvc exp run -S` would
+    (pipeline.preset.apply: DVC's own code, checked by the stages' loader): a bad key or value
+    stops here, in one line, before any run."""
+    from pipeline.common import PipelineError
+    from pipeline.preset import apply
 
     subprocess.run(["git", "checkout", "-q", "--", params.name], cwd=params.parent, check=True)
     try:
-        apply_overrides(params, sets)
-        load_params(params)
-    except Exception as exc:  # DVC's and the loader's errors alike: one line, no traceback
-        sys.exit(f"--set {' '.join(sets)}: {str(exc).splitlines()[0]}")
+        apply(parse_sets(sets), params)
+    except PipelineError as exc:
+        sys.exit(f"--set {' '.join(sets)}: {exc}")
 
 
 def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
