@@ -47,8 +47,34 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)
+    except Exception as exc:
+        if (message := disk_full(exc)) is None:
+            raise
+        log.error("%s", message)
+        sys.exit(1)
     if argv is None:
         log.info("%s", time_split(entered))
+
+
+_DISK_FULL = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One line for an error that a full disk caused anywhere in its chain (an OSError ENOSPC,
+    sqlite's "database or disk is full" inside MLflow's own exception), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        errno_ = getattr(exc, "errno", None)
+        if errno_ in (28, 122) or any(text in str(exc) for text in _DISK_FULL):  # ENOSPC, EDQUOT
+            where = getattr(exc, "filename", None)
+            return (
+                f"{where or 'the disk'}: no space left on the device"
+                f"{'' if where else ' (or the MLflow store)'}; the outputs of earlier runs are "
+                "intact: free some space (df -h) and run again"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _process_start() -> float:
@@ -130,6 +156,16 @@ def check_writable(*folders: Path) -> None:
             ) from None
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """A file the user names on the command line (`option`, e.g. --out) can be written:
+    not an existing folder (which would be replaced by a file) and in a writable folder;
+    checked before the work, one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{option} {path}: is a folder; give the path of a file to write")
+    check_writable(path.parent)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,6 +202,27 @@ def remove_stale_temporaries(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.\d+\.[A-Za-z0-9_]+\.tmp(?P<suffix>.*)")
+_SWAPPED = re.compile(r"\.(?P<name>.+)\.old")
+
+
+def sweep_stale_temporaries(*folders: Path, shallow: tuple[Path, ...] = ()) -> None:
+    """`remove_stale_temporaries` for every output under `folders` (recursively; in `shallow`
+    ones, their own entries only: e.g. data/, not the user's dataset in data/raw) that a
+    killed writer left a temporary or a half-done folder swap of: a stage that was killed has
+    whole outputs, so DVC may never run it again to clean up after itself; every stage sweeps."""
+    for folder in (*folders, *shallow):
+        for parent, dirs, files in os.walk(folder):
+            for name in (*dirs, *files):
+                if m := _TEMPORARY.fullmatch(name):  # .<stem>.<pid>.<random>.tmp<suffixes>
+                    last = Path(f"x{m['suffix']}").suffix  # "a.tar.gz": stem a.tar, .tar.gz
+                    remove_stale_temporaries(Path(parent) / f"{m['stem']}{last}")
+                elif (m := _SWAPPED.fullmatch(name)) and name in dirs:
+                    remove_stale_temporaries(Path(parent) / m["name"])
+            # not into temporaries, nor below a shallow folder
+            dirs[:] = [] if folder in shallow else [d for d in dirs if not d.startswith(".")]
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
@@ -193,9 +250,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
+        elif path.is_dir() or (tmp.is_dir() and path.exists()):
+            # a folder where a file goes (or the reverse) is someone's data: never removed
+            found, wrote = ("a folder", "file") if path.is_dir() else ("a file", "folder")
+            raise PipelineError(
+                f"{path}: {found} is in the way of the {wrote} to write there; move it away "
+                "(or choose another path) and run again"
+            )
         else:
-            if path.is_dir():
-                shutil.rmtree(path)
             os.replace(tmp, path)
     finally:
         if tmp.is_dir():

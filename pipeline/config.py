@@ -32,8 +32,10 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class Section(BaseModel):
-    # strict: "0.01" (a string) is not a float; extra="forbid": typos are errors, not ignored.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: "0.01" (a string) is not a float; extra="forbid": typos are errors, not ignored;
+    # no .inf/.nan: a non-finite weight decay or loss weight would only surface as a NaN loss
+    # that blames lr
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 DATASETS = ("synthetic", "drive", "camvid", "folder")
@@ -82,6 +84,14 @@ class FolderParams(Section):
             )
         if len(set(self.class_names)) != n:
             raise ValueError("dataset.folder.class_names: names must be unique")
+        produced = set(self.mapping.values())
+        unmapped = [name for c, name in enumerate(self.class_names) if c not in produced]
+        if unmapped:  # a class no pixel can have: an extra output channel and a 0.0 IoU in mIoU
+            raise ValueError(
+                f"dataset.folder.class_names: no raw value in dataset.folder.mapping "
+                f"{dict(self.mapping)} gives class {', '.join(map(repr, unmapped))}: map a "
+                "label value to each class, or drop the name"
+            )
         if n == 2 and self.positive and self.positive not in self.class_names:
             raise ValueError(
                 f"dataset.folder.positive: {self.positive!r} is not one of "

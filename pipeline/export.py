@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError, atomic_path, run_cli
+from pipeline.common import PipelineError, atomic_path, check_output_file, run_cli
 from pipeline.engine.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         help="example input size (the fixed size if height/width cannot be dynamic)",
     )
     args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")
     model, ckpt = load_checkpoint(args.model, "cpu")
     if args.depth is not None:
         if not hasattr(model, "prune"):

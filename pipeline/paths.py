@@ -128,6 +128,9 @@ _NAMES = {
     "PANELS_PNG": lambda p: p.report("panels.png"),
     "LEARNING_CURVES_PNG": lambda p: p.report("learning_curves.png"),
     "PRUNING_PNG": lambda p: p.report("pruning_tradeoff.png"),
+    # held by the stage DVC runs (see stages/lifecycle.py): a stage orphaned by a killed
+    # `dvc repro` and the re-run's stage never write at once
+    "STAGE_LOCK": lambda p: p.root / ".dvc" / "tmp" / "pipeline-stage.lock",
 }
 
 

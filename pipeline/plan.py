@@ -45,7 +45,15 @@ import torch
 from PIL import Image
 
 from pipeline import paths
-from pipeline.common import PipelineError, clock, run_cli, scaled_size, seed_everything, write_json
+from pipeline.common import (
+    PipelineError,
+    check_output_file,
+    clock,
+    run_cli,
+    scaled_size,
+    seed_everything,
+    write_json,
+)
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.data.crops import crop_origins
 from pipeline.data.manifest import Manifest
@@ -482,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
         "--seconds", type=float, default=2.0, help="time spent timing steps, per architecture"
     )
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise PipelineError(f"--seconds {args.seconds}: must be a positive number of seconds")
+    if args.json:
+        check_output_file(args.json, "--json")  # before minutes of timing
     params = load_params()
     if params.train.device == "cuda" or (
         params.train.device == "auto" and torch.cuda.is_available()

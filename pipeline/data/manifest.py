@@ -77,3 +77,19 @@ def load_manifest(path: Path | None = None) -> Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_json(folder / paths.MANIFEST.name, manifest.model_dump(mode="json"))
+
+
+def empty_classes(split: str, path: Path | None = None) -> tuple[list[str], int]:
+    """The classes no label of `split` holds a pixel of, from class_pixels.csv (preprocess
+    writes it), and the number of classes: metrics that are undefined (or meaningless: an
+    all-background test split scores a perfect mIoU) for them."""
+    import csv
+
+    path = path or paths.CLASS_PIXELS
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (run the preprocess stage first)") from None
+    classes = [r for r in rows if int(r["class_index"]) != IGNORE_INDEX]
+    return [r["class_name"] for r in classes if int(r["pixels"]) == 0], len(classes)

@@ -28,7 +28,7 @@ def lr_factor(params: Params, step: int, steps_per_epoch: int) -> float:
     """
     tp = params.train
     total = max(params.epochs * steps_per_epoch, 1)
-    warmup = min(round(tp.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = round(min(tp.warmup_epochs * steps_per_epoch, total - 1))  # 1e308 epochs: no overflow
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if tp.scheduler == "step":

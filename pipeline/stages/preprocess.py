@@ -108,6 +108,26 @@ class Stats:
 F16_MAX = float(np.finfo(np.float16).max)
 
 
+def check_classes(split: str, hist: np.ndarray | None, ds: RawDataset) -> None:
+    """A class no label of the split holds: in training, a model that cannot learn it (binary:
+    an error, as with all-empty masks, which would otherwise score a perfect mIoU); in val/test,
+    metrics that are undefined for it (a warning; the report registers no model then)."""
+    if hist is None:
+        return
+    empty = [name for name, pixels in zip(ds.class_names, hist[:-1], strict=True) if not pixels]
+    if not empty:
+        return
+    what = f"the {split} labels hold no pixel of class {', '.join(map(repr, empty))}"
+    fix = (
+        "check the label files and dataset.folder.mapping (which raw value is which class)"
+        if ds.name == "folder"
+        else "check the dataset"
+    )
+    if split == "train" and len(ds.class_names) == 2:
+        raise PipelineError(f"{ds.root}: {what}: nothing to learn; {fix}")
+    log.warning("%s: %s; its metrics are undefined there (%s)", ds.root, what, fix)
+
+
 def train_class_pixels(ds: RawDataset) -> np.ndarray:
     """Per-class pixel counts of the training labels: a first pass over the training split, so
     that every weight map gets the class-balancing term of the whole split."""
@@ -235,6 +255,7 @@ def _preprocess(params: Params) -> Path:
                         window = weights[y : y + size, x : x + size]
                         save_weights(paths.crops_dir("weights", tmp), name, window)
                     crops.append(name)
+            check_classes(split, stats.hist.get(split), ds)
         if not crops:
             raise PipelineError(f"{ds.root}: no training crop holds a labelled pixel")
         mean, std = stats.mean_std()

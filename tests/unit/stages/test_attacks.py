@@ -22,6 +22,9 @@ params. Each gets either the right result or a one-line error naming the culprit
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +99,35 @@ def test_labels_0_1_under_a_0_255_mapping_name_the_file_and_the_param(project, t
     save_image(first, (np.array(Image.open(first)) > 0).astype(np.uint8))  # 0/1
     message = error_of(lambda: run(params("folder", top)))
     assert first.name in message and "dataset.folder.mapping" in message
+
+
+def blank_labels(top: Path, split: str = "") -> None:
+    for label in (top / "labels" / split).rglob("*.png"):
+        save_image(label, np.zeros_like(np.array(Image.open(label))))
+
+
+def test_all_empty_training_masks_stop_preprocess_in_one_line(project, tmp_path):
+    top = make_folder(tmp_path / "src", splits=True)
+    blank_labels(top, "train")
+    message = error_of(lambda: run(params("folder", top, folder={"split": "folders"})))
+    assert "the train labels hold no pixel of class 'foreground': nothing to learn" in message
+    assert "dataset.folder.mapping" in message
+    assert not (project / "data" / "processed").exists()  # nothing half-written
+
+
+def test_a_test_split_without_foreground_is_a_warning_and_counted(project, tmp_path, caplog):
+    from pipeline.data.manifest import empty_classes
+
+    top = make_folder(tmp_path / "src", splits=True)
+    blank_labels(top, "test")
+    with caplog.at_level(logging.WARNING):
+        run(params("folder", top, folder={"split": "folders"}))
+    assert "the test labels hold no pixel of class 'foreground'; its metrics are undefined" in (
+        caplog.text
+    )
+    # what the registry reads to register nothing (tests/unit/tracking/test_registry.py)
+    assert empty_classes("test") == (["foreground"], 2)
+    assert empty_classes("train") == ([], 2)
 
 
 def test_names_with_other_case_extensions_spaces_and_accents_pair_by_stem(project, tmp_path):
