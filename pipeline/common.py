@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,6 +32,15 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI runner's cancel, `kill`, a scheduler's timeout), raised where the process
+    is: `finally` blocks run, so no temporary is left, as with Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a stage's CLI: expected errors become one line on stderr and exit status 1.
 
@@ -39,11 +49,16 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     `timed`) and work (the rest); `bench/startup.py` reads these lines."""
     setup_logging()
     entered = time.time()
+    if argv is None:  # a real command line: this is the process's main thread
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
     except PipelineError as exc:
         log.error("%s", exc)
         sys.exit(1)
+    except Terminated:
+        log.error("terminated (SIGTERM); the outputs of earlier runs are intact")
+        sys.exit(143)
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)

@@ -118,6 +118,12 @@ class DatasetParams(Section):
     # images, a folder's fractions). The top-level `seed` varies the training run only (crops,
     # init, shuffling, augmentation), so runs over seeds are scored on the same test images.
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    # download: an archive that would unpack to more than this (GB = 1e9 bytes) is refused
+    # before anything is written (an archive bomb), and stopped if its headers lied
+    max_unpacked_gb: Annotated[float, Field(gt=0)] = 20.0
+    # preprocess: an image of more pixels is refused before it is decoded (a decompression
+    # bomb: a small PNG claiming 15000x15000); PIL's own limit by default; 0 = no limit
+    max_image_pixels: Annotated[int, Field(ge=0)] = 178_956_970
     folder: FolderParams = FolderParams()
 
     @model_validator(mode="after")
@@ -310,6 +316,10 @@ class ReportParams(Section):
     # qualitative panels (image, truth, both predictions, their errors) of the first N test
     # images; 0 = none
     panels: Annotated[int, Field(ge=0, le=20)] = 3
+    # true: a smoke test (the ci-cpu preset) whose metrics mean nothing: the report says so at
+    # its top, every MLflow run of it is tagged pipeline.smoke (the parent run's description
+    # too), and no model is registered
+    smoke: bool = False
 
 
 class MlflowParams(Section):

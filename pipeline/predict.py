@@ -7,7 +7,8 @@ params: mirror-padded borders, overlapping blended tiles; `--tile 0` predicts th
 at once; `inference.tta` or `--tta hflip|flips` averages the predictions of flipped copies).
 For each image it writes `<stem>_label.png`, a palette PNG whose pixel values are the
 class indices, and `<stem>_overlay.png`, the image with every non-background class blended in
-its colour. Every input is read before anything is written, so a bad one leaves nothing behind.
+its colour. Every input is read, and `--out` checked writable, before anything is written, so a
+bad one leaves nothing behind; no output may replace an input.
 """
 
 from __future__ import annotations
@@ -21,12 +22,37 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.common import PipelineError, atomic_path, clock, run_cli
+from pipeline.common import PipelineError, atomic_path, check_writable, clock, run_cli
 from pipeline.inference.tiling import TTA_FLIPS
 from pipeline.report.palette import label_image, overlay
 from pipeline.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
+
+
+def check_paths(images: list[Path], out_dir: Path) -> None:
+    """The inputs and --out make sense before anything is loaded: images given, no two of one
+    stem, no folder among them, --out a folder (or new), and no output replacing an input."""
+    if not images:
+        raise PipelineError("no images given")
+    stems = Counter(p.stem for p in images)
+    clash = next((s for s, n in stems.items() if n > 1), None)
+    if clash is not None:
+        same = ", ".join(str(p) for p in images if p.stem == clash)
+        raise PipelineError(f"{same}: same name {clash!r}, their outputs would overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"{out_dir}: --out exists and is not a folder")
+    folder = next((p for p in images if p.is_dir()), None)
+    if folder is not None:
+        raise PipelineError(f"{folder}: a folder, not an image file (give its images: {folder}/*)")
+    inputs = {p.resolve(): p for p in images}
+    for path in images:  # a.png's label would replace an input named a_label.png
+        for output in (out_dir / f"{path.stem}_label.png", out_dir / f"{path.stem}_overlay.png"):
+            if output.resolve() in inputs:
+                raise PipelineError(
+                    f"{inputs[output.resolve()]}: an input, and where the output of "
+                    f"{path.name} would go; choose another --out"
+                )
 
 
 def predict_files(
@@ -45,21 +71,14 @@ def predict_files(
     the files written, label and overlay per image in input order."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     images = [Path(p) for p in images]
-    if not images:
-        raise PipelineError("no images given")
-    stems = Counter(p.stem for p in images)
-    clash = next((s for s, n in stems.items() if n > 1), None)
-    if clash is not None:
-        same = ", ".join(str(p) for p in images if p.stem == clash)
-        raise PipelineError(f"{same}: same name {clash!r}, their outputs would overwrite")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PipelineError(f"{out_dir}: --out exists and is not a folder")
+    check_paths(images, out_dir)
 
     seg = Segmenter.load(model_path, depth, device, tile=tile, overlap=overlap, tta=tta)
     # read every image once before writing: a missing or corrupt one stops the run up front
     # (read again below, so only one image is held at a time)
     for path in images:
         seg.read(path)
+    check_writable(out_dir)  # a read-only or impossible --out before any prediction
 
     start = time.perf_counter()
     written: list[Path] = []

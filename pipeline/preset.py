@@ -27,10 +27,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
@@ -158,8 +161,31 @@ def resolve(
                 "or folder)"
             )
     merged = merge(base, overlay)
-    parse_params(merged, f"params.yaml + {label}")  # raises with one line
+    params = parse_params(merged, f"params.yaml + {label}")  # raises with one line
+    if params.dataset.name != "synthetic":
+        check_source(params.dataset.source, "--source" if source is not None else "dataset.source")
     return overlay, merged
+
+
+def check_source(source: str, what: str = "--source") -> None:
+    """A local dataset source must be there now, as a folder or a .zip/tar archive: a typo
+    shows here, not when the download stage runs. An http(s) URL is not fetched here."""
+    if urlparse(source).scheme in ("http", "https"):
+        return
+    path = paths.resolve_source(source)
+    if path.is_dir():
+        return
+    kinds = "a local .zip/.tar(.gz) archive or folder, or an http(s) URL"
+    if not path.exists():
+        raise PipelineError(f"{what}: {path} not found ({kinds})")
+    if not path.is_file():
+        raise PipelineError(f"{what}: {path} is not a regular file or folder ({kinds})")
+    try:
+        archive = zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+    except OSError as exc:
+        raise PipelineError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
+    if not archive:
+        raise PipelineError(f"{what}: {path} is not a .zip or .tar(.gz) archive ({kinds})")
 
 
 def exp_run_command(name: str, overlay: dict[str, Any], extra: list[str]) -> list[str]:

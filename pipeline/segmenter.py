@@ -10,6 +10,8 @@ image's size and read them: sigmoid for one channel, softmax for several.
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,11 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.common import PipelineError, scaled_size
-from pipeline.data.sources import equalize, read_image
+from pipeline.data.sources import DEFAULT_MAX_IMAGE_PIXELS, equalize, read_image
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import pick_device
 from pipeline.inference.forward import predict, probabilities
 from pipeline.inference.tiling import BLENDS, TTA_FLIPS, predict_tiled, tile_count
+
+LIMIT = "PIPELINE_MAX_IMAGE_PIXELS"  # the largest image predict and the served model take
+
+
+def max_pixels() -> int:
+    """The environment's PIPELINE_MAX_IMAGE_PIXELS (0 = no limit), else PIL's own limit."""
+    value = os.environ.get(LIMIT, "")
+    if not value:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not value.isdigit():
+        raise PipelineError(f"{LIMIT}={value!r}: a number of pixels (0 = no limit)")
+    return int(value)
 
 
 class Segmenter:
@@ -46,7 +60,8 @@ class Segmenter:
     ):
         self.source = source
         self.device = next(model.parameters()).device
-        model, self.name = _select_depth(model, ckpt, source, depth)
+        self.arch = ckpt["arch"]
+        model, self.name = _select_depth(model, self.arch, depth, f"{source}: --depth")
         self.model = model.to(self.device)  # prune() builds the sub-network on the CPU
         self.multiple = getattr(model, "size_multiple", None)
         if self.multiple is None:  # the valid-convolution UNet maps an image to a smaller one
@@ -85,9 +100,30 @@ class Segmenter:
         how = how if self.tile else "whole image"
         return how + (f", tta {self.tta}" if self.tta != "none" else "")
 
+    def pruned(self, depth: int, what: str = "--depth") -> Segmenter:
+        """This segmenter with its UNet++ pruned to head `depth`: the same weights, reading,
+        normalisation and tiling (the served model's `depth` param); `what` names the
+        argument in errors."""
+        model, name = _select_depth(self.model, self.arch, depth, what)
+        other = copy.copy(self)
+        other.model, other.name = model.to(self.device), name
+        other.multiple = model.size_multiple  # divides the full model's: the tiles still fit
+        return other
+
     def read(self, file: Path | IO[bytes], name: str | None = None) -> np.ndarray:
-        """An image file (a path or an open binary file) as (H, W) or (H, W, 3) uint8."""
-        return read_image(file, self.mode, self.bit_depth, name=name)
+        """An image file (a path or an open binary file) as (H, W) or (H, W, 3) uint8; a bad
+        one is a one-line PipelineError naming it (`name` for an open file)."""
+        try:
+            return read_image(
+                file, self.mode, self.bit_depth, name=name, max_pixels=max_pixels(), limit=LIMIT
+            )
+        except (PipelineError, MemoryError):
+            raise
+        except Exception as exc:  # what PIL raises beyond read_image's net (e.g. a file it
+            # calls a decompression bomb): one line naming the file, not a traceback
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            who = file if name is None else name
+            raise PipelineError(f"{who}: unreadable image ({type(exc).__name__}: {text})") from None
 
     def tiles(self, h: int, w: int) -> int:
         """How many tiles an (h, w) image is predicted in."""
@@ -135,17 +171,17 @@ class Segmenter:
         return scaled_size(h, w, self.scale) if self.scale != 1.0 else (h, w)
 
 
-def _select_depth(model, ckpt: dict[str, Any], source: str, depth: int | None):
-    """(the model, pruned to `depth` for UNet++; a name for the log)."""
-    arch = ckpt["arch"]
+def _select_depth(model, arch: str, depth: int | None, what: str):
+    """(the model, pruned to `depth` for UNet++; a name for the log). `what` names the
+    argument in errors ("<checkpoint>: --depth")."""
     if depth is None:
         return model, arch
     if not hasattr(model, "prune"):
-        raise PipelineError(f"{source}: --depth needs a UNet++, not {arch}")
+        raise PipelineError(f"{what} needs a UNet++, not {arch}")
     try:
         return model.prune(depth).eval(), f"{arch} L{depth}"
     except ValueError as exc:
-        raise PipelineError(f"{source}: --depth {depth}: {exc}") from None
+        raise PipelineError(f"{what} {depth}: {exc}") from None
 
 
 def _tiling(

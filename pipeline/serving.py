@@ -7,24 +7,42 @@ holds the checkpoint (weights, `inference` params, the training data's mean/std,
 `pipeline.predict` does (tested bit for bit on CPU).
 
 - Input: a DataFrame with a binary column `image`, one image file per row (PNG, JPEG, TIFF as
-  `pipeline.predict` reads them; base64 in a REST request).
-- Params: `probabilities` (bool, default false).
+  `pipeline.predict` reads them; base64 in a JSON request: `{"dataframe_split": {"columns":
+  ["image"], "data": [["<base64>"]]}}` or `dataframe_records`; MLflow leaves base64 encoded in
+  `inputs` and `instances` bodies, and a text/csv body carries text, not image bytes).
+- Params: `probabilities` (bool, default false); `depth` (int, default: the model as logged):
+  a UNet++ pruned to that head for this request, as `pipeline.predict --depth` (a UNet, or a
+  depth the model has no head at, is a 400). The signature declares these two; MLflow drops
+  any other param before the model sees it (a warning in the server's log, the answer as if
+  it were absent), so the model cannot refuse a misspelt one.
 - Output, one row per image: `mask`, a palette PNG whose pixel values are the class indices
   (the `<stem>_label.png` of `pipeline.predict`; base64 in a REST answer); `height`, `width`;
   with `probabilities`: `probabilities`, a .npy file of float32, (H, W) for the positive class
   of a binary task, (C, H, W) class probabilities otherwise.
+- Errors: a bad image (not an image, empty, truncated, a decompression bomb, an animation or a
+  stack, a float image outside [0, 1]), a bad param or a bad table is a `BadRequest`: to Python
+  callers a PipelineError, from `mlflow models serve` an HTTP 400 whose JSON `message` is one
+  line naming the row (`image 1: ...`), without a stack trace. What MLflow refuses before the
+  model runs keeps MLflow's own answer: a 415 (text) for a content type other than JSON, CSV
+  or Parquet; a 400 whose message quotes the input for bad JSON, a table without an `image`
+  column or a param of the wrong type.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.common import PipelineError
 from pipeline.report.palette import label_image
@@ -45,6 +63,52 @@ REQUIREMENTS = (
 )
 
 
+class BadRequest(PipelineError, MlflowException):
+    """A request the model refuses, in one line: a PipelineError to Python callers, an HTTP 400
+    (INVALID_PARAMETER_VALUE) to REST clients, whose JSON `message` is that line alone."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # MLflow's scoring server rewrites the message of an MlflowException from predict into
+        # "Failed to predict data '<the whole input>'. \nError: <message>" (invocations() in
+        # mlflow/pyfunc/scoring_server): the client gets the one line, not its input echoed
+        pass
+
+
+class _Upload(io.BytesIO):
+    """The bytes of one request row; PIL's errors quote the file as `<N bytes>`, not as a
+    memory address."""
+
+    def __repr__(self) -> str:
+        return f"<{self.getbuffer().nbytes} bytes>"
+
+
+def _text_row(i: int, data: bytes) -> str | None:
+    """The error for a row of text that is no image (None if binary): base64 that MLflow left
+    encoded (it decodes it in dataframe_split and dataframe_records bodies only), or text."""
+    if not re.fullmatch(rb"[\x20-\x7e\t\r\n]*", data):
+        return None
+    compact = b"".join(data.split())
+    try:
+        decoded = len(compact) % 4 == 0 and base64.b64decode(compact, validate=True)
+    except ValueError:  # binascii.Error: not base64
+        decoded = False
+    if decoded:
+        return (
+            f"image {i}: base64 text ({len(data)} bytes), not the bytes of an image file: MLflow "
+            "decodes base64 in dataframe_split and dataframe_records bodies only, not in "
+            "inputs or instances"
+        )
+    return f"image {i}: text ({len(data)} bytes), not an image file"
+
+
 def png_bytes(labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     label_image(labels).save(buf, format="PNG")
@@ -59,8 +123,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """Images in, label masks (and probabilities) out; see the module's docstring. `depth`
-    prunes a UNet++ to that head on load. It runs where PIPELINE_SERVE_DEVICE says (cpu,
-    cuda, or auto: CUDA when there is one)."""
+    prunes a UNet++ to that head on load (a request's `depth` param prunes it further). It
+    runs where PIPELINE_SERVE_DEVICE says (cpu, cuda, or auto: CUDA when there is one)."""
 
     def __init__(self, depth: int | None = None):
         self.depth = depth
@@ -69,19 +133,56 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         device = os.environ.get("PIPELINE_SERVE_DEVICE", "auto")
         checkpoint = Path(context.artifacts[CHECKPOINT])
         self.segmenter = Segmenter.load(checkpoint, depth=self.depth, device=device)
+        self._pruned = {self.depth: self.segmenter}  # per requested depth, made once
+        self._lock = threading.Lock()  # the server predicts concurrent requests in threads
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled as its depth alone: the weights travel as the checkpoint artifact, and a
+        # loaded model's lock cannot be pickled
+        return {"depth": self.depth}
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        try:
+            return self._predict(model_input, params or {})
+        except BadRequest:
+            raise
+        except PipelineError as exc:  # read_image's, Segmenter's: the request's fault
+            raise BadRequest(str(exc)) from None
+
+    def _segmenter(self, depth: int | None) -> Segmenter:
+        if depth is None:
+            return self.segmenter
+        with self._lock:
+            if depth not in self._pruned:
+                self._pruned[depth] = self.segmenter.pruned(depth, "params.depth")
+            return self._pruned[depth]
+
+    def _predict(self, model_input: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input:
-            raise PipelineError("input: a table with an `image` column of image file bytes")
-        want = bool((params or {}).get("probabilities", False))
-        seg, rows = self.segmenter, []
+            raise BadRequest("input: a table with an `image` column of image file bytes")
+        want = bool(params.get("probabilities", False))
+        seg = self._segmenter(params.get("depth"))
+        rows = []
         for i, data in enumerate(model_input["image"]):
+            if data is None or (isinstance(data, float) and np.isnan(data)):
+                raise BadRequest(f"image {i}: missing (null), not the bytes of an image file")
+            if isinstance(data, str):
+                raise BadRequest(
+                    f"image {i}: text, not the bytes of an image file: send images base64-"
+                    'encoded in a JSON body ({"dataframe_split": {"columns": ["image"], '
+                    '"data": [["<base64>"]]}}); a CSV body carries text only'
+                )
             if not isinstance(data, bytes | bytearray):
                 kind = type(data).__name__
-                raise PipelineError(f"image {i}: {kind}, not the bytes of an image file")
-            image = seg.read(io.BytesIO(data), name=f"image {i}")
+                raise BadRequest(f"image {i}: {kind}, not the bytes of an image file")
+            if not data:
+                raise BadRequest(f"image {i}: empty (0 bytes), not an image file")
+            try:
+                image = seg.read(_Upload(data), name=f"image {i}")
+            except PipelineError as exc:  # text instead of an image: say so, not "corrupt"
+                raise BadRequest(_text_row(i, bytes(data)) or str(exc)) from None
             logits = seg.logits(image)  # (1, 1 | C, H, W)
             labels = seg.labels(logits)  # (H, W)
             row: dict[str, Any] = {
@@ -93,7 +194,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 probs = seg.probabilities(logits)  # (C, H, W)
                 row["probabilities"] = npy_bytes(probs[1] if seg.num_classes == 2 else probs)
             rows.append(row)
-        return pd.DataFrame(rows)
+        columns = ["mask", "height", "width"] + (["probabilities"] if want else [])
+        return pd.DataFrame(rows, columns=columns)
 
 
 def signature():
@@ -110,7 +212,12 @@ def signature():
                 ColSpec(DataType.binary, "probabilities", required=False),
             ]
         ),
-        params=ParamSchema([ParamSpec("probabilities", DataType.boolean, False)]),
+        params=ParamSchema(
+            [
+                ParamSpec("probabilities", DataType.boolean, False),
+                ParamSpec("depth", DataType.long, None),  # None: the model as logged
+            ]
+        ),
     )
 
 

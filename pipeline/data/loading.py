@@ -80,8 +80,9 @@ class SegmentationDataset(Dataset):
         if not image_paths:
             raise PipelineError("empty dataset: no images to load")
         mode = "L" if in_channels == 1 else "RGB"
-        self.images = [_hwc(read_image(p, mode)) for p in image_paths]  # (H, W, C)
-        self.labels = [read_image(p, "L") for p in label_paths]
+        # our own outputs: preprocess checked their size against dataset.max_image_pixels
+        self.images = [_hwc(read_image(p, mode, max_pixels=0)) for p in image_paths]  # (H, W, C)
+        self.labels = [read_image(p, "L", max_pixels=0) for p in label_paths]
         self.weights = [_read_weight(p) for p in weight_paths] if weight_paths else None
         self.transform, self.seed = transform, seed
 

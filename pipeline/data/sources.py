@@ -13,9 +13,11 @@ and a uint8 label of class indices with 255 = ignore:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -71,6 +73,34 @@ EIGHT_BIT = {"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", 
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
+# PIL's own guard against decompression bombs (a warning above Image.MAX_IMAGE_PIXELS, an
+# exception above twice that: a traceback) is replaced, process-wide, by one check against
+# dataset.max_image_pixels on the header, before any pixel is decoded (`open_image`). The
+# default is PIL's exception threshold: what PIL read before is read as it was.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+Image.MAX_IMAGE_PIXELS = None
+
+
+@contextlib.contextmanager
+def open_image(
+    path: Path | IO[bytes],
+    who: object,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit: str = "dataset.max_image_pixels",
+) -> Iterator[Image.Image]:
+    """Image.open(path), refused in one line naming `who` if it has more than `max_pixels`
+    pixels (0 = no limit); `limit` names the setting that raises it."""
+    with Image.open(path) as img:
+        pixels = img.width * img.height
+        if max_pixels and pixels > max_pixels:
+            raise PipelineError(
+                f"{who}: {img.width}x{img.height} image ({pixels:,} pixels) is over {limit} "
+                f"({max_pixels:,}), refused before decoding (a decompression bomb?); raise "
+                f"{limit} (0 = no limit) if the image is genuine"
+            )
+        yield img
+
+
 def upright(img: Image.Image) -> Image.Image:
     """The image as viewers show it: a camera's EXIF orientation tag applied (a phone photo is
     stored sideways with a tag saying so), the orientation its label was drawn on."""
@@ -82,7 +112,12 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def read_image(
-    path: Path | IO[bytes], mode: str, bit_depth: int = 0, name: str | None = None
+    path: Path | IO[bytes],
+    mode: str,
+    bit_depth: int = 0,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit: str = "dataset.max_image_pixels",
 ) -> np.ndarray:
     """Read an image file as a uint8 array in PIL `mode` ("RGB" or "L"); one-line error if bad.
 
@@ -90,10 +125,11 @@ def read_image(
     range, 2**bit_depth - 1 (bit_depth 0: the file's 16 bits; 12 for 12-bit data stored in
     16-bit files), and float images must hold values in [0, 1]: never clipped to 255, which
     PIL's convert("L") would do. Other modes (32-bit integers) are an error. `path` may be an
-    open binary file (bytes sent to a served model); errors name it `name` then."""
+    open binary file (bytes sent to a served model); errors name it `name` then. An image of
+    more than `max_pixels` pixels (dataset.max_image_pixels; 0 = no limit) is refused unread."""
     who = path if name is None else name
     try:
-        with Image.open(path) as img:
+        with open_image(path, who, max_pixels, limit) as img:
             img.load()
             if getattr(img, "n_frames", 1) > 1:  # a stack would silently lose all but one
                 raise PipelineError(
@@ -166,11 +202,11 @@ def equalize(image: np.ndarray, clip: float) -> np.ndarray:
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def read_label(path: Path) -> np.ndarray:
+def read_label(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Raw label values as stored: palette indices for palette PNGs, grey values otherwise.
     (H, W) of uint8 or uint16; an RGB label is accepted only if its channels are equal."""
     try:
-        with Image.open(path) as img:
+        with open_image(path, path, max_pixels) as img:
             img.load()
             arr = np.array(upright(img))  # a palette survives the transpose
     except FileNotFoundError:
@@ -290,15 +326,15 @@ class RawDataset:
                 raise PipelineError(f"{self.root}: the {split} split is empty")
 
 
-def _read_vessel(item: Item) -> Sample:
-    image = read_image(item.image, "RGB")
-    fov = read_image(item.mask, "L")
+def _read_vessel(item: Item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Sample:
+    image = read_image(item.image, "RGB", max_pixels=max_pixels)
+    fov = read_image(item.mask, "L", max_pixels=max_pixels)
     check_same_size(item, image, fov, item.mask)
-    label = read_image(item.label, "L")
+    label = read_image(item.label, "L", max_pixels=max_pixels)
     check_same_size(item, image, label, item.label)
     second = None
     if item.second is not None:
-        second = read_image(item.second, "L")
+        second = read_image(item.second, "L", max_pixels=max_pixels)
         check_same_size(item, image, second, item.second)
         second = merge_vessel_label(second, fov)
     return Sample(image, merge_vessel_label(label, fov), second)
@@ -332,7 +368,7 @@ def open_synthetic(params: Params, root: Path) -> RawDataset:
         VESSEL_CLASSES,
         3,
         {s: [items[k] for k in stems] for s, stems in splits.items()},
-        _read_vessel,
+        functools.partial(_read_vessel, max_pixels=ds.max_image_pixels),
     )
 
 
@@ -382,20 +418,24 @@ def open_drive(params: Params, root: Path) -> RawDataset:
             "val": [by[s] for s in split["val"]],
             "test": test,
         },
-        _read_vessel,
+        functools.partial(_read_vessel, max_pixels=params.dataset.max_image_pixels),
     )
 
 
 def _mapped_reader(
-    mapping: dict[int, int], key: str, mode: str, bit_depth: int = 0
+    mapping: dict[int, int],
+    key: str,
+    mode: str,
+    bit_depth: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Callable[[Item], Sample]:
     def read(item: Item) -> Sample:
-        image = read_image(item.image, mode, bit_depth)
-        raw = read_label(item.label)
+        image = read_image(item.image, mode, bit_depth, max_pixels=max_pixels)
+        raw = read_label(item.label, max_pixels)
         check_same_size(item, image, raw, item.label)
         label = map_labels(raw, mapping, item.label, key)
         if item.mask is not None:
-            mask = read_label(item.mask)
+            mask = read_label(item.mask, max_pixels)
             check_same_size(item, image, mask, item.mask)
             label[mask == 0] = IGNORE_INDEX
         return Sample(image, label)
@@ -428,13 +468,18 @@ def open_camvid(params: Params, root: Path) -> RawDataset:
         CAMVID_CLASSES,
         3,
         splits,
-        _mapped_reader(CAMVID_MAPPING, "the CamVid classes", "RGB"),
+        _mapped_reader(
+            CAMVID_MAPPING,
+            "the CamVid classes",
+            "RGB",
+            max_pixels=params.dataset.max_image_pixels,
+        ),
     )
 
 
-def _is_gray(path: Path) -> bool:
+def _is_gray(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bool:
     try:
-        with Image.open(path) as img:  # reads the header only
+        with open_image(path, path, max_pixels) as img:  # reads the header only
             return img.mode in GRAY_MODES
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable or corrupt image ({exc})") from None
@@ -473,7 +518,8 @@ def open_folder(params: Params, root: Path) -> RawDataset:
         by = {i.stem: i for i in items}
         stems = split_stems(sorted(by), val, test, params.dataset.seed)
         splits = {s: [by[k] for k in stems[s]] for s in SPLITS}
-    gray = all(_is_gray(i.image) for items in splits.values() for i in items)
+    limit = params.dataset.max_image_pixels
+    gray = all(_is_gray(i.image, limit) for items in splits.values() for i in items)
     mode = "L" if gray else "RGB"
     names, mapping = list(fp.class_names), dict(fp.mapping)
     if len(names) == 2 and fp.positive == names[0]:
@@ -486,7 +532,7 @@ def open_folder(params: Params, root: Path) -> RawDataset:
         names,
         1 if gray else 3,
         splits,
-        _mapped_reader(mapping, "dataset.folder.mapping", mode, fp.bit_depth),
+        _mapped_reader(mapping, "dataset.folder.mapping", mode, fp.bit_depth, limit),
     )
 
 

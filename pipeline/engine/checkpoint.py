@@ -45,6 +45,23 @@ def save_checkpoint(path: Path, model: nn.Module, **info: Any) -> None:
         torch_save({"state_dict": cpu_state(model), **info}, tmp, path)
 
 
+CHECKPOINT_KEYS = ("arch", "model_config", "state_dict")  # what loading one needs
+
+
+def _not_a_checkpoint(obj: Any) -> str | None:
+    """What a loaded file holds instead of a checkpoint (for the error), or None if it is one."""
+    if not isinstance(obj, dict):
+        return f"a {'tensor' if isinstance(obj, torch.Tensor) else type(obj).__name__}"
+    if "fingerprint" in obj and "model" in obj:
+        return "a training run's resume state (models/resume/), which training alone reads"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"bare weights (a state_dict of {len(obj)} tensors, no arch or model_config)"
+    if missing := [k for k in CHECKPOINT_KEYS if k not in obj]:
+        keys = ", ".join(repr(k)[:40] for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
+        return f"a dict of {keys or 'nothing'}, without {', '.join(missing)}"
+    return None
+
+
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, checkpoint dict)."""
     try:
@@ -53,6 +70,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
         raise PipelineError(f"{path}: checkpoint not found (run the training stage)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise PipelineError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if (holds := _not_a_checkpoint(ckpt)) is not None:
+        raise PipelineError(
+            f"{path}: not a checkpoint of this pipeline: it holds {holds}; a checkpoint is the "
+            f"dict training saves as models/<arch>.pt, with {', '.join(CHECKPOINT_KEYS)}"
+        )
     try:
         cfg = ckpt["model_config"]
         options = dict(cfg["options"])
@@ -60,7 +82,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
             options["encoder_weights"] = None
         model = build_model(ckpt["arch"], cfg["in_channels"], cfg["num_classes"], **options)
         model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
+        # the keys are there, their contents are not what training writes
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(f"{path}: not a checkpoint of this pipeline ({msg})") from None
     return model.to(device).eval(), ckpt

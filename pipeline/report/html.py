@@ -31,6 +31,11 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Alert:
+    text: str  # shown boxed (html) or quoted (md) where it cannot be missed; **bold**, `code`
+
+
+@dataclass(frozen=True)
 class Table:
     df: pd.DataFrame
 
@@ -41,7 +46,7 @@ class Figure:
     alt: str
 
 
-Block = Heading | Text | Table | Figure
+Block = Heading | Text | Alert | Table | Figure
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
@@ -59,6 +64,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0 1.5em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e4e7eb; }
 figcaption { font-size: .85em; color: #57606a; }
+.alert { border: 2px solid #cf222e; background: #ffebe9; padding: .7em 1em; border-radius: 6px; }
 """
 
 
@@ -117,6 +123,8 @@ def block_html(block: Block) -> str:
         return f"<h{block.level}>{inline(block.text)}</h{block.level}>"
     if isinstance(block, Text):
         return f"<p>{inline(block.text)}</p>"
+    if isinstance(block, Alert):
+        return f'<p class="alert" role="alert">{inline(block.text)}</p>'
     if isinstance(block, Table):
         return table(block.df)
     return figure(block)

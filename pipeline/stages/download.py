@@ -6,7 +6,9 @@
 - `drive`, `camvid` and `folder` come from `dataset.source`: an http(s) URL (streamed to
   data/downloads/<name>/, verified, then reused), a local .zip/.tar/.tar.gz archive, or a local
   folder. `dataset.sha256`, when set, is checked before anything is extracted; archive members
-  that would land outside the target are refused. The folder holding the dataset's layout
+  that would land outside the target are refused, and so are archive bombs (over
+  `dataset.max_unpacked_gb` unpacked, or at an absurd compression ratio) and, in a folder,
+  links that loop or leave it. The folder holding the dataset's layout
   (e.g. DRIVE/ inside DRIVE.zip) becomes data/raw/<name>/.
 
 data/raw/ is replaced only once the new raw data is complete: a failure leaves it as it was.
@@ -71,6 +73,11 @@ def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
         local = paths.resolve_source(ds.source)
         if not local.exists():
             raise PipelineError(f"dataset.source: {local} not found (a URL, archive or folder)")
+        if not (local.is_dir() or local.is_file()):  # reading a fifo or /dev/zero never ends
+            raise PipelineError(
+                f"dataset.source: {local} is not a regular file or folder (a URL, archive or "
+                "folder)"
+            )
     if local.is_dir():
         if ds.sha256:
             raise PipelineError(
@@ -81,7 +88,7 @@ def fetch_source(params: Params, scratch: Path, target: Path) -> dict:
     else:
         sha256 = verify_sha256(local, ds.sha256)
         log.info("extracting %s (sha256 %s)", local, sha256[:12])
-        safe_extract(local, scratch)
+        safe_extract(local, scratch, round(ds.max_unpacked_gb * 1e9))
     root = find_root(scratch, ROOT_MARKERS[ds.name](params), ds.source, ROOT_HINTS[ds.name])
     inside = root.relative_to(scratch).as_posix()  # where the layout sat in the source
     root.rename(target)

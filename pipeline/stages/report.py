@@ -33,18 +33,18 @@ from pipeline.config import (
     parse_params,
 )
 from pipeline.data.loading import SegmentationDataset, split_dataset
-from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.manifest import Manifest, empty_classes, load_manifest
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import pick_device
 from pipeline.inference.forward import predict
 from pipeline.inference.tiling import predict_tiled
 from pipeline.report import plots
-from pipeline.report.html import Block, Figure, Heading, Table, Text, render_html
+from pipeline.report.html import Alert, Block, Figure, Heading, Table, Text, render_html
 from pipeline.report.palette import PALETTE
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared, git_commit
 from pipeline.tracking.registry import Candidate, register
-from pipeline.tracking.runs import log_to_parent, mlflow_run
+from pipeline.tracking.runs import is_smoke, log_to_parent, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,19 @@ def changed_params(params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value", "default"])
 
 
-def setup_table(manifest: Manifest, generated: datetime) -> pd.DataFrame:
+SMOKE_TEXT = (
+    "**Smoke test: these metrics mean nothing.** `report.smoke` is true (the `ci-cpu` preset): "
+    "tiny models trained for seconds on a few small images, only to check that every stage "
+    "runs. A Dice of 0.0, blank predictions and whichever model is called best below are "
+    "expected and say nothing about UNet or UNet++; no model was registered."
+)
+
+
+def setup_table(manifest: Manifest, generated: datetime, smoke: bool = False) -> pd.DataFrame:
     commit = git_commit()
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest.splits.items())
     rows = {
+        **({"run": "smoke test (report.smoke): its metrics mean nothing"} if smoke else {}),
         "dataset": manifest.dataset,
         "classes": f"{manifest.num_classes} ({', '.join(manifest.class_names)})",
         "images": splits,
@@ -205,6 +214,7 @@ class Tables:
     panels: int  # rows in panels.png; 0 = none
     positive: str | None  # binary tasks: the class the binary metrics score
     inference: str  # how full-size images were predicted, in words
+    smoke: bool = False  # report.smoke: a smoke test, whose metrics mean nothing
 
 
 def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
@@ -217,10 +227,11 @@ def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
     if best is None:
         raise PipelineError(f"{paths.PRUNING_JSON}: missing best_depth (re-run the prune stage)")
     multi = manifest.num_classes > 2
+    smoke = is_smoke(params)
     return Tables(
         dataset=manifest.dataset,
         metric=metric,
-        setup=setup_table(manifest, datetime.now(UTC)),
+        setup=setup_table(manifest, datetime.now(UTC), smoke),
         changed=changed_params(params),
         architectures=architecture_table(metrics),
         test=metrics_table(metrics, columns),
@@ -233,6 +244,7 @@ def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
         panels=panels,
         positive=positive_class(manifest),
         inference=inference_text(params.inference, manifest.scale),
+        smoke=smoke,
     )
 
 
@@ -388,7 +400,8 @@ def write_panels(rows: list, stems: list[str], class_names: list[str], dpi: int)
 
 def report_blocks(t: Tables) -> list[Block]:
     """The report's content, in order; rendered as Markdown and as HTML."""
-    blocks: list[Block] = [
+    blocks: list[Block] = [Alert(SMOKE_TEXT)] if t.smoke else []
+    blocks += [
         Heading("Setup"),
         Table(t.setup),
     ]
@@ -421,7 +434,7 @@ def report_blocks(t: Tables) -> list[Block]:
             )
         ),
         Table(t.test),
-        Text(f"Best test {t.metric}: **{winner(t.test, t.metric)}**."),
+        Text(best_sentence(t.test, t.metric)),
     ]
     if t.observer is not None:
         blocks += [
@@ -464,16 +477,28 @@ def report_blocks(t: Tables) -> list[Block]:
     return blocks
 
 
-def winner(test: pd.DataFrame, metric: str) -> str:
-    return test.loc[test[metric].idxmax(), "model"]
+def winner(test: pd.DataFrame, metric: str) -> str | None:
+    """The model with the best `metric`; None when no model has it (undefined: null in every
+    metrics.json, e.g. Dice on test labels without a positive pixel)."""
+    scores = pd.to_numeric(test[metric], errors="coerce")
+    return None if scores.isna().all() else test.loc[scores.idxmax(), "model"]
 
 
-def candidate(t: Tables, tolerance: float) -> Candidate:
+def best_sentence(test: pd.DataFrame, metric: str) -> str:
+    best = winner(test, metric)
+    if best is None:
+        return f"Best test {metric}: none, it is undefined for every model (–)."
+    return f"Best test {metric}: **{best}**."
+
+
+def candidate(t: Tables, tolerance: float) -> Candidate | None:
     """The model to register: the better architecture on the test split (report.metric), or
     UNet++ pruned to the best depth when its mIoU is within pruning.tolerance of that one's (the
-    prune stage picks the best depth by mIoU too)."""
-    metric = t.metric
-    best = t.test.loc[t.test[metric].idxmax()]
+    prune stage picks the best depth by mIoU too); None when no model has the metric."""
+    name = winner(t.test, t.metric)
+    if name is None:
+        return None
+    best = t.test.loc[t.test["model"] == name].iloc[0]
     arch = next(a for a, n in ARCH_NAMES.items() if n == best["model"])
     pruned = t.pruning.loc[t.pruning["depth"] == t.best_depth].iloc[0]
     deepest = int(t.pruning["depth"].max())
@@ -505,7 +530,7 @@ def split_hash(manifest: Manifest) -> str:
 
 
 def title(t: Tables) -> str:
-    return f"UNet vs UNet++ on {t.dataset}"
+    return f"UNet vs UNet++ on {t.dataset}" + (" (smoke test)" if t.smoke else "")
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -522,6 +547,8 @@ def block_markdown(block: Block) -> str:
         return f"{'#' * block.level} {block.text}"
     if isinstance(block, Text):
         return block.text
+    if isinstance(block, Alert):
+        return f"> [!WARNING]\n> {block.text}"
     if isinstance(block, Table):
         return _md(block.df)
     link = Path(os.path.relpath(block.path, paths.REPORT_MD.parent)).as_posix()
@@ -530,7 +557,8 @@ def block_markdown(block: Block) -> str:
 
 def render_markdown(t: Tables) -> str:
     blocks = "\n\n".join(block_markdown(b) for b in report_blocks(t))
-    return f"# UNet vs UNet++ on `{t.dataset}`\n\n{blocks}\n"
+    smoke = " (smoke test)" if t.smoke else ""
+    return f"# UNet vs UNet++ on `{t.dataset}`{smoke}\n\n{blocks}\n"
 
 
 def write_xlsx(t: Tables, path: Path) -> None:
@@ -603,7 +631,10 @@ def report(params: Params) -> None:
         # the execution's parent run carries the report, next to the headline metrics
         log_to_parent(run, files=files, folder="report")
         if run and params.mlflow.registered_model:
-            _register(params, manifest, t, run)
+            if t.smoke:  # a model that means nothing must not take `champion`
+                log.info("report.smoke: a smoke test registers no model")
+            else:
+                _register(params, manifest, t, run)
 
 
 def _register(params: Params, manifest: Manifest, t: Tables, run) -> None:
@@ -612,7 +643,19 @@ def _register(params: Params, manifest: Manifest, t: Tables, run) -> None:
     not a failed stage."""
     from mlflow.exceptions import MlflowException
 
+    empty, classes = empty_classes("test")
+    # binary: both classes or the scores mean nothing (all-empty masks: a "perfect" mIoU)
+    if (classes == 2 and empty) or classes - len(empty) < 2:
+        log.warning(
+            "the test labels hold no pixel of class %s: test metrics mean nothing; no model "
+            "registered",
+            ", ".join(map(repr, empty)),
+        )
+        return
     chosen = candidate(t, params.pruning.tolerance)
+    if chosen is None:
+        log.warning("test %s is undefined for every model: nothing registered", t.metric)
+        return
     try:
         done = register(params, chosen, manifest.dataset, split_hash(manifest), t.metric)
     except MlflowException as exc:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.data.manifest import empty_classes
 from pipeline.tracking.runs import init_store, retry_busy, run_tags
 
 log = logging.getLogger(__name__)
@@ -64,17 +63,6 @@ def register(
     registration is off or no MLflow run logged the candidate's model."""
     name = registered_name(params, dataset)
     if not name or not params.mlflow.enabled:
-        return None
-    empty, classes = empty_classes("test")
-    # binary: both classes or the scores mean nothing; more: at least two to tell apart
-    if (classes == 2 and empty) or classes - len(empty) < 2:
-        log.warning(
-            "%s: the test labels hold no pixel of class %s: its test metrics mean nothing; "
-            "nothing registered as %s",
-            candidate.label,
-            ", ".join(map(repr, empty)),
-            name,
-        )
         return None
     import mlflow
 

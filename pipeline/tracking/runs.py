@@ -47,6 +47,20 @@ def artifact_location(params: Params) -> str | None:
 EXECUTION_TAG = "pipeline.execution"  # the parent run's key (children link by PARENT_TAG)
 ROLE_TAG = "pipeline.role"  # "execution" on parent runs
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs; works across processes
+SMOKE_TAG = "pipeline.smoke"  # "true" on every run of a smoke test (report.smoke)
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+SMOKE_NOTE = (
+    "**Smoke test: these metrics mean nothing.** report.smoke is true (e.g. the ci-cpu preset): "
+    "tiny models trained for seconds, to check that the pipeline runs end to end. No model of "
+    "it is registered."
+)
+
+
+def is_smoke(params: Params) -> bool:
+    """report.smoke: the run only checks that the pipeline works (the ci-cpu preset). Read from
+    the params' dump, as their MLflow params are: a label every stage's run carries, not a
+    value any stage computes with."""
+    return bool(params.model_dump()["report"]["smoke"])
 
 
 def run_tags(stage: str) -> dict[str, str]:
@@ -72,7 +86,8 @@ def _store_lock(uri: str) -> Iterator[None]:
         return
     from filelock import FileLock
 
-    db = Path(uri.removeprefix("sqlite:///"))
+    # sqlite:///path, or SQLAlchemy's URI form sqlite:///file:path?mode=ro&uri=true
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0].removeprefix("file:"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=600):
         yield
@@ -93,6 +108,27 @@ def retry_busy(fn: Callable[[], T], attempts: int = 8) -> T:
     raise RuntimeError("unreachable")
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that nothing answers for is one line at once: MLflow's own client
+    retries a refused connection for about four minutes, in every stage."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise PipelineError(
+            f"MLflow tracking server {uri}: nothing answers at {parts.hostname}:{port} "
+            f"({reason}); start the server, fix mlflow.tracking_uri (or MLFLOW_TRACKING_URI), "
+            "or set mlflow.enabled: false"
+        ) from None
+
+
 def init_store(params: Params) -> str:
     """Create the store and the experiment if needed (idempotent); returns the experiment id.
     `python -m pipeline.tracking init` calls it, before fanning out many experiments."""
@@ -101,6 +137,7 @@ def init_store(params: Params) -> str:
     import mlflow
 
     uri = tracking_uri(params)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name, location = params.mlflow.experiment, artifact_location(params)
 
@@ -141,6 +178,8 @@ def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
         del tags["dvc.stage"]
         name = tags.get("dvc.exp_name") or f"repro {tags.get('git.commit', '')[:7]}".strip()
         tags |= {EXECUTION_TAG: key, ROLE_TAG: "execution", "dvc.command": command}
+        if is_smoke(params):
+            tags |= {SMOKE_TAG: "true", NOTE_TAG: SMOKE_NOTE}
         run_id = retry_busy(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
         everything = [Param(k, str(v)) for k, v in flatten(params).items()]
         retry_busy(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
@@ -214,7 +253,16 @@ def mlflow_run(
         yield Tracker(None)
         return
     with timed("tracking"):
-        started, parent = _start_run(params, stage, run_name, run_id, used, consumes)
+        try:
+            started, parent = _start_run(params, stage, run_name, run_id, used, consumes)
+        except PipelineError:
+            raise
+        except Exception as exc:  # a read-only or full store, a server refusing this user, ...
+            raise PipelineError(
+                f"MLflow store {tracking_uri(params)}: cannot start the {stage} run "
+                f"({_reason(exc)}); make it writable for this user (a server: its permissions), "
+                "or set mlflow.enabled: false"
+            ) from None
     status = "FAILED"
     try:
         yield Tracker(started)
@@ -236,6 +284,15 @@ def mlflow_run(
                 mlflow.end_run(status)
             if parent:
                 retry_busy(lambda: mlflow.MlflowClient().set_terminated(parent, status))
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of a store's error that says what went wrong (sqlalchemy wraps it in lines of
+    context: the autoflush note, the SQL, its parameters, a link)."""
+    noise = ("(raised as a result of", "[SQL", "[parameters", "(Background")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(noise)]
+    return ((useful or lines or [type(exc).__name__])[0])[:200]
 
 
 def _start_run(
@@ -270,6 +327,8 @@ def _start_run(
         log.info("MLflow run %s continued in %s", run_id, uri)
     else:
         tags = run_tags(stage) | ({PARENT_TAG: parent} if parent else {})
+        if is_smoke(params):
+            tags[SMOKE_TAG] = "true"
         if used is not None:
             tags["params.sha256"] = sha256_json(used)
         if consumes and (digest := data_hash(consumes)):

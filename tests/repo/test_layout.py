@@ -26,7 +26,7 @@ ALLOWED = {
     "serving": {"common", "report", "segmenter"},
     "predict": {"common", "inference", "report", "segmenter"},
     "preset": {"common", "paths", "config"},
-    "baseline": {"common", "paths"},
+    "baseline": {"common", "paths", "config", "preset"},
     "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
     "stages": {
         "common",

@@ -274,3 +274,46 @@ def test_guarded_is_a_no_op_outside_dvc(tmp_path, monkeypatch):
     with paths.rooted(tmp_path), lifecycle.guarded("report"):
         pass
     assert not (tmp_path / ".dvc").exists()
+
+
+# --- a tracking server nobody runs ------------------------------------------------------------
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_once():
+    from pipeline.tracking.runs import init_store
+    from tests.unit.data.test_archives import closed_port
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    message = error_of(lambda: init_store(parse_params({"mlflow": {"tracking_uri": uri}})))
+    assert time.monotonic() - started < 10  # MLflow's client retried for about 4 minutes
+    assert message.startswith(f"MLflow tracking server {uri}: nothing answers at 127.0.0.1:")
+    assert message.endswith("or set mlflow.enabled: false")
+
+
+# --- SIGTERM (a cancelled CI job) --------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
+def test_sigterm_mid_write_exits_143_in_one_line_and_leaves_no_temporary(tmp_path):
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.common import atomic_path, run_cli\n"
+        "def main(argv):\n"
+        f"    with atomic_path(Path({str(tmp_path / 'out.bin')!r})) as tmp:\n"
+        "        tmp.write_bytes(b'half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        tmp.write_bytes(b'whole')\n"
+        "run_cli(main)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 143
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("terminated (SIGTERM); the outputs of earlier runs are intact")
+    )
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from PIL import Image
 
 from pipeline.common import PipelineError, run_cli
 from pipeline.config import Params, parse_params
+from pipeline.data import archives
 from pipeline.data.archives import (
     archive_kind,
     fetch_url,
@@ -119,8 +121,10 @@ def files_under(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-def drive_params(source: str, sha256: str = "") -> Params:
-    return parse_params({"dataset": {"name": "drive", "source": source, "sha256": sha256}})
+def drive_params(source: str, sha256: str = "", **dataset) -> Params:
+    return parse_params(
+        {"dataset": {"name": "drive", "source": source, "sha256": sha256, **dataset}}
+    )
 
 
 def error_of(call: Callable[[], object]) -> str:
@@ -657,6 +661,130 @@ def test_escaping_member_in_a_download_names_it_and_keeps_the_earlier_raw(
     assert not (project / "evil.txt").exists() and not (project.parent / "evil.txt").exists()
 
 
+# --- archive bombs: refused before anything is written -------------------------------------
+
+ZEROS = bytes(10 << 20)  # 10 MB of zeros: deflates ~1000:1, over MAX_RATIO above RATIO_MIN_BYTES
+
+
+def zeros_archive(archive: Path) -> Path:
+    """DRIVE's layout plus 10 MB of zeros, deflated (zip) or gzipped (tar.gz): ~30 kB."""
+    drive = make_drive_tree(archive.parent / "src")
+    (drive / "zeros.bin").write_bytes(ZEROS)
+    if archive.name.endswith(".zip"):
+        return zip_dir(drive, archive)
+    return tar_dir(drive, archive)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("DRIVE.zip", "member 'DRIVE/zeros.bin' unpacks to 10.5 MB from "),
+        ("DRIVE.tar.gz", "unpacks to 10.5 MB (up to member 'DRIVE/zeros.bin') from "),
+    ],
+    ids=["zip", "tar.gz"],
+)
+def test_a_highly_compressed_member_is_refused_as_an_archive_bomb_and_raw_stays(
+    project, tmp_path, earlier_raw, name, says
+):
+    """The issue's zip bomb, a thousand times smaller: what it declares is refused up front."""
+    archive = zeros_archive(tmp_path / "bomb" / name)
+    assert archive.stat().st_size < 100_000
+    message = error_of(lambda: download(drive_params(str(archive))))
+    assert message.startswith(f"{archive}: {says}")
+    assert ":1, over 200:1): an archive bomb? refusing to extract; if it is genuine, " in message
+    assert message.endswith("unpack it yourself and set dataset.source to the folder")
+    assert snapshot(project / "data" / "raw") == earlier_raw
+    assert leftovers(project) == []
+
+
+@pytest.mark.parametrize("name", ["DRIVE.zip", "DRIVE.tar.gz"])
+def test_an_archive_unpacking_past_max_unpacked_gb_names_the_param(project, tmp_path, name):
+    drive = make_drive_tree(tmp_path / "src")
+    (drive / "noise.bin").write_bytes(os.urandom(3000))  # incompressible: no ratio to blame
+    archive = (zip_dir if name.endswith(".zip") else tar_dir)(drive, tmp_path / name)
+    p = drive_params(str(archive), max_unpacked_gb=2e-6)  # 2000 bytes
+    message = error_of(lambda: download(p))
+    assert message == (
+        f"{archive}: unpacks to more than dataset.max_unpacked_gb (2e-06 GB) by member "
+        "'DRIVE/noise.bin'; refusing to extract (an archive bomb?); raise "
+        "dataset.max_unpacked_gb if the archive is genuine"
+    )
+    assert not (project / "data" / "raw").exists() and leftovers(project) == []
+    download(drive_params(str(archive), max_unpacked_gb=1e-5))  # 10 kB: it fits
+    assert (project / "data" / "raw" / "drive" / "noise.bin").stat().st_size == 3000
+
+
+def test_many_small_members_are_refused_by_the_whole_archives_ratio(tmp_path):
+    """Each member under RATIO_MIN_BYTES, together 16 MB from a few kB."""
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(16):
+            zf.writestr(f"DRIVE/{i}.bin", bytes(1 << 20))
+    target = tmp_path / "out"
+    message = error_of(lambda: safe_extract(archive, target))
+    assert (
+        message.startswith(f"{archive}: unpacks to 16.8 MB from ") and "an archive bomb?" in message
+    )
+    assert not target.exists()
+
+
+def test_a_header_understating_a_member_stops_at_the_declared_size_and_leaves_nothing(tmp_path):
+    """A lying header: it declares 1000 bytes of a member that inflates to 1 MB. At most the
+    declared bytes are written, then the member is refused and the extraction removed."""
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("DRIVE/ok.txt", b"ok")
+        zf.writestr("DRIVE/liar.bin", bytes(1 << 20))
+    data = bytearray(archive.read_bytes())
+    size = (1 << 20).to_bytes(4, "little")
+    assert data.count(size) == 2  # the local header and the central directory
+    archive.write_bytes(bytes(data).replace(size, (1000).to_bytes(4, "little")))
+    target = tmp_path / "out" / "target"
+    message = error_of(lambda: safe_extract(archive, target))
+    assert message.startswith(f"{archive}: truncated or corrupt archive (Bad CRC-32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_written_bytes_are_counted_not_trusted_from_the_header(tmp_path, monkeypatch):
+    """Whatever the zip reader hands over past a member's declared size is never written."""
+    archive = zip_members(tmp_path / "a.zip", {"DRIVE/a.bin": b"x" * 100, "DRIVE/b.bin": b"y"})
+
+    def endless(self, info, *args, **kwargs):
+        return io.BytesIO(b"z" * (info.file_size + archives.CHUNK))
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", endless)
+    target = tmp_path / "out"
+    message = error_of(lambda: safe_extract(archive, target))
+    assert message == (
+        f"{archive}: member 'DRIVE/a.bin' unpacks to more than the 100 bytes its header "
+        "declares (an archive bomb?); refusing to extract"
+    )
+    assert not target.exists()
+
+
+def test_a_failure_halfway_removes_what_was_already_extracted(tmp_path):
+    archive = zip_members(
+        tmp_path / "half.zip", {"DRIVE/a.txt": b"fine", "DRIVE/b.txt": b"PAYLOAD" * 9}
+    )
+    archive.write_bytes(archive.read_bytes().replace(b"PAYLOADPAYLOAD", b"PAYLOADPAYLOAX", 1))
+    target = tmp_path / "out"
+    (target / "earlier").mkdir(parents=True)  # what was there stays
+    assert "truncated or corrupt archive" in error_of(lambda: safe_extract(archive, target))
+    assert files_under(target) == [] and (target / "earlier").is_dir()
+    assert sorted(p.name for p in target.iterdir()) == ["earlier"]
+
+
+def test_an_archive_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    archive = zip_members(tmp_path / "big.zip", {"DRIVE/a.bin": bytes(5000)})
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda p: SimpleNamespace(free=4000))
+    target = tmp_path / "out"
+    message = error_of(lambda: safe_extract(archive, target))
+    assert message == (
+        f"{archive}: unpacks to 5000 B but {target} has 4000 B free; free some space and run again"
+    )
+    assert not target.exists()
+
+
 # --- safe_extract: what is allowed ----------------------------------------------------------
 
 
@@ -700,10 +828,10 @@ def test_dataset_folder_also_reachable_through_a_symlink_is_taken_as_real_files(
 
 
 def test_folder_source_is_copied_not_linked_and_left_untouched(project, tmp_path):
-    outside = tmp_path / "outside.txt"
-    outside.write_bytes(b"linked file")
     drive = make_drive_tree(tmp_path / "src")
-    (drive / "training" / "notes.txt").symlink_to(outside)
+    linked = drive / "readme.txt"
+    linked.write_bytes(b"linked file")
+    (drive / "training" / "notes.txt").symlink_to("../readme.txt")  # a link inside the folder
     before = snapshot(drive)
 
     download(drive_params(str(drive)))
@@ -716,7 +844,7 @@ def test_folder_source_is_copied_not_linked_and_left_untouched(project, tmp_path
     (raw / "training" / "images" / "21_training.tif").write_bytes(b"changed")
     (raw / "training" / "notes.txt").write_bytes(b"changed")
     assert snapshot(drive) == before
-    assert outside.read_bytes() == b"linked file"
+    assert linked.read_bytes() == b"linked file"
 
 
 def test_folder_source_holding_the_dataset_deeper_down(project, tmp_path):
@@ -730,6 +858,54 @@ def test_sha256_with_a_folder_source_is_an_error_naming_dataset_sha256(project, 
     drive = make_drive_tree(tmp_path / "src")
     message = error_of(lambda: download(drive_params(str(drive), WRONG_SHA)))
     assert message.startswith("dataset.sha256:") and str(drive) in message
+    assert not (project / "data" / "raw").exists()
+
+
+# --- download() from a local folder: links that loop or leave it -----------------------------
+
+
+def test_a_link_to_its_own_parent_is_refused_naming_the_link_before_copying(project, tmp_path):
+    """The issue's case: copying followed the loop ~40 levels deep, then one 75,595-character
+    ERROR line."""
+    drive = make_drive_tree(tmp_path / "src")
+    (drive / "training" / "again").symlink_to("..")
+    message = error_of(lambda: download(drive_params(str(drive))))
+    assert message == (
+        f"{drive / 'training' / 'again'}: links to {drive}, a folder it lies in (a loop); "
+        "remove the link"
+    )
+    assert not (project / "data" / "raw").exists() and leftovers(project) == []
+
+
+@pytest.mark.parametrize(
+    ("links", "culprit", "says"),
+    [
+        ({"training/etc": "/etc"}, "training/etc", "links to /etc, outside dataset.source "),
+        ({"training/up": "../../.."}, "training/up", ", outside dataset.source "),
+        ({"a": "training", "b": "a"}, "b", ", a folder dataset.source already holds "),
+        ({"training/x": "../test", "test/y": "../training"}, "test/y", " already holds "),
+        ({"training/gone": "nowhere.png"}, "training/gone", "a broken link (to 'nowhere.png')"),
+        ({"me": "me"}, "me", "a broken link (to 'me')"),
+    ],
+    ids=["absolute-outside", "dotdot-outside", "alias", "two-links-loop", "dangling", "self"],
+)
+def test_links_leaving_the_folder_aliasing_it_or_broken_are_refused(
+    project, tmp_path, links, culprit, says
+):
+    drive = make_drive_tree(tmp_path / "src")
+    for link, to in links.items():
+        (drive / link).symlink_to(to)
+    message = error_of(lambda: download(drive_params(str(drive))))
+    assert message.startswith(f"{drive / culprit}: ") and says in message
+    assert len(message) < 300
+    assert not (project / "data" / "raw").exists() and leftovers(project) == []
+
+
+def test_a_fifo_in_the_folder_is_refused_instead_of_blocking_the_copy(project, tmp_path):
+    drive = make_drive_tree(tmp_path / "src")
+    os.mkfifo(drive / "training" / "pipe")
+    message = error_of(lambda: download(drive_params(str(drive))))
+    assert message.startswith(f"{drive / 'training' / 'pipe'}: not a regular file")
     assert not (project / "data" / "raw").exists()
 
 

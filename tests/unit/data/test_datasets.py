@@ -4,8 +4,11 @@ tiny fakes built in the test, and every kind of bad input naming its culprit."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from pipeline.config import parse_params
 from pipeline.data import loading as data
 from pipeline.data.crops import make_crops
 from pipeline.data.manifest import load_manifest
-from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_label
+from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_image, read_label
 from pipeline.engine.distributed import SINGLE
 from pipeline.inference.evaluate import eval_shard
 from pipeline.stages.download import download
@@ -240,6 +243,56 @@ def test_folder_corrupt_and_truncated_images_are_named(project, tmp_path):
         preprocess(params("folder", top))
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header claims width x height grey pixels (a decompression bomb's
+    header: PIL reads it on open, before any pixel)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_a_folder_image_claiming_15000x15000_pixels_is_one_line_naming_it(project, tmp_path):
+    """The issue's case: PIL's DecompressionBombError came out as a traceback."""
+    top = make_folder(tmp_path / "src")
+    (top / "images" / "img03.png").write_bytes(png_claiming(15000, 15000))
+    p = params("folder", top)
+    download(p)
+    with pytest.raises(PipelineError) as err:
+        preprocess(p)
+    bomb = project / "data" / "raw" / "folder" / "images" / "img03.png"
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(  # preprocess may add which source file it copies
+        f"{bomb}: 15000x15000 image (225,000,000 pixels) is over dataset.max_image_pixels "
+        "(178,956,970), refused before decoding (a decompression bomb?); raise "
+        "dataset.max_image_pixels (0 = no limit) if the image is genuine"
+    )
+    assert not (project / "data" / "processed").exists()
+    assert Image.MAX_IMAGE_PIXELS is None  # PIL's own guard: replaced by this one
+
+
+def test_max_image_pixels_is_the_limit_for_images_and_labels(project, tmp_path):
+    top = make_folder(tmp_path / "src")
+    p = params("folder", top, max_image_pixels=1000)  # the images are 36x40 = 1,440 pixels
+    download(p)
+    with pytest.raises(PipelineError, match=r"img\d\d\.png: 36x40 image \(1,440 pixels\) is over "):
+        preprocess(p)
+    label = top / "labels" / "img00.png"
+    with pytest.raises(PipelineError, match=r"dataset\.max_image_pixels \(1,000\)"):
+        read_label(label, max_pixels=1000)
+    assert read_label(label, max_pixels=0).shape == SIZE  # 0: no limit
+    assert preprocess(params("folder", top, max_image_pixels=1440)).is_dir()
+
+
+def test_an_image_bomb_sent_to_a_model_is_one_line_naming_it():
+    """pipeline.predict and the served model read images with the same guard."""
+    with pytest.raises(PipelineError, match=r"^image 0: 15000x15000 image \(225,000,000 pixels\)"):
+        read_image(io.BytesIO(png_claiming(15000, 15000)), "RGB", name="image 0")
+
+
 @pytest.mark.parametrize(
     ("fractions", "key"),
     [((0.01, 0.2), "val_fraction"), ((0.25, 0.0), "test_fraction"), ((0.5, 0.49), "val_fraction")],
@@ -397,7 +450,7 @@ def test_by_default_the_second_class_is_positive(project, tmp_path):
 
 def test_multiclass_folders_have_no_positive_class(project, tmp_path):
     top = make_folder(tmp_path / "src", count=6)
-    folder = {"class_names": ["bg", "a", "b"], "mapping": {0: 0, 255: 2}}
+    folder = {"class_names": ["bg", "a", "b"], "mapping": {0: 0, 128: 1, 255: 2}}
     assert run(params("folder", top, folder=folder))["positive_class"] is None
 
 

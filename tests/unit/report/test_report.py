@@ -35,6 +35,16 @@ def params(**overrides):
     return parse_params({**base, **overrides})
 
 
+def write_class_pixels(class_names: list[str], test: list[int] | None = None) -> None:
+    """class_pixels.csv as preprocess writes it; `test`: the test split's pixels per class."""
+    rows = ["split,class_index,class_name,pixels,fraction"]
+    for split, counts in (("train", [100] * len(class_names)), ("test", test)):
+        pixels = zip(class_names, counts or [100] * len(class_names), strict=True)
+        rows += [f"{split},{c},{n},{k},0" for c, (n, k) in enumerate(pixels)]
+        rows.append(f"{split},255,ignore,0,")
+    paths.CLASS_PIXELS.write_text("\n".join(rows) + "\n")
+
+
 def write_manifest(class_names: list[str], observer: dict | None):
     manifest = fake_manifest(
         len(class_names),
@@ -44,6 +54,7 @@ def write_manifest(class_names: list[str], observer: dict | None):
     )
     paths.MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     paths.MANIFEST.write_text(json.dumps(manifest.model_dump()))
+    write_class_pixels(class_names)
     rng = np.random.default_rng(1)
     for stem in TEST_STEMS:
         save_image(paths.split_dir("test", "images") / f"{stem}.png", random_image(*SIZE))
@@ -221,9 +232,12 @@ def test_changed_params_list_value_and_default(binary):
     assert report.changed_params(parse_params({})).empty
     table = report.changed_params(parse_params({"epochs": 3, "loss": {"class_weights": None}}))
     assert table.to_dict("records") == [{"key": "epochs", "value": "3", "default": "12"}]
-    mapping = report.changed_params(parse_params({"dataset": {"folder": {"mapping": {0: 0}}}}))
-    assert mapping.to_dict("records") == [  # a key the default has and the params lack
-        {"key": "dataset.folder.mapping.255", "value": "(not set)", "default": "1"}
+    folder = {"mapping": {0: 0, 1: 1}}  # every class still mapped (config refuses less)
+    mapping = report.changed_params(parse_params({"dataset": {"folder": folder}}))
+    assert mapping.to_dict("records") == [
+        {"key": "dataset.folder.mapping.1", "value": "1", "default": "(not set)"},
+        # a key the default has and the params lack
+        {"key": "dataset.folder.mapping.255", "value": "(not set)", "default": "1"},
     ]
 
     md, html = read(binary, "report.md"), read(binary, "report.html")
@@ -402,3 +416,85 @@ def test_the_test_split_hash_follows_the_labels_bytes(fake):
     pixels[5, 0] = (pixels[5, 0] + 1) % 2  # row 5: a labelled pixel, 0 or 1 both valid
     Image.fromarray(pixels).save(label)
     assert report.split_hash(manifest) != first
+
+
+# --- a smoke test, undefined metrics ---------------------------------------------------------
+
+
+def smoke(p):
+    """`p` with report.smoke true."""
+    return p.model_copy(update={"report": p.report.model_copy(update={"smoke": True})})
+
+
+class FakeRun:
+    """A stage's MLflow run that logs nothing (truthy, as a real Tracker)."""
+
+    def log_metrics(self, *args, **kwargs):
+        pass
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+
+def logged_runs(mp: pytest.MonkeyPatch) -> list:
+    """The report stage with a (fake) MLflow run: the models it would register."""
+    registered = []
+    mp.setattr(report, "mlflow_run", lambda *a, **k: contextlib.nullcontext(FakeRun()))
+    mp.setattr(report, "log_to_parent", lambda *a, **k: None)
+    mp.setattr(report, "_register", lambda p, m, t, run: registered.append(t.test))
+    return registered
+
+
+def test_a_smoke_test_says_at_the_top_that_its_metrics_mean_nothing(fake, monkeypatch):
+    """Issue 30: ci-cpu's report showed a "best" UNet at Dice 0.0 and a black panel as results."""
+    fake()
+    registered = logged_runs(monkeypatch)
+    report.report(smoke(params(report={"panels": 0, "dpi": 50})))
+    md, html = paths.REPORT_MD.read_text(), paths.REPORT_HTML.read_text()
+    heading, first = md.split("\n\n")[:2]
+    assert heading == "# UNet vs UNet++ on `fake` (smoke test)"
+    assert first.startswith("> [!WARNING]\n> **Smoke test: these metrics mean nothing.**")
+    assert "no model was registered" in first
+    assert "<title>UNet vs UNet++ on fake (smoke test)</title>" in html
+    body = html.split("<body>", 1)[1]
+    assert body.index('<p class="alert" role="alert"><strong>Smoke test') < body.index("<h2>")
+    setup = pd.read_excel(paths.REPORT_XLSX, "setup")
+    assert setup["value"].iloc[0] == "smoke test (report.smoke): its metrics mean nothing"
+    assert registered == []  # a meaningless model never takes `champion`
+
+    report.report(params(report={"panels": 0, "dpi": 50}))  # the same run, no smoke test
+    assert "moke" not in paths.REPORT_MD.read_text() + paths.REPORT_HTML.read_text()
+    assert len(registered) == 1
+
+
+def test_a_metric_undefined_for_every_model_is_said_and_registers_nothing(fake, monkeypatch):
+    """Both metrics.json hold null for report.metric (undefined, as Dice is on test labels
+    without a positive pixel): was pandas' "Encountered all NA values" traceback."""
+    manifest = fake()
+    for arch in report.ARCH_NAMES:
+        path = paths.arch_reports(arch) / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "miou": None}))
+    stage = params(report={"panels": 0, "dpi": 50})
+    report.report(stage)
+    md = paths.REPORT_MD.read_text()
+    assert "Best test miou: none, it is undefined for every model (–)." in md
+    t = report.gather(stage, manifest, 0)
+    assert report.candidate(t, tolerance=0.01) is None
+    monkeypatch.setattr(report, "register", lambda *a: pytest.fail("nothing to register"))
+    report._register(stage, manifest, t, FakeRun())
+
+
+def test_test_labels_without_foreground_register_nothing(fake, monkeypatch, caplog):
+    """All-empty test masks score a "perfect" mIoU: that model must not take `champion`."""
+    import logging
+
+    manifest = fake()
+    write_class_pixels(["background", "vessel"], test=[1000, 0])
+    stage = params(report={"panels": 0, "dpi": 50})
+    t = report.gather(stage, manifest, 0)
+    monkeypatch.setattr(report, "register", lambda *a: pytest.fail("nothing to register"))
+    with caplog.at_level(logging.WARNING):
+        report._register(stage, manifest, t, FakeRun())
+    assert "the test labels hold no pixel of class 'vessel': test metrics mean nothing" in (
+        caplog.text
+    )

@@ -18,6 +18,9 @@ params. Each gets either the right result or a one-line error naming the culprit
 | a float TIFF holding NaN                                 | one line: values and NaN         |
 | a 1x1 image given to pipeline.predict                   | a 1x1 label                      |
 | a folder whose images differ in size                    | each evaluated at its own size   |
+
+Issue 30's 110 attacks and our own further ones, each with its outcome and test: ATTACKS.md
+beside this module.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +101,23 @@ def by_hand(model: nn.Module, image: np.ndarray, tile=32, overlap=8, tta="none")
 def read_png(path: Path) -> tuple[np.ndarray, str]:
     with Image.open(path) as img:
         return np.array(img), img.mode
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A greyscale PNG whose header says width x height, with one row of data: PIL judges an
+    image's size by its header when it opens it, so this 94-byte file meets the very check a
+    real 15000x15000 PNG (218 KB of zeros) does, without building 225 MB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\0" * (width + 1))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(("arch", "mode"), [("unetpp", "RGB"), ("unet", "L")])
@@ -322,3 +342,173 @@ def test_a_model_trained_at_a_scale_predicts_at_it_and_labels_every_pixel(tmp_pa
     full = F.interpolate(logits, size=(45, 62), mode="bilinear", align_corners=False)
     np.testing.assert_array_equal(labels, predict(full)[0].numpy())
     assert not np.array_equal(labels, by_hand(model, image)), "the scale must matter"
+
+
+def cli_error(caplog, argv: list[str]) -> str:
+    """The one line run_cli logs for `python -m pipeline.predict argv`, which must exit 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "\n" not in record.getMessage()
+    return record.getMessage()
+
+
+def not_a_checkpoint(path: Path, case: str) -> None:
+    model = build_model("unet", 3, 2, **OPTIONS)
+    obj = {
+        "a bare tensor": torch.zeros(3),
+        "a list": [torch.zeros(3), 1],
+        "bare weights": model.state_dict(),
+        "a dict without the keys": {"weights": torch.zeros(1), "epoch": 3},
+        "a resume state": {"fingerprint": "abc", "model": model.state_dict(), "epoch": 2},
+    }[case]
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize(
+    ("case", "holds"),
+    [
+        ("a bare tensor", "a tensor"),
+        ("a list", "a list"),
+        ("bare weights", r"bare weights \(a state_dict of \d+ tensors, no arch or model_config\)"),
+        (
+            "a dict without the keys",
+            "a dict of 'weights', 'epoch', without arch, model_config, state_dict",
+        ),
+        (
+            "a resume state",
+            r"a training run's resume state \(models/resume/\), which training alone reads",
+        ),
+    ],
+)
+def test_a_model_file_that_is_no_checkpoint_is_one_line_saying_what_one_is(
+    tmp_path, caplog, case, holds
+):
+    not_a_checkpoint(tmp_path / "model.pt", case)
+    save_image(tmp_path / "a.png", (20, 20))
+    argv = ["--model", str(tmp_path / "model.pt"), str(tmp_path / "a.png")]
+    message = cli_error(caplog, [*argv, "--out", str(tmp_path / "out")])
+    path = re.escape(str(tmp_path / "model.pt"))
+    assert re.fullmatch(
+        rf"{path}: not a checkpoint of this pipeline: it holds {holds}; a checkpoint is "
+        r"the dict training saves as models/<arch>\.pt, with arch, model_config, state_dict",
+        message,
+    ), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_pil_calls_a_decompression_bomb_is_one_line(tmp_path, caplog):
+    """A PNG claiming 15000x15000 px (225 MP, over PIL's 179 MP limit): one line naming the
+    file, and nothing written for the good image beside it."""
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "a.png", (20, 20))
+    bomb = tmp_path / "huge.png"
+    bomb.write_bytes(png_claiming(15000, 15000))
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Image.DecompressionBombError):
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # PIL's own guard, which ours replaces
+        Image.open(bomb)  # refuses it: the real case
+    argv = ["--model", str(tmp_path / "model.pt"), str(tmp_path / "a.png"), str(bomb)]
+    message = cli_error(caplog, [*argv, "--out", str(tmp_path / "out")])
+    assert message.startswith(f"{bomb}: 15000x15000 image (225,000,000 pixels) is over "), message
+    assert "raise PIPELINE_MAX_IMAGE_PIXELS (0 = no limit)" in message
+    assert not (tmp_path / "out").exists()
+
+
+def writable(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be created in: mode 555, and for root (whom modes do not stop)
+    the immutable attribute too; skipped where neither holds."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if writable(folder) and shutil.which("chattr"):
+        chattr = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        immutable = chattr.returncode == 0
+    try:
+        if writable(folder):
+            pytest.skip("no way to make a folder read-only here (root, and no chattr +i)")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_an_out_folder_under_a_file_is_one_line_before_predicting(tmp_path, caplog):
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "a.png", (20, 20))
+    (tmp_path / "notes.txt").write_text("a file where --out wants a folder")
+    out = tmp_path / "notes.txt" / "predictions"
+    argv = ["--model", str(tmp_path / "model.pt"), str(tmp_path / "a.png"), "--out", str(out)]
+    message = cli_error(caplog, argv)
+    assert message.startswith(f"{out}: not writable (Not a directory)"), message
+
+
+def test_a_read_only_out_folder_is_one_line_before_predicting(tmp_path, caplog, read_only_folder):
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "a.png", (20, 20))
+    out = read_only_folder / "predictions"  # created inside: refused
+    argv = ["--model", str(tmp_path / "model.pt"), str(tmp_path / "a.png"), "--out", str(out)]
+    message = cli_error(caplog, argv)
+    assert re.match(
+        rf"{re.escape(str(out))}: not writable \((Permission denied|Operation not permitted)\)",
+        message,
+    ), message
+    argv[-1] = str(read_only_folder)  # the folder itself: exists, takes no file
+    caplog.clear()
+    message = cli_error(caplog, argv)
+    assert message.startswith(f"{read_only_folder}: not writable"), message
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_folder_among_the_images_is_one_line(tmp_path, caplog):
+    save_model(tmp_path / "model.pt")
+    (tmp_path / "scans").mkdir()
+    save_image(tmp_path / "scans" / "a.png", (20, 20))
+    argv = ["--model", str(tmp_path / "model.pt"), str(tmp_path / "scans"), "--out", "out"]
+    message = cli_error(caplog, argv)
+    scans = tmp_path / "scans"
+    assert message == f"{scans}: a folder, not an image file (give its images: {scans}/*)"
+
+
+def test_a_non_image_file_among_the_images_stops_before_anything_is_written(tmp_path, caplog):
+    """`predict scans/*` on a folder that also holds notes: one line naming the file."""
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "a.png", (20, 20))
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = [str(tmp_path / "a.png"), str(tmp_path / "notes.txt")]
+    message = cli_error(
+        caplog, ["--model", str(tmp_path / "model.pt"), *images, "--out", str(tmp_path / "out")]
+    )
+    assert message.startswith(f"{tmp_path / 'notes.txt'}: unreadable or corrupt image"), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_would_replace_an_input_is_one_line(tmp_path, caplog):
+    """Predicting a.png and a_label.png into their own folder would write a.png's label over
+    the input a_label.png before reading it."""
+    save_model(tmp_path / "model.pt")
+    save_image(tmp_path / "a.png", (20, 20))
+    save_image(tmp_path / "a_label.png", (20, 20), seed=1)
+    before = (tmp_path / "a_label.png").read_bytes()
+    images = [str(tmp_path / "a.png"), str(tmp_path / "a_label.png")]
+    message = cli_error(
+        caplog, ["--model", str(tmp_path / "model.pt"), *images, "--out", str(tmp_path)]
+    )
+    assert message == (
+        f"{tmp_path / 'a_label.png'}: an input, and where the output of a.png would go; "
+        "choose another --out"
+    )
+    assert (tmp_path / "a_label.png").read_bytes() == before
+    assert not (tmp_path / "a_overlay.png").exists()

@@ -4,24 +4,38 @@ errors, and --apply replaces params.yaml atomically. No real dvc run (it would t
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import shutil
+import tarfile
+import zipfile
 
 import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
 from pipeline import paths, preset
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, run_cli
 from pipeline.config import Params, flatten, load_params, parse_params
 
 PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture repoints paths)
-SOURCES = {
-    "drive-gpu": "/data/DRIVE.zip",
-    "camvid-gpu": "https://example.org/CamVid.zip",
-    "drive-cpu": "/data/DRIVE.zip",
-    "camvid-cpu": "/data/CamVid.zip",
-}
+KINDS = "a local .zip/.tar(.gz) archive or folder, or an http(s) URL"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    """Each real-dataset preset's --source: a URL, or a small zip (a local one must exist)."""
+    folder = tmp_path_factory.mktemp("sources")
+    for name in ("DRIVE.zip", "CamVid.zip"):
+        with zipfile.ZipFile(folder / name, "w") as zf:
+            zf.writestr("README", "a stand-in")
+    return {
+        "drive-gpu": str(folder / "DRIVE.zip"),
+        "camvid-gpu": "https://example.org/CamVid.zip",
+        "drive-cpu": str(folder / "DRIVE.zip"),
+        "camvid-cpu": str(folder / "CamVid.zip"),
+    }
 
 
 def _error(call) -> str:
@@ -55,37 +69,41 @@ def test_the_presets_are_there():
 
 
 @pytest.mark.parametrize("name", preset.available())
-def test_every_preset_merges_into_valid_params(name):
-    overlay, merged = preset.resolve(name, SOURCES.get(name), params_path=PROJECT_PARAMS)
+def test_every_preset_merges_into_valid_params(name, sources):
+    overlay, merged = preset.resolve(name, sources.get(name), params_path=PROJECT_PARAMS)
     params = parse_params(merged)
     assert isinstance(params, Params)
     # every leaf of the preset is in effect
     flat = flatten(merged)
     for key, value in flatten(overlay).items():
         assert flat[key] == value, key
-    if name in SOURCES:
-        assert params.dataset.source == SOURCES[name]
+    if name in sources:
+        assert params.dataset.source == sources[name]
     if name.endswith("-gpu"):
         assert params.train.device == "cuda" and params.train.amp == "bf16"
     else:
         assert params.train.device == "cpu" and not params.train.compile
 
 
-def test_gpu_presets_choices():
-    drive = parse_params(preset.resolve("drive-gpu", "x.zip", params_path=PROJECT_PARAMS)[1])
+def test_gpu_presets_choices(sources):
+    drive = parse_params(
+        preset.resolve("drive-gpu", sources["drive-gpu"], params_path=PROJECT_PARAMS)[1]
+    )
     assert drive.dataset.name == "drive" and drive.preprocess.crops_per_image > 0
     assert drive.unetpp.base_channels == 32 and drive.unetpp.deep_supervision
     assert drive.loss.dice_weight > 0 and not drive.preprocess.border_weights.enabled
-    camvid = parse_params(preset.resolve("camvid-gpu", "x.zip", params_path=PROJECT_PARAMS)[1])
+    camvid = parse_params(
+        preset.resolve("camvid-gpu", sources["camvid-cpu"], params_path=PROJECT_PARAMS)[1]
+    )
     assert camvid.dataset.name == "camvid" and camvid.loss.class_weights == "median_frequency"
     assert camvid.unet.encoder == "resnet34" and camvid.unet.encoder_weights is None
     assert camvid.train.augment and camvid.train.compile and camvid.train.channels_last
 
 
 @pytest.mark.parametrize("name", preset.available())
-def test_the_set_list_round_trips_through_dvc(name, tmp_path):
+def test_the_set_list_round_trips_through_dvc(name, tmp_path, sources):
     """What `dvc exp run -S ...` writes (DVC's apply_overrides) is the merged params."""
-    overlay, merged = preset.resolve(name, SOURCES.get(name), params_path=PROJECT_PARAMS)
+    overlay, merged = preset.resolve(name, sources.get(name), params_path=PROJECT_PARAMS)
     copy = tmp_path / "params.yaml"
     shutil.copyfile(PROJECT_PARAMS, copy)
     apply_overrides(copy, preset.set_args(overlay))
@@ -184,14 +202,15 @@ def test_a_real_dataset_needs_a_source(params_copy):
     assert "needs --source" in message
 
 
-def test_apply_writes_valid_params_yaml_atomically(params_copy):
+def test_apply_writes_valid_params_yaml_atomically(params_copy, sources):
     before = params_copy.read_text()
-    preset.main(["drive-gpu", "--source", "/data/DRIVE.zip", "--apply"])
+    source = sources["drive-gpu"]
+    preset.main(["drive-gpu", "--source", source, "--apply"])
     after = params_copy.read_text()
     params = load_params(params_copy)
-    _, merged = preset.resolve("drive-gpu", "/data/DRIVE.zip", params_path=PROJECT_PARAMS)
+    _, merged = preset.resolve("drive-gpu", source, params_path=PROJECT_PARAMS)
     assert params == parse_params(merged)
-    assert params.dataset.source == "/data/DRIVE.zip" and params.epochs == 40
+    assert params.dataset.source == source and params.epochs == 40
     # DVC's -S code keeps the comments and the key order
     assert after.splitlines()[0] == before.splitlines()[0]
     assert list(yaml.safe_load(after)) == list(yaml.safe_load(before))
@@ -209,3 +228,43 @@ def test_small_values_survive_dvcs_yaml_writer(params_copy, own_presets):
 def test_apply_takes_no_dvc_arguments(params_copy):
     message = _error(lambda: preset.main(["ci-cpu", "--apply", "--", "--temp"]))
     assert "not --apply" in message
+
+
+# --- --source is checked when the preset is applied, not when download runs ------------------
+
+
+def test_a_local_source_that_is_not_there_exits_1_at_preset_time(params_copy, tmp_path, caplog):
+    """The issue's case: `--source /nonexistent/DRIVE.zip --apply` exited 0."""
+    before = params_copy.read_text()
+    missing = tmp_path / "nonexistent" / "DRIVE.zip"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(preset.main, ["drive-cpu", "--source", str(missing), "--apply"])
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"--source: {missing} not found ({KINDS})"]
+    assert params_copy.read_text() == before
+    assert sorted(p.name for p in params_copy.parent.iterdir()) == ["params.yaml"]
+
+
+def test_a_source_that_is_no_archive_or_folder_is_one_line(params_copy, tmp_path):
+    text = tmp_path / "DRIVE.zip"
+    text.write_text("not an archive\n")
+    message = _error(lambda: preset.main(["drive-cpu", "--source", str(text), "--print"]))
+    assert message == f"--source: {text} is not a .zip or .tar(.gz) archive ({KINDS})"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    message = _error(lambda: preset.main(["drive-cpu", "--source", str(fifo), "--print"]))
+    assert message == f"--source: {fifo} is not a regular file or folder ({KINDS})"
+
+
+def test_a_relative_source_is_checked_against_the_project_root(params_copy):
+    message = _error(lambda: preset.main(["drive-cpu", "--source", "inputs/DRIVE.zip", "--print"]))
+    assert message == f"--source: {paths.ROOT / 'inputs' / 'DRIVE.zip'} not found ({KINDS})"
+
+
+def test_folders_archives_and_urls_pass_and_urls_are_not_fetched(params_copy, tmp_path, sources):
+    tar = tmp_path / "DRIVE.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(params_copy, arcname="params.yaml")
+    for source in (str(tmp_path), str(tar), sources["drive-cpu"], "https://localhost:1/x.zip"):
+        preset.main(["drive-cpu", "--source", source, "--print"])

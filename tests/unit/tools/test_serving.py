@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.common import PipelineError
 from pipeline.predict import predict_files
-from pipeline.serving import log_segmenter
+from pipeline.serving import CHECKPOINT, SegmentationModel, log_segmenter
 from tests.unit.tools.test_predict import INFERENCE, save_image, save_model
 
 
@@ -110,7 +110,7 @@ def test_the_model_carries_its_signature_example_checkpoint_and_code(tmp_path, s
     local = Path(store.mlflow.artifacts.download_artifacts(uri))
     meta = Model.load(local)
     assert meta.signature.inputs.input_names() == ["image"]
-    assert [p.name for p in meta.signature.params] == ["probabilities"]
+    assert [p.name for p in meta.signature.params] == ["probabilities", "depth"]
     assert {"mask", "height", "width", "probabilities"} == set(meta.signature.outputs.input_names())
     example = meta.load_input_example(local)
     assert example["image"][0] == image.read_bytes()
@@ -121,9 +121,45 @@ def test_the_model_carries_its_signature_example_checkpoint_and_code(tmp_path, s
 
 
 def test_a_bad_image_names_its_row(tmp_path, store):
+    """To Python callers a PipelineError; to the server an MLflow INVALID_PARAMETER_VALUE (an
+    HTTP 400, see test_serving_attacks)."""
+    from mlflow.exceptions import MlflowException
+
     checkpoint, image = tmp_path / "model.pt", tmp_path / "a.png"
     save_model(checkpoint, arch="unet")
     save_image(image, (32, 40))
     _, model = _served(store, checkpoint, image)
-    with pytest.raises(PipelineError, match=r"^image 1: unreadable or corrupt image"):
-        model.predict(pd.DataFrame({"image": [image.read_bytes(), b"not an image"]}))
+    half = image.read_bytes()[:200]
+    with pytest.raises(PipelineError, match=r"^image 1: unreadable or corrupt image") as error:
+        model.predict(pd.DataFrame({"image": [image.read_bytes(), half]}))
+    assert isinstance(error.value, MlflowException)
+    assert error.value.get_http_status_code() == 400
+
+
+def test_a_request_prunes_a_unetpp_to_its_depth_param_as_predict_does(tmp_path, store):
+    checkpoint, image = tmp_path / "model.pt", tmp_path / "a.png"
+    save_model(checkpoint, arch="unetpp")  # heads at depths 1 and 2
+    save_image(image, (45, 70))
+    _, model = _served(store, checkpoint, image)
+    table = pd.DataFrame({"image": [image.read_bytes()]})
+
+    predict_files(checkpoint, [image], tmp_path / "L1", depth=1, device="cpu")
+    predict_files(checkpoint, [image], tmp_path / "L2", device="cpu")
+    pruned = model.predict(table, params={"depth": 1})["mask"][0]
+    assert pruned == (tmp_path / "L1" / "a_label.png").read_bytes()
+    full = model.predict(table)["mask"][0]
+    assert full == (tmp_path / "L2" / "a_label.png").read_bytes() != pruned
+    with pytest.raises(
+        PipelineError, match=r"^params\.depth 3: no head at depth 3; heads: \[1, 2\]$"
+    ):
+        model.predict(table, params={"depth": 3})
+
+
+def test_the_depth_param_needs_a_unetpp(tmp_path):
+    save_model(tmp_path / "model.pt", arch="unet")
+    save_image(tmp_path / "a.png", (32, 40))
+    model = SegmentationModel()  # the pyfunc class as the server loads it, without a store
+    model.load_context(SimpleNamespace(artifacts={CHECKPOINT: str(tmp_path / "model.pt")}))
+    table = pd.DataFrame({"image": [(tmp_path / "a.png").read_bytes()]})
+    with pytest.raises(PipelineError, match=r"^params\.depth needs a UNet\+\+, not unet$"):
+        model.predict(None, table, params={"depth": 1})

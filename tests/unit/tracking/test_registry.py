@@ -14,25 +14,10 @@ from pipeline.tracking.runs import init_store
 NAME = "unet-family-drive"
 
 
-def class_pixels(project, test: tuple[int, int] = (900, 100)) -> None:
-    """data/processed/class_pixels.csv as preprocess writes it, with `test` pixels per class."""
-    path = project / "data" / "processed" / "class_pixels.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["split,class_index,class_name,pixels,fraction"]
-    for split, counts in (("train", (900, 100)), ("test", test)):
-        rows += [f"{split},{c},{n},{k},0" for c, (n, k) in enumerate(zip(CLASSES, counts))]
-        rows.append(f"{split},255,ignore,0,")
-    path.write_text("\n".join(rows) + "\n")
-
-
-CLASSES = ("background", "vessel")
-
-
 @pytest.fixture
 def params(project, monkeypatch):
     """A private store under the temporary project, also where MLFLOW_TRACKING_URI (which
     beats params) points (conftest's `_mlflow_uri_restored` puts both back afterwards)."""
-    class_pixels(project)
     uri = f"sqlite:///{project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return parse_params({"mlflow": {"tracking_uri": uri}})
@@ -154,15 +139,3 @@ def test_a_stale_champion_write_is_settled_by_the_next_registration(params):
     late = register(params, candidate("c", 0.85), "drive", "s", "miou")
     assert late.alias == "challenger"
     assert aliases(params) == {"champion": "2", "challenger": "3"}
-
-
-def test_nothing_is_registered_when_the_test_labels_hold_no_positive_pixel(
-    params, project, caplog
-):
-    # all-empty masks score a perfect mIoU: that model must not become the champion
-    class_pixels(project, test=(1000, 0))
-    logged(params, "a")
-    with caplog.at_level(logging.WARNING):
-        assert register(params, candidate("a", 1.0), "drive", "split1", "miou") is None
-    assert "the test labels hold no pixel of class 'vessel'" in caplog.text
-    assert "nothing registered as unet-family-drive" in caplog.text

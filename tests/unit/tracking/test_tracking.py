@@ -364,3 +364,52 @@ def test_the_readmes_server_examples_are_local_or_behind_a_login():
         if host.group(1) != "127.0.0.1":
             assert "--app-name basic-auth" in command, command
     assert "MLFLOW_TRACKING_USERNAME" in readme and "MLFLOW_FLASK_SERVER_SECRET_KEY" in readme
+
+
+# --- a smoke test, a store that refuses writes ------------------------------------------------
+
+
+def _smoke(p):
+    """`p` with report.smoke true."""
+    return p.model_copy(update={"report": p.report.model_copy(update={"smoke": True})})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_smoke_tests_runs_say_so_on_the_parent_and_each_stage(clean_env, store):
+    """Issue 30: the ci-cpu preset's parent run looked like a real result."""
+    params = _params(experiment="pipeline")
+    assert not tracking.is_smoke(params) and tracking.is_smoke(_smoke(params))
+    clean_env.setenv("PIPELINE_EXECUTION", "smoke")
+    child = store.get_run(_stage(_smoke(params), "train_unet"))
+    parent = store.get_run(child.data.tags[tracking.PARENT_TAG])
+    assert parent.data.tags[tracking.SMOKE_TAG] == "true"
+    assert parent.data.tags["mlflow.note.content"] == tracking.SMOKE_NOTE  # its description
+    assert tracking.SMOKE_NOTE.startswith("**Smoke test: these metrics mean nothing.**")
+    assert child.data.tags[tracking.SMOKE_TAG] == "true"
+    clean_env.setenv("PIPELINE_EXECUTION", "real")
+    child = store.get_run(_stage(params, "train_unet"))
+    parent = store.get_run(child.data.tags[tracking.PARENT_TAG])
+    assert tracking.SMOKE_TAG not in parent.data.tags | child.data.tags
+    assert "mlflow.note.content" not in parent.data.tags
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_store_that_refuses_writes_is_one_line_naming_it(clean_env, store, tmp_path):
+    """A read-only sqlite store (or a server refusing this user) was MLflow's traceback."""
+    from pipeline.common import PipelineError
+
+    params = _params(experiment="pipeline")
+    clean_env.setenv("PIPELINE_EXECUTION", "first")
+    _stage(params, "train_unet")  # the store and its experiment exist
+    uri = f"sqlite:///file:{tmp_path / 'mlflow.db'}?mode=ro&uri=true"  # SQLAlchemy's read-only
+    clean_env.setenv("MLFLOW_TRACKING_URI", uri)
+    clean_env.setenv("PIPELINE_EXECUTION", "second")
+    clean_env.chdir(tmp_path)  # MLflow makes the folders of the path it parses, here
+    with pytest.raises(PipelineError) as err, tracking.mlflow_run(params, "report", "report"):
+        raise AssertionError("no run may start")
+    assert str(err.value) == (
+        f"MLflow store {uri}: cannot start the report run ((sqlite3.OperationalError) attempt "
+        "to write a readonly database); make it writable for this user (a server: its "
+        "permissions), or set mlflow.enabled: false"
+    )
+    assert (tmp_path / "mlflow.db.lock").exists()  # the lock beside the store, not in "file:"
