@@ -146,6 +146,9 @@ def load_resume(path: Path, fingerprint: str) -> dict[str, Any] | None:
     except Exception as exc:  # a foreign or damaged file: say so and start afresh
         log.warning("%s: unreadable resume state (%s); starting afresh", path, type(exc).__name__)
         return None
+    if not isinstance(state, dict):  # e.g. a tensor saved there by hand
+        log.warning("%s: not a resume state (%s); starting afresh", path, type(state).__name__)
+        return None
     if state.get("fingerprint") != fingerprint:
         log.info("%s: saved for other params or data; starting afresh", path)
         return None

@@ -317,3 +317,15 @@ def test_sigterm_mid_write_exits_143_in_one_line_and_leaves_no_temporary(tmp_pat
         .endswith("terminated (SIGTERM); the outputs of earlier runs are intact")
     )
     assert list(tmp_path.iterdir()) == []  # no output, no temporary
+
+
+def test_a_resume_state_that_is_not_one_starts_afresh_with_a_warning(tmp_path, caplog):
+    import torch
+
+    from pipeline.engine.checkpoint import load_resume
+
+    path = tmp_path / "unet.pt"
+    torch.save(torch.zeros(3), path)  # saved there by hand: was AttributeError
+    with caplog.at_level(logging.WARNING):
+        assert load_resume(path, fingerprint="abc") is None
+    assert f"{path}: not a resume state (Tensor); starting afresh" in caplog.text
