@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "report.yml"
-SKIPPED = {"Set up (the README's command)", "GPU"}
+SKIPPED = {"Set up (the README's command)", "Put uv on PATH", "GPU"}
 PRESET = "ci-cpu"
 PR = 7
 CHANGE = ("unet", "upsampling", "bilinear")  # the feature branch's param change
@@ -116,6 +116,7 @@ def _stubs(folder: Path, python3: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     scripts = {
         "python3": f'#!/bin/sh\nexec "{python3}" "$@"\n',
+        "uv": f'#!/bin/sh\nexec "{python3}" -m uv "$@"\n',  # as the set-up step leaves it
         "nvidia-smi": "#!/bin/sh\necho 'CPU (nvidia-smi stub)'\n",
         # cml: one JSON line per call (its arguments), and a copy of the comment it was given
         "cml": f"""#!{sys.executable}

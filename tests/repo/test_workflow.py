@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "report.yml"
 ACTIONLINT_CONFIG = ROOT / ".github" / "actionlint.yaml"
 # the README's set-up command
-SETUP = "python3 -m pip install -q uv && python3 -m uv sync --frozen --compile-bytecode"
+SETUP = (
+    "uv --version >/dev/null 2>&1 || { python3 -m venv .uv && .uv/bin/pip install -q uv; } && "
+    'export PATH="$PWD/.uv/bin:$PATH" && uv sync --frozen --compile-bytecode'
+)
 SECRET_REF = re.compile(r"^\$\{\{ *secrets\.[A-Za-z_][A-Za-z0-9_]* *\}\}$")
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 LITERAL_SECRETS = {
@@ -147,7 +150,7 @@ def test_one_updated_comment_with_the_diffs_against_the_baseline(workflow, text)
 
 
 def test_only_runs_on_main_store_the_baseline(workflow):
-    command = 'python3 -m uv run python -m pipeline.baseline "$PRESET" --push origin'
+    command = 'uv run python -m pipeline.baseline "$PRESET" --push origin'
     (step,) = [s for s in _steps(workflow, "report") if s.get("run", "").strip() == command]
     assert step["if"].startswith("github.ref == 'refs/heads/main' && ")
     names = [s.get("name") for s in _steps(workflow, "report")]
