@@ -25,6 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "reports" / "benchmarks"
 
 
+def readme_commands() -> tuple[str, str]:
+    """The README's two commands (1: set up and run the pipeline, 2: set up and run the tests):
+    the two command lines of its "Two commands" block, as a new user copies them."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    if len(lines) != 2:
+        raise ValueError(f"README.md: expected two commands under 'Two commands', found {lines}")
+    return lines[0], lines[1]
+
+
+README_RUN = " && uv run dvc repro"  # what command 1 runs once it has set up
+
+
+def readme_setup() -> str:
+    """Command 1's set-up part (bash): uv found or bootstrapped into .uv/, then `uv sync`."""
+    one, _ = readme_commands()
+    if not one.endswith(README_RUN):
+        raise ValueError(f"README.md: command 1 no longer ends with {README_RUN!r}: {one}")
+    return one.removesuffix(README_RUN)
+
+
+def uv_for(clone: Path) -> str:
+    """The uv the README's set-up left for `clone`: the one it bootstrapped, else PATH's."""
+    import shutil
+
+    bootstrapped = clone / ".uv" / "bin" / "uv"
+    return str(bootstrapped) if bootstrapped.exists() else shutil.which("uv") or "uv"
+
+
 def pick_device(choice: str) -> torch.device:
     """The pipeline's device rule (pipeline.engine.distributed.pick_device) for a --device flag."""
     from pipeline.common import PipelineError

@@ -36,12 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.benchlib import markdown_table, out_stem, parse_sets
+from bench.benchlib import markdown_table, out_stem, parse_sets, readme_setup, uv_for
 from bench.results import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SETUP = ["python3", "-m", "uv", "sync", "--frozen", "--compile-bytecode"]  # the README's
 STAGES = ("download", "preprocess", "train_unet", "train_unetpp", "prune", "report")
 SPLIT = re.compile(
     r"(?P<stage>[\w-]+) done in (?P<total>[\d.]+)s: start-up (?P<startup>[\d.]+)s, "
@@ -108,12 +107,12 @@ def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def measure(clone: Path, runs: int) -> dict:
-    setup_s, _ = run(SETUP, clone)
+    setup_s, _ = run(["bash", "--noprofile", "--norc", "-c", readme_setup()], clone)
     print(f"set-up (excluded): {setup_s:.0f}s", flush=True)
-    dvc = ["python3", "-m", "uv", "run", "dvc"]  # the README's: stages run the venv's python
+    dvc = [uv_for(clone), "run", "dvc"]  # the README's: stages run the venv's python
     rows, outcomes = [], []
     for i in range(runs):
-        run(["git", "clean", "-fdxq", "-e", ".venv"], clone)
+        run(["git", "clean", "-fdxq", "-e", ".venv", "-e", ".uv"], clone)
         wall, output = run([*dvc, "repro"], clone)
         splits = stage_splits(output)
         missing = [s for s in STAGES if s not in splits]

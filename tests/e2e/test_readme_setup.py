@@ -12,29 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.benchlib import README_RUN, readme_commands, readme_setup
 from tests.project import PROJECT, env, make_repo
-
-RUN = " && uv run dvc repro"  # what command 1 runs once set up
-
-
-def readme_commands() -> tuple[str, str]:
-    """Commands 1 and 2: the two command lines of the README's "Two commands" block."""
-    text = (PROJECT / "README.md").read_text()
-    block = text.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
-    assert len(lines) == 2, f"expected two commands, found {lines}"
-    return lines[0], lines[1]
-
-
-def setup_part() -> str:
-    one, _ = readme_commands()
-    assert one.endswith(RUN), one
-    return one.removesuffix(RUN)
 
 
 def test_both_commands_start_with_one_set_up_and_ci_runs_command_2_as_written():
     one, two = readme_commands()
-    setup = setup_part()
+    setup = readme_setup()
+    assert one == setup + README_RUN
     assert two.startswith(setup + " && ")
     assert "pip install" not in setup.split("||", 1)[0]  # never into the system Python
     assert "--break-system-packages" not in one + two
@@ -59,7 +44,7 @@ def set_up(clone: Path, path: str) -> subprocess.CompletedProcess:
     """The README's set-up part, run by bash in `clone` with PATH `path` and no venv active."""
     clean = {k: v for k, v in env().items() if not k.startswith(("UV_", "VIRTUAL_ENV"))}
     return subprocess.run(
-        ["bash", "--noprofile", "--norc", "-c", setup_part()],
+        ["bash", "--noprofile", "--norc", "-c", readme_setup()],
         cwd=clone,
         env={**clean, "PATH": path},
         capture_output=True,
