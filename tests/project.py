@@ -87,7 +87,17 @@ def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | Non
 
     for name, lr in names.items():
         dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name, extra_env=extra_env)
-    dvc(repo, "queue", "start", "-j", str(len(names)), extra_env=extra_env)
+    # the workers it starts inherit its output: captured, `dvc queue start` would only return
+    # when the last worker exits, and dvc-task's monitor sometimes leaves one idle for good
+    start = subprocess.run(
+        ["dvc", "queue", "start", "-j", str(len(names))],
+        cwd=repo,
+        env=env(**(extra_env or {})),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert start.returncode == 0, "dvc queue start failed"
     deadline = time.monotonic() + 900
     while True:
         status = dvc(repo, "queue", "status")
@@ -95,6 +105,15 @@ def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | Non
             break
         assert time.monotonic() < deadline, f"queue still busy:\n{status}"
         time.sleep(5)
+    # a worker left idle would outlive the test
+    subprocess.run(
+        ["dvc", "queue", "stop"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
     for name in names:
         assert re.search(rf"{name}\s.*Success", status), status
     return status

@@ -88,6 +88,13 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
     engine = make_engine(arch, params, manifest, model, len(loader), device, ctx)
     epochs = Epochs(arch, params, manifest, model, engine, ctx)
     epochs.resume()
+    log.info(  # bench/scale.py times the stage's start to this line: the first step's wait
+        "%s: data ready: %d training crops, %d val and %d test images in memory",
+        arch,
+        len(crops),
+        len(epochs.val),
+        len(epochs.test_split),
+    )
     with epochs.tracked() as tracked:  # the stage's MLflow run (rank 0; None untracked)
         try:
             fit(engine, loader, sampler, epochs.remaining(), params.epochs, arch, epochs.end)

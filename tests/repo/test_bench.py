@@ -209,3 +209,19 @@ def test_startup_set_overrides_params_as_dvc_exp_run_does(tmp_path):
         startup.override(params, ["train.amp=fp64"])
     assert str(info.value).startswith("--set train.amp=fp64: ") and "amp" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_scale_runs_the_data_stages_on_n_synthetic_images(tmp_path):
+    from bench import scale
+
+    stem = tmp_path / "scale"
+    argv = ["--images", "8", "--size", "96", "--crop-size", "64", "--crops-per-image", "2"]
+    scale.main([*argv, "--keep", str(tmp_path / "work"), "--out", str(stem)])
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["download", "preprocess", "train_unet"]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 10 for r in rows)
+    train = rows[-1]
+    assert 0 < train["first_step_s"] < train["seconds"]  # its "data ready" line was seen
+    manifest = json.loads((tmp_path / "work/project/data/processed/manifest.json").read_text())
+    assert len(manifest["crops"]) == 2 * len(manifest["splits"]["train"])
+    assert sum(len(s) for s in manifest["splits"].values()) == 8
