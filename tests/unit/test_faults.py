@@ -107,19 +107,24 @@ def test_a_full_disk_anywhere_in_an_errors_chain_is_named():
     assert disk_full(ValueError("lr")) is None
 
 
+def cli(body: str) -> subprocess.CompletedProcess:
+    """A command line whose `main(argv)` is `body`, run through run_cli as every stage is."""
+    code = (
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "from pipeline.common import atomic_path, run_cli\n"
+        f"def main(argv):\n{body}\n"
+        "run_cli(main)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_stage_that_fills_the_disk_exits_1_with_one_line():
     # /dev/full answers every write with ENOSPC, as a full disk does
-    code = (
-        "from pipeline.common import run_cli\n"
-        "def main(argv):\n"
-        "    with open('/dev/full', 'w') as f:\n"
-        "        f.write('x' * 10000)\n"
-        "run_cli(main)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60
-    )
+    proc = cli("    with open('/dev/full', 'w') as f:\n        f.write('x' * 10000)")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "no space left on the device" in proc.stderr.strip().splitlines()[-1]
@@ -296,19 +301,11 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_at_once():
 
 @pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
 def test_sigterm_mid_write_exits_143_in_one_line_and_leaves_no_temporary(tmp_path):
-    code = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from pipeline.common import atomic_path, run_cli\n"
-        "def main(argv):\n"
+    proc = cli(
         f"    with atomic_path(Path({str(tmp_path / 'out.bin')!r})) as tmp:\n"
         "        tmp.write_bytes(b'half')\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        tmp.write_bytes(b'whole')\n"
-        "run_cli(main)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60
+        "        tmp.write_bytes(b'whole')"
     )
     assert proc.returncode == 143
     assert (
@@ -329,3 +326,20 @@ def test_a_resume_state_that_is_not_one_starts_afresh_with_a_warning(tmp_path, c
     with caplog.at_level(logging.WARNING):
         assert load_resume(path, fingerprint="abc") is None
     assert f"{path}: not a resume state (Tensor); starting afresh" in caplog.text
+
+
+@pytest.mark.parametrize(("value", "limit"), [("", 178_956_970), ("0", 0), ("5000", 5000)])
+def test_pipeline_max_image_pixels_sets_predicts_limit(monkeypatch, value, limit):
+    from pipeline.segmenter import max_pixels
+
+    monkeypatch.setenv("PIPELINE_MAX_IMAGE_PIXELS", value)
+    assert max_pixels() == limit
+
+
+def test_a_pipeline_max_image_pixels_that_is_no_number_is_one_line(monkeypatch):
+    from pipeline.segmenter import max_pixels
+
+    monkeypatch.setenv("PIPELINE_MAX_IMAGE_PIXELS", "abc")
+    assert (
+        error_of(max_pixels) == "PIPELINE_MAX_IMAGE_PIXELS='abc': a number of pixels (0 = no limit)"
+    )
