@@ -37,7 +37,7 @@ import yaml
 
 from pipeline import paths, preset
 from pipeline.common import PipelineError, run_cli
-from pipeline.config import flatten, load_yaml
+from pipeline.config import flatten, parse_yaml
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _read_params(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = load_yaml(text) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = parse_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise PipelineError(f"{source}: expected a mapping of params")
     return data

@@ -450,6 +450,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def parse_yaml(text: str, source: object) -> Any:
+    """`load_yaml`, a syntax error being one line naming `source`."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def missing_keys(model: type[BaseModel], data: Any, prefix: str = "") -> list[str]:
     """Dotted names of the keys `model` defines that the mapping `data` lacks, in order."""
     if not isinstance(data, dict):
@@ -479,13 +487,12 @@ def load_params(path: Path | None = None, complete: bool = True) -> Params:
     benchmark scripts read partial files (complete=False: the rest are defaults)."""
     path = Path(path or paths.PARAMS)
     try:
-        data = load_yaml(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise PipelineError(f"{path}: params file not found") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read params file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = parse_yaml(text, path)
     params = parse_params(data, path.name)
     missing = missing_keys(Params, data if data is not None else {})
     if complete and missing:
