@@ -317,3 +317,10 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise PipelineError(f"{path}: {what} not found (run the earlier stages first)") from None
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def preprocess_workers(requested: int, jobs: int) -> int:
+    """Processes for `jobs` independent pieces of work: `requested`, or (0) one per core this
+    process may run on; never more than the jobs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(requested or cores or 1, jobs))

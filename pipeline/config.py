@@ -162,10 +162,25 @@ class BorderWeightParams(Section):
 
 
 class PreprocessParams(Section):
-    crop_size: Annotated[int, Field(ge=16)] = 64
+    """How the data is prepared (read by the preprocess stage) and how training patches are
+    cut from it (crop_size .. foreground: read by the training stages only, which sample the
+    patches afresh every epoch from the stored full-size images; changing them re-trains
+    without re-running preprocess)."""
+
+    # processes that prepare the images (0: one per core); the outputs do not depend on it
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
+    crop_size: Annotated[int, Field(ge=16)] = 64  # training patches are crop_size px squares
+    # random: a new window per patch every epoch; grid: the same windows every epoch, every
+    # crop_stride px (flipped afresh), as the pipeline cut them before patches were sampled
+    sampling: Literal["random", "grid"] = "random"
     crop_stride: PositiveInt = 32
-    # 0: crops on a grid every crop_stride px; N > 0: N random crops per training image (seeded)
-    crops_per_image: Annotated[int, Field(ge=0)] = 0
+    # patches (training items) per epoch, spread evenly over the training images; 0: as many
+    # as the crop_stride grid has windows (grid sampling takes exactly the grid's)
+    patches_per_epoch: Annotated[int, Field(ge=0)] = 0
+    # share of random patches centred on a pixel of a class drawn among those the image holds
+    # (binary: the foreground; multi-class: every class alike, so rare ones get as many as
+    # common ones); the rest lie anywhere. nnU-Net forces a third
+    foreground: Annotated[float, Field(ge=0, le=1)] = 0.33
     # CLAHE clip limit applied to every image (all splits, and pipeline.predict); 0 = off
     clahe: Annotated[float, Field(ge=0, le=40)] = 0.0
     # every image resized by this factor before anything else (CLAHE first): the models train
@@ -174,12 +189,28 @@ class PreprocessParams(Section):
     scale: Annotated[float, Field(gt=0, le=1)] = 1.0
     border_weights: BorderWeightParams = BorderWeightParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "crops_per_image" in data:
+            raise ValueError(
+                "preprocess.crops_per_image: replaced by preprocess.patches_per_epoch (random "
+                "patches are now drawn afresh every epoch): set it to crops_per_image x the "
+                "training images, and drop crops_per_image"
+            )
+        return data
+
     @model_validator(mode="after")
     def _covers(self) -> PreprocessParams:
         if self.crop_stride > self.crop_size:
             raise ValueError(
                 f"preprocess.crop_stride ({self.crop_stride}) must not exceed "
                 f"preprocess.crop_size ({self.crop_size}): pixels would be skipped"
+            )
+        if self.sampling == "grid" and self.patches_per_epoch:
+            raise ValueError(
+                "preprocess.patches_per_epoch: grid sampling takes the grid's windows; set it "
+                "to 0 or preprocess.sampling to random"
             )
         return self
 

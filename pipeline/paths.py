@@ -69,13 +69,11 @@ class Paths:
         return self.raw / dataset
 
     def split_dir(self, split: str, kind: str, processed: Path | None = None) -> Path:
-        """`kind` is "images", "labels" or "second" (a second observer's labels, DRIVE test);
+        """`kind` is "images", "labels", "second" (a second observer's labels, DRIVE test),
+        "weights" or "locations" (train; see pipeline/data/store.py);
         `processed` defaults to data/processed (preprocess passes the temporary folder it
         builds before renaming it into place)."""
         return (processed or self.processed) / split / kind
-
-    def crops_dir(self, kind: str, processed: Path | None = None) -> Path:
-        return (processed or self.processed) / "crops" / kind
 
     def checkpoint(self, arch: str) -> Path:
         return self.models / f"{arch}.pt"
@@ -93,6 +91,12 @@ _current = Paths(Path(__file__).resolve().parent.parent)
 
 def current() -> Paths:
     return _current
+
+
+def use_root(root: Path) -> None:
+    """Every path under `root` from now on (a worker process of a stage run inside `rooted`)."""
+    global _current
+    _current = Paths(Path(root))
 
 
 @contextmanager
@@ -146,10 +150,6 @@ def raw_dir(dataset: str) -> Path:
 
 def split_dir(split: str, kind: str, processed: Path | None = None) -> Path:
     return _current.split_dir(split, kind, processed)
-
-
-def crops_dir(kind: str, processed: Path | None = None) -> Path:
-    return _current.crops_dir(kind, processed)
 
 
 def checkpoint(arch: str) -> Path:

@@ -4,13 +4,13 @@ before paying for it.
 Nothing is trained. For each architecture a few real training steps run at the real crop size
 and batch (forward, loss, backward, optimizer step, plus the loader's augmentation of a batch),
 and one full-size image of each split goes through the real evaluation (overlap-tile or
-whole-image prediction, loss and metrics); the stage times follow from the counts of crops and
-images:
+whole-image prediction, loss and metrics); the stage times follow from the counts of patches
+and images:
 
     download     = start-up + files in a local archive or folder x FILE_S
-    preprocess   = start-up + PREPROCESS_DECODES x a crop's decode x (crops + images' pixels
-                   in crops)
-    train_<arch> = start-up + load crops + epochs x (steps x step + val images x val image)
+    preprocess   = start-up + PREPROCESS_DECODES x a crop's decode x images' pixels in crops
+                   / preprocess workers
+    train_<arch> = start-up + epochs x (steps x step + val images x val image)
                    + test images x test image + latency forwards
     prune        = start-up + for each depth: test images x its test image + latency forwards
                    (+ ONNX exports)
@@ -49,6 +49,7 @@ from pipeline.common import (
     PipelineError,
     check_output_file,
     clock,
+    preprocess_workers,
     run_cli,
     scaled_size,
     seed_everything,
@@ -57,6 +58,7 @@ from pipeline.common import (
 from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.data.crops import crop_origins
 from pipeline.data.manifest import Manifest
+from pipeline.data.store import array_path, array_shape
 from pipeline.models import build_model
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,9 @@ START_UP = {
 # download from a local archive or folder: extracting a file and DVC hashing it (CamVid's 1,402
 # files: 1.6 s); a URL's transfer time is unknown beforehand and left out
 FILE_S = 0.001
-# preprocess decodes each raw image, encodes the processed PNGs (encoding costs 3-4 decodes)
-# and DVC hashes them: about 4 decodes per pixel written (CamVid: 22.5 s measured)
-PREPROCESS_DECODES = 4
+# preprocess decodes each raw image and label and writes them as .npy (a copy), and DVC hashes
+# them: about 2 decodes per pixel written, shared by the workers
+PREPROCESS_DECODES = 2
 MLFLOW = {"download": 4.0, "preprocess": 2.5, "train": 5.0, "prune": 2.5, "report": 2.5}
 # ONNX export (pipeline.export): importing onnx/onnxruntime once, then per model a fixed cost
 # plus tracing and checking onnxruntime against torch at two input sizes, about 12 full-size
@@ -97,7 +99,7 @@ class DataPlan:
     dataset: str
     in_channels: int
     num_classes: int
-    crops: int
+    patches: int  # training patches per epoch
     sizes: dict[str, tuple[int, int]]
     counts: dict[str, int]
     source: str  # where the counts come from
@@ -107,7 +109,7 @@ class DataPlan:
 @dataclass
 class ArchPlan:
     arch: str
-    step_s: float  # one training step (batch_size crops), the loader's share included
+    step_s: float  # one training step (batch_size patches), the loader's share included
     loader_s: float  # the loader's share: augmenting and collating one batch
     steps_per_epoch: int
     eval_image_s: dict[str, float]  # one full-size image of each split, evaluated
@@ -115,16 +117,6 @@ class ArchPlan:
     epoch_s: float = 0.0
     stage_s: float = 0.0
     depth_eval_s: dict[int, float] = field(default_factory=dict)  # UNet++: pruned depths
-
-
-def _manifest_matches(manifest: dict[str, Any], params: Params) -> bool:
-    pp = params.preprocess
-    return manifest.get("dataset") == params.dataset.name and (
-        manifest.get("crop_size"),
-        manifest.get("crop_stride"),
-        manifest.get("crops_per_image"),
-        manifest.get("scale", 1.0),
-    ) == (pp.crop_size, pp.crop_stride, pp.crops_per_image, pp.scale)
 
 
 def data_plan(params: Params) -> DataPlan:
@@ -139,8 +131,8 @@ def data_plan(params: Params) -> DataPlan:
         sizes, label_sizes = {}, {}
         stored = manifest.get("scale", 1.0)  # the processed images' preprocess.scale
         for split, stems in manifest["splits"].items():
-            with Image.open(paths.split_dir(split, "images") / f"{stems[0]}.png") as img:
-                full = (round(img.height / stored), round(img.width / stored))
+            h, w = array_shape(array_path(split, "images", stems[0]))[:2]
+            full = (round(h / stored), round(w / stored))
             sizes[split] = scaled_size(*full, pp.scale)  # what the models will see
             label_sizes[split] = full
         classes, channels = manifest["num_classes"], manifest["in_channels"]
@@ -165,16 +157,12 @@ def data_plan(params: Params) -> DataPlan:
         label_sizes = dict.fromkeys(counts, hw)
         classes, channels = (11, 3) if ds.name == "camvid" else (2, 3)
         source = f"the {ds.name} layout (no matching data/processed yet)"
-    if manifest is not None and _manifest_matches(manifest, params):
-        crops = len(manifest["crops"])
-    else:
-        h, w = (max(n, pp.crop_size) for n in sizes["train"])
-        per_image = pp.crops_per_image or (
-            len(crop_origins(h, pp.crop_size, pp.crop_stride))
-            * len(crop_origins(w, pp.crop_size, pp.crop_stride))
-        )
-        crops = counts["train"] * per_image
-    return DataPlan(ds.name, channels, classes, crops, sizes, counts, source, label_sizes)
+    h, w = (max(n, pp.crop_size) for n in sizes["train"])
+    grid = len(crop_origins(h, pp.crop_size, pp.crop_stride)) * len(
+        crop_origins(w, pp.crop_size, pp.crop_stride)
+    )
+    patches = pp.patches_per_epoch or counts["train"] * grid
+    return DataPlan(ds.name, channels, classes, patches, sizes, counts, source, label_sizes)
 
 
 def source_files(params: Params) -> int:
@@ -206,7 +194,6 @@ def source_files(params: Params) -> int:
 
 def _fake_manifest(data: DataPlan, params: Params) -> Manifest:
     """A manifest shaped like the real one will be (classes, channels), for timing."""
-    pp = params.preprocess
     return Manifest(
         dataset=data.dataset,
         num_classes=data.num_classes,
@@ -216,10 +203,7 @@ def _fake_manifest(data: DataPlan, params: Params) -> Manifest:
         mean=[0.5] * data.in_channels,
         std=[0.25] * data.in_channels,
         train_class_pixels=[1000 * (i + 1) for i in range(data.num_classes)],
-        crop_size=pp.crop_size,
-        crop_stride=pp.crop_stride,
         splits={},
-        crops=[],
     )
 
 
@@ -245,14 +229,14 @@ def time_steps(engine, batch, seconds: float, max_steps: int = 20) -> float:
 
 
 def time_loader(manifest: Manifest, params: Params) -> float:
-    """Seconds to augment, normalise and collate one batch of crops (the DataLoader's work)."""
+    """Seconds to augment, normalise and collate one batch of patches (the DataLoader's work)."""
     from pipeline.data.loading import _hwc, transforms
 
     crop = params.preprocess.crop_size
     rng = np.random.default_rng(0)
     image = _hwc(rng.integers(0, 256, (crop, crop, manifest.in_channels), np.uint8))
     label = rng.integers(0, 2, (crop, crop), np.uint8)
-    transform = transforms(manifest, params.train.augment, params.seed)
+    transform = transforms(manifest, params.train.augment, crop, params.seed)
     n = min(params.batch_size, 16)
     t = time.perf_counter()
     for _ in range(n):
@@ -263,7 +247,8 @@ def time_loader(manifest: Manifest, params: Params) -> float:
 
 
 def time_crop_read(manifest: Manifest, params: Params) -> float:
-    """Seconds to decode one training crop and its label from PNG (the stage loads them all)."""
+    """Seconds to decode a crop-sized piece of an image and its label from PNG (the unit of
+    preprocess's cost)."""
     crop = params.preprocess.crop_size
     rng = np.random.default_rng(0)
     # a smooth image compresses like a photograph, unlike noise
@@ -372,7 +357,7 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
         "val": time_eval(model, data, params, "val", eval_loss),
         "test": time_eval(model, data, params, "test"),
     }
-    steps = math.ceil(data.crops / b)
+    steps = math.ceil(data.patches / b)
     return ArchPlan(arch, step_total, loader, steps, evals, time_forward(model, data))
 
 
@@ -404,12 +389,13 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
     manifest = _fake_manifest(data, params)
     crop_read = time_crop_read(manifest, params)
     images = sum(data.counts.values())
-    # preprocess writes what the train stage reads: PREPROCESS_DECODES crop decodes' worth
-    # per crop written, and per crop-sized piece of every full image
-    full_px = statistics.fmean(h * w for h, w in data.sizes.values())
+    # PREPROCESS_DECODES crop decodes' worth per crop-sized piece of every full image, spread
+    # over the workers
+    full_px = statistics.fmean(h * w for h, w in data.label_sizes.values())
     px_ratio = full_px / params.preprocess.crop_size**2
-    stages["preprocess"] = fixed("preprocess") + crop_read * PREPROCESS_DECODES * (
-        data.crops + images * px_ratio
+    workers = preprocess_workers(params.preprocess.workers, images)
+    stages["preprocess"] = (
+        fixed("preprocess") + crop_read * PREPROCESS_DECODES * images * px_ratio / workers
     )
     archs = {}
     for arch in ("unet", "unetpp"):
@@ -417,7 +403,6 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
         a.epoch_s = a.steps_per_epoch * a.step_s + data.counts["val"] * a.eval_image_s["val"]
         a.stage_s = (
             fixed("train")
-            + data.crops * crop_read
             + params.epochs * a.epoch_s
             + data.counts["test"] * a.eval_image_s["test"]
             + latency_forwards * a.latency_forward_s
@@ -425,7 +410,7 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
         archs[arch] = a
         stages[f"train_{arch}"] = a.stage_s
         log.info(
-            "%s: step %.3f s (%d crops of %d px; loader %.3f s), %d steps per epoch; "
+            "%s: step %.3f s (%d patches of %d px; loader %.3f s), %d steps per epoch; "
             "a full-size image %.2f s (val) %.2f s (test)",
             arch,
             a.step_s,
@@ -461,13 +446,14 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
 def format_plan(plan: dict[str, Any]) -> str:
     data = plan["data"]
     lines = [
-        f"dataset {data['dataset']} ({data['source']}): {data['crops']} training crops, "
+        f"dataset {data['dataset']} ({data['source']}): {data['patches']} training patches "
+        "per epoch, "
         + ", ".join(f"{data['counts'][s]} {s} images" for s in ("train", "val", "test")),
         f"{'stage':<14}{'estimate':>10}  from",
     ]
     how = {
         "download": "start-up",
-        "preprocess": "start-up + writing crops and images",
+        "preprocess": "start-up + reading and writing the images",
         "prune": "start-up + each depth on the test split + latency"
         + (" + ONNX" if plan.get("onnx") else ""),
         "report": "start-up + qualitative panels",

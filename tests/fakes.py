@@ -151,9 +151,6 @@ def fake_manifest(num_classes: int = 2, **fields):
         "mean": [0.5] * in_channels,
         "std": [0.25] * in_channels,
         "train_class_pixels": [100] * num_classes,
-        "crop_size": 32,
-        "crop_stride": 32,
         "splits": {"train": ["a", "b"], "val": ["c"], "test": ["d"]},
-        "crops": ["a_0", "a_1"],
     }
     return Manifest(**{**base, **fields})

@@ -1,6 +1,5 @@
-"""Training crops and resizing: grid or seeded random windows over an image and its label,
-mirror-padded when the image is smaller than a crop; antialiased resizing for
-`preprocess.scale`."""
+"""Windows and resizing: the grid of windows over an image, mirror padding for images smaller
+than a patch, antialiased resizing for `preprocess.scale`."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common import scaled_size
-from pipeline.config import IGNORE_INDEX
 
 
 def crop_origins(length: int, size: int, stride: int) -> list[int]:
@@ -21,45 +19,17 @@ def crop_origins(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
-def pad_to_crop(image: np.ndarray, label: np.ndarray, size: int):
-    """Mirror-pad an image smaller than a crop (labels padded with 255: ignored)."""
-    h, w = label.shape
+def pad_to_size(array: np.ndarray, size: int, fill: int | None = None) -> np.ndarray:
+    """`array` (H, W[, C]) padded at its bottom and right to at least `size` px a side: mirrored
+    (an image) or with `fill` (labels: 255, ignored; weight maps: 0)."""
+    h, w = array.shape[:2]
     ph, pw = max(size - h, 0), max(size - w, 0)
-    if ph or pw:
-        pad = ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2)
-        image = np.pad(image, pad, mode="reflect" if min(h, w) > 1 else "edge")
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-    return image, label
-
-
-def make_crops(
-    image: np.ndarray,
-    label: np.ndarray,
-    size: int,
-    stride: int,
-    count: int = 0,
-    rng: np.random.Generator | None = None,
-):
-    """Yield (y, x, image_crop, label_crop): a grid every `stride` px (count == 0) or `count`
-    random windows (seeded by `rng`). Crops that hold only ignored pixels are skipped."""
-    image, label = pad_to_crop(image, label, size)
-    h, w = label.shape
-    if count:
-        rng = rng or np.random.default_rng(0)
-        origins = sorted(
-            {
-                (int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)))
-                for _ in range(count)
-            }
-        )
-    else:
-        origins = [
-            (y, x) for y in crop_origins(h, size, stride) for x in crop_origins(w, size, stride)
-        ]
-    for y, x in origins:
-        lab = label[y : y + size, x : x + size]
-        if (lab != IGNORE_INDEX).any():
-            yield y, x, image[y : y + size, x : x + size], lab
+    if not (ph or pw):
+        return array
+    pad = ((0, ph), (0, pw)) + ((0, 0),) * (array.ndim - 2)
+    if fill is not None:
+        return np.pad(array, pad, constant_values=fill)
+    return np.pad(array, pad, mode="reflect" if min(h, w) > 1 else "edge")
 
 
 def resize(image: np.ndarray, scale: float, label: bool = False) -> np.ndarray:

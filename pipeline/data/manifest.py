@@ -1,5 +1,5 @@
 """data/processed/manifest.json as a typed object: what preprocess wrote and every later stage
-reads (classes, channels, normalisation, splits, crops, the resize scale, ...). A manifest
+reads (classes, channels, normalisation, splits, the resize scale, ...). A manifest
 with a missing, unknown or mistyped field is one line naming it, not a KeyError later."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class _Frozen(BaseModel):
 
 
 class BorderWeights(_Frozen):
-    """The U-Net paper's weight maps in crops/weights/: w_c(x) + w0 exp(-(d1 + d2)^2 / 2s^2)."""
+    """The U-Net paper's weight maps in train/weights/: w_c(x) + w0 exp(-(d1 + d2)^2 / 2s^2)."""
 
     w0: float
     sigma: float
@@ -37,16 +37,12 @@ class Manifest(_Frozen):
     mean: list[float]  # the train split's, per channel, on [0, 1]
     std: list[float]
     train_class_pixels: list[int]
-    crop_size: int
-    crop_stride: int
-    crops_per_image: int = 0
     clahe: float = 0.0  # applied to every image before anything else (and by predict)
     # images (all splits) resized by this before the model sees them, train labels too;
     # val/test labels stay full-size, so the logits are upsampled to score them
     scale: float = 1.0
     bit_depth: int = 0  # 16-bit images were scaled by 2**bit_depth - 1 (0: 16 bits)
-    splits: dict[str, list[str]]  # split -> image stems
-    crops: list[str]  # training crop names
+    splits: dict[str, list[str]]  # split -> image stems (their arrays: pipeline/data/store.py)
     # DRIVE: a second human's tracing of the test images, scored like a model
     second_observer: dict[str, float | None] | None = None
     border_weights: BorderWeights | None = None

@@ -24,11 +24,12 @@ CPU_BATCH_PIXELS = 2**18
 
 
 def eval_shard(dataset, ctx: Dist, batch_size: int, max_pixels: int | None = None) -> DataLoader:
-    """This rank's share of a split (every world-th image), batched only when the images share
-    one size (a folder of your own may mix sizes), and at most `max_pixels` per batch."""
+    """This rank's share of a split (every world-th image), loaded batch by batch (a split never
+    sits in memory whole), batched only when the images share one size (a folder of your own
+    may mix sizes), and at most `max_pixels` per batch."""
     indices = list(range(ctx.rank, len(dataset), ctx.world))
-    if hasattr(dataset, "images"):  # SegmentationDataset: sizes without decoding anything
-        sizes = {dataset.images[i].shape[:2] for i in indices}
+    if hasattr(dataset, "shape"):  # SplitDataset: sizes from the headers, nothing loaded
+        sizes = {dataset.shape(i) for i in indices}
     else:
         sizes = {tuple(dataset[i][0].shape[-2:]) for i in indices}
     if len(sizes) != 1:

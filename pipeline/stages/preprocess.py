@@ -1,15 +1,20 @@
-"""Stage `preprocess`: raw dataset -> data/processed/{train,val,test}/{images,labels} + crops.
+"""Stage `preprocess`: raw dataset -> data/processed/{train,val,test}/ arrays and a manifest.
 
-Labels are uint8 class indices with 255 = ignore (see pipeline/data/sources.py for how each
-dataset's raw labels map to them). Training crops (a grid of crop_size every crop_stride px, or
-crops_per_image random ones) go to data/processed/crops/; images smaller than a crop are
-mirror-padded and their labels padded with 255. data/processed/manifest.json describes it all
-(classes, splits, crops, per-channel mean/std of the training pixels), and class_pixels.csv
-holds the per-class pixel histogram of every split.
+Every image is read once, equalised (preprocess.clahe) and resized (preprocess.scale), and stored
+as a `.npy` a training loader memory-maps: the training stages cut their patches from these
+full-size arrays afresh every epoch (pipeline/data/loading.py), so nothing here depends on the
+patch size. Labels are uint8 class indices with 255 = ignore (see pipeline/data/sources.py for how
+each dataset's raw labels map to them). The layout is in pipeline/data/store.py and
+data/README.md; data/processed/manifest.json describes it all (classes, splits, per-channel
+mean/std of the training pixels), and class_pixels.csv holds the per-class pixel histogram of
+every split.
 
-With preprocess.border_weights.enabled, every training crop also gets the U-Net paper's weight
-map (pipeline/data/weightmap.py) in crops/weights/<crop>.npy (float16), computed on the full
-image so that the distances to objects cross the crop borders.
+Images are prepared by preprocess.workers processes (0: one per core), one image at a time
+each: memory does not grow with the dataset, and the outputs are the same for any number of
+workers (each image's files depend on that image alone; the statistics are summed in order).
+
+With preprocess.border_weights.enabled, every training image also gets the U-Net paper's weight
+map (pipeline/data/weightmap.py) in train/weights/<stem>.npy (float16).
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,25 +39,22 @@ from pipeline import paths
 from pipeline.common import (
     PipelineError,
     atomic_path,
+    preprocess_workers,
+    setup_logging,
     timed,
 )
 from pipeline.config import IGNORE_INDEX, Params
 from pipeline.data.archives import is_url
-from pipeline.data.crops import make_crops, pad_to_crop, resize
+from pipeline.data.crops import resize
 from pipeline.data.manifest import BorderWeights, Manifest, write_manifest
 from pipeline.data.sources import RawDataset, equalize, open_dataset
+from pipeline.data.store import class_locations, save_array
 from pipeline.data.weightmap import balanced_class_weights, border_weight_map
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared
 from pipeline.tracking.runs import mlflow_run
 
 log = logging.getLogger(__name__)
-
-
-def save_png(folder: Path, name: str, array: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    # fast compression: these are intermediate files, written by the thousand
-    Image.fromarray(array).save(folder / f"{name}.png", compress_level=1)
 
 
 def save_example(path: Path, image: np.ndarray, size: int = 512) -> None:
@@ -57,16 +64,25 @@ def save_example(path: Path, image: np.ndarray, size: int = 512) -> None:
     Image.fromarray(image[y : y + size, x : x + size]).save(path)
 
 
-def save_pair(
-    image_dir: Path, label_dir: Path, name: str, image: np.ndarray, label: np.ndarray
-) -> None:
-    save_png(image_dir, name, image)
-    save_png(label_dir, name, label)
+@dataclass
+class Prepared:
+    """What preparing one image sends back (its arrays are written already): its class
+    histogram (classes, then ignored), the sums of its labelled pixels per channel (train),
+    the second observer's confusion matrix against the label, and the weight map's time."""
+
+    split: str
+    hist: np.ndarray
+    sum: np.ndarray
+    sq: np.ndarray
+    n: int
+    observer: np.ndarray | None = None
+    weight_seconds: float = 0.0
 
 
 class Stats:
     """Per-channel mean/std of the labelled training pixels and per-split class histograms,
-    accumulated image by image (a dataset never has to fit in memory)."""
+    summed image by image in the dataset's order (a dataset never has to fit in memory, and
+    the sums do not depend on how many workers prepared the images)."""
 
     def __init__(self, num_classes: int, channels: int):
         self.num_classes = num_classes
@@ -75,16 +91,13 @@ class Stats:
         self.n = 0
         self.hist: dict[str, np.ndarray] = {}
 
-    def add(self, split: str, image: np.ndarray, label: np.ndarray) -> None:
-        counts = np.bincount(label.ravel(), minlength=256)
-        hist = self.hist.setdefault(split, np.zeros(self.num_classes + 1, np.int64))
-        hist[: self.num_classes] += counts[: self.num_classes]
-        hist[-1] += counts[IGNORE_INDEX]
-        if split == "train":
-            px = image[label != IGNORE_INDEX].reshape(-1, len(self.sum)).astype(np.float64) / 255
-            self.sum += px.sum(0)
-            self.sq += (px**2).sum(0)
-            self.n += len(px)
+    def add(self, image: Prepared) -> None:
+        hist = self.hist.setdefault(image.split, np.zeros(self.num_classes + 1, np.int64))
+        hist += image.hist
+        if image.split == "train":
+            self.sum += image.sum
+            self.sq += image.sq
+            self.n += image.n
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         if self.n == 0:
@@ -128,35 +141,6 @@ def check_classes(split: str, hist: np.ndarray | None, ds: RawDataset) -> None:
     log.warning("%s: %s; its metrics are undefined there (%s)", ds.root, what, fix)
 
 
-def train_class_pixels(ds: RawDataset) -> np.ndarray:
-    """Per-class pixel counts of the training labels: a first pass over the training split, so
-    that every weight map gets the class-balancing term of the whole split."""
-    n = len(ds.class_names)
-    hist = np.zeros(n, np.int64)
-    for item in ds.splits["train"]:
-        hist += np.bincount(ds.read(item).label.ravel(), minlength=256)[:n]
-    return hist
-
-
-def save_weights(folder: Path, name: str, weights: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    # float16 halves the files; the clip keeps a huge class weight finite
-    np.save(folder / f"{name}.npy", np.minimum(weights, F16_MAX).astype(np.float16))
-
-
-def score_observer(cm, second: np.ndarray, label: np.ndarray, num_classes: int):
-    """Add a second observer's tracing, scored against the reference label like a model's
-    prediction, to the confusion matrix `cm` (created on first use: torch imports slowly)."""
-    import torch
-
-    from pipeline.inference.metrics import ConfusionMatrix
-
-    cm = cm or ConfusionMatrix(num_classes, IGNORE_INDEX)
-    second = np.where(second == IGNORE_INDEX, 0, second)  # outside the FOV: the label ignores it
-    cm.update(torch.from_numpy(second), torch.from_numpy(label))
-    return cm
-
-
 def origin(message: str, params: Params) -> str:
     """`message` with the original of the first data/raw/ file it names: errors in the copy
     are fixed in the source (dataset.source, and the member inside an archive)."""
@@ -186,138 +170,207 @@ def preprocess(params: Params) -> Path:
         raise PipelineError(origin(str(exc), params)) from None
 
 
-def _preprocess(params: Params) -> Path:
-    pp = params.preprocess
-    ds = open_dataset(params)
-    stats = Stats(len(ds.class_names), ds.in_channels)
-    rng = np.random.default_rng(params.seed)  # random crops vary with the run's seed
-    crops: list[str] = []
-    observer = None  # DRIVE: the second human's tracings, scored like a model
-    target = paths.PROCESSED
-    border = pp.border_weights
-    class_weights = None  # w_c of the weight maps; None: no weight maps
-    weight_seconds = 0.0
-    if border.enabled:
+@dataclass(frozen=True)
+class Job:
+    """What every worker needs besides the image: where to write, and how."""
+
+    out: Path  # the temporary data/processed being built
+    clahe: float
+    scale: float
+    num_classes: int
+    class_weights: np.ndarray | None = None  # border weight maps: w_c; None: no weight maps
+    w0: float = 0.0
+    sigma: float = 1.0
+
+
+_DATASET: RawDataset | None = None  # a worker's dataset, opened once by `_start_worker`
+
+
+def _start_worker(root: Path, params: Params) -> None:
+    global _DATASET
+    paths.use_root(root)
+    setup_logging()
+    _DATASET = open_dataset(params)
+
+
+def _use_dataset(ds: RawDataset | None) -> None:
+    global _DATASET
+    _DATASET = ds
+
+
+def _count_labels(split: str, index: int) -> np.ndarray:
+    """Per-class pixel counts of one label (the weight maps' class balance needs the split's)."""
+    label = _DATASET.read(_DATASET.splits[split][index]).label
+    return np.bincount(label.ravel(), minlength=256)[: len(_DATASET.class_names)]
+
+
+def _prepare(job: Job, split: str, index: int) -> Prepared:
+    """Read, equalise, resize and store one image with its label (and, for training images,
+    its weight map and class locations); return its statistics."""
+    item = _DATASET.splits[split][index]
+    sample = _DATASET.read(item)
+    if split == "test" and index == 0:  # as users will send it
+        save_example(job.out / paths.EXAMPLE_IMAGE.name, sample.image)
+    # the model's input: equalised at full size, then resized (as predict does)
+    image = resize(equalize(sample.image, job.clahe), job.scale)
+    label = sample.label
+    if split == "train":  # patches are cut at the model's size; val/test score full-size
+        label = resize(label, job.scale, label=True)
+    save_array(paths.split_dir(split, "images", job.out), item.stem, image)
+    save_array(paths.split_dir(split, "labels", job.out), item.stem, label)
+    counts = np.bincount(label.ravel(), minlength=256)
+    hist = np.append(counts[: job.num_classes], counts[IGNORE_INDEX])
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    out = Prepared(split, hist, np.zeros(channels), np.zeros(channels), 0)
+    if sample.second is not None:
+        save_array(paths.split_dir(split, "second", job.out), item.stem, sample.second)
+        out.observer = observer_matrix(sample.second, sample.label, job.num_classes)
+    if split != "train":
+        return out
+    px = image[label != IGNORE_INDEX].reshape(-1, channels).astype(np.float64) / 255
+    out.sum, out.sq, out.n = px.sum(0), (px**2).sum(0), len(px)
+    locations = class_locations(label, job.num_classes, item.stem)
+    save_array(paths.split_dir(split, "locations", job.out), item.stem, locations)
+    if job.class_weights is not None:
         started = time.perf_counter()
-        class_weights = balanced_class_weights(train_class_pixels(ds))
-        weight_seconds += time.perf_counter() - started
-        if class_weights.max() + border.w0 > F16_MAX:
-            log.warning("weight maps exceed float16 and are clipped to %g", F16_MAX)
-    with atomic_path(target) as tmp:
-        for split, items in ds.splits.items():
-            images, labels = (
-                paths.split_dir(split, "images", tmp),
-                paths.split_dir(split, "labels", tmp),
-            )
-            for item in tqdm(items, desc=f"preprocess {split}", unit="img", delay=2, disable=None):
-                sample = ds.read(item)
-                if split == "test" and item is items[0]:  # as users will send it
-                    save_example(tmp / paths.EXAMPLE_IMAGE.name, sample.image)
-                # the model's input: equalised at full size, then resized (as predict does)
-                sample.image = resize(equalize(sample.image, pp.clahe), pp.scale)
-                if split == "train":  # cropped at the model's size; val/test score full-size
-                    sample.label = resize(sample.label, pp.scale, label=True)
-                save_pair(images, labels, item.stem, sample.image, sample.label)
-                if sample.second is not None:
-                    save_png(paths.split_dir(split, "second", tmp), item.stem, sample.second)
-                    observer = score_observer(
-                        observer, sample.second, sample.label, len(ds.class_names)
-                    )
-                stats.add(split, sample.image, sample.label)
-                if split != "train":
-                    continue
-                weights = None  # (H, W) of the padded image make_crops crops from
-                if class_weights is not None:
-                    started = time.perf_counter()
-                    _, padded = pad_to_crop(sample.image, sample.label, pp.crop_size)
-                    weights = border_weight_map(
-                        padded, class_weights, border.w0, border.sigma, IGNORE_INDEX
-                    )
-                    weight_seconds += time.perf_counter() - started
-                for y, x, img_c, lab_c in make_crops(
-                    sample.image,
-                    sample.label,
-                    pp.crop_size,
-                    pp.crop_stride,
-                    pp.crops_per_image,
-                    rng,
-                ):
-                    name = f"{item.stem}_y{y:04d}_x{x:04d}"
-                    save_pair(
-                        paths.crops_dir("images", tmp),
-                        paths.crops_dir("labels", tmp),
-                        name,
-                        img_c,
-                        lab_c,
-                    )
-                    if weights is not None:
-                        size = pp.crop_size
-                        window = weights[y : y + size, x : x + size]
-                        save_weights(paths.crops_dir("weights", tmp), name, window)
-                    crops.append(name)
+        weights = border_weight_map(label, job.class_weights, job.w0, job.sigma, IGNORE_INDEX)
+        # float16 halves the files; the clip keeps a huge class weight finite
+        weights = np.minimum(weights, F16_MAX).astype(np.float16)
+        save_array(paths.split_dir(split, "weights", job.out), item.stem, weights)
+        out.weight_seconds = time.perf_counter() - started
+    return out
+
+
+def observer_matrix(second: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """A second observer's tracing scored against the reference label like a model's
+    prediction: the (true, predicted) confusion matrix of the labelled pixels."""
+    second = np.where(second == IGNORE_INDEX, 0, second)  # outside the FOV: the label ignores it
+    valid = label != IGNORE_INDEX
+    idx = label[valid].astype(np.int64) * num_classes + np.minimum(second[valid], num_classes - 1)
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _call(args: tuple) -> Any:
+    fn, *rest = args
+    return fn(*rest)
+
+
+@contextmanager
+def worker_pool(
+    workers: int, params: Params, ds: RawDataset
+) -> Iterator[Callable[[Iterable[tuple]], Iterator]]:
+    """`imap(jobs)` over (function, *args) tuples, results in order: in this process for one
+    worker, else in `workers` fresh processes (spawned: no lock of this process's threads is
+    inherited), each preparing one image at a time. Leaving the block stops the workers."""
+    if workers <= 1:
+        _use_dataset(ds)
+        try:
+            yield lambda jobs: map(_call, jobs)
+        finally:
+            _use_dataset(None)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, _start_worker, (paths.ROOT, params)) as pool:
+        yield lambda jobs: pool.imap(_call, jobs, chunksize=4)
+
+
+def _preprocess(params: Params) -> Path:
+    pp, border = params.preprocess, params.preprocess.border_weights
+    ds = open_dataset(params)
+    names = ds.class_names
+    jobs = [(split, i) for split, items in ds.splits.items() for i in range(len(items))]
+    workers = preprocess_workers(params.preprocess.workers, len(jobs))
+    started = time.perf_counter()
+    # the workers stop before the temporary folder goes (on an error): none writes there after
+    with atomic_path(paths.PROCESSED) as tmp, worker_pool(workers, params, ds) as imap:
+        job = Job(tmp, pp.clahe, pp.scale, len(names))
+        if border.enabled:  # w_c balances the classes of the whole training split
+            counts = imap((_count_labels, "train", i) for i in range(len(ds.splits["train"])))
+            class_weights = balanced_class_weights(sum(counts))
+            if class_weights.max() + border.w0 > F16_MAX:
+                log.warning("weight maps exceed float16 and are clipped to %g", F16_MAX)
+            job = replace(job, class_weights=class_weights, w0=border.w0, sigma=border.sigma)
+        stats = Stats(len(names), ds.in_channels)
+        observer = np.zeros((len(names), len(names)), np.int64)  # DRIVE: a second human's
+        weight_seconds = 0.0
+        done = imap((_prepare, job, split, i) for split, i in jobs)
+        bar = tqdm(done, total=len(jobs), desc="preprocess", unit="img", delay=2, disable=None)
+        for image in bar:
+            stats.add(image)
+            weight_seconds += image.weight_seconds
+            if image.observer is not None:
+                observer += image.observer
+        for split in ds.splits:
             check_classes(split, stats.hist.get(split), ds)
-        if not crops:
-            raise PipelineError(f"{ds.root}: no training crop holds a labelled pixel")
         mean, std = stats.mean_std()
-        stats.write_csv(tmp / paths.CLASS_PIXELS.name, ds.class_names)
-        manifest = Manifest(
-            dataset=ds.name,
-            num_classes=len(ds.class_names),
-            class_names=ds.class_names,
-            positive_class=ds.class_names[1] if len(ds.class_names) == 2 else None,
-            in_channels=ds.in_channels,
-            ignore_index=IGNORE_INDEX,
-            mean=mean,
-            std=std,
-            train_class_pixels=stats.hist["train"][:-1].tolist(),
-            crop_size=pp.crop_size,
-            crop_stride=pp.crop_stride,
-            crops_per_image=pp.crops_per_image,
-            clahe=pp.clahe,
-            scale=pp.scale,
-            bit_depth=params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
-            splits={s: [i.stem for i in items] for s, items in ds.splits.items()},
-            crops=crops,
-            second_observer=observer
-            and {k: round(v, 6) for k, v in observer.compute(ds.class_names).items()},
-            border_weights=None
-            if class_weights is None
-            else BorderWeights(
-                w0=border.w0,
-                sigma=border.sigma,
-                class_weights=[round(float(w), 6) for w in class_weights],
-            ),
-        )
-        write_manifest(tmp, manifest)
+        stats.write_csv(tmp / paths.CLASS_PIXELS.name, names)
+        write_manifest(tmp, build_manifest(params, ds, mean, std, stats, observer, job))
     log.info(
-        "processed %s: %s images, %d training crops of %d px",
+        "processed %s: %s images in %.1f s with %d worker%s",
         ds.name,
         {k: len(v) for k, v in ds.splits.items()},
-        len(crops),
-        pp.crop_size,
+        time.perf_counter() - started,
+        workers,
+        "s" if workers > 1 else "",
     )
-    if class_weights is not None:
+    if job.class_weights is not None:
         n_train = len(ds.splits["train"])
         log.info(
             "border weight maps (w0 %g, sigma %g, class weights %s) for %d training images: "
-            "%.2f s (%.3f s per image, with the class-histogram pass)",
+            "%.2f s of the workers' time (%.3f s per image)",
             border.w0,
             border.sigma,
-            np.round(class_weights, 4).tolist(),
+            np.round(job.class_weights, 4).tolist(),
             n_train,
             weight_seconds,
             weight_seconds / max(n_train, 1),
         )
+    track(params, ds)
+    return paths.PROCESSED
+
+
+def build_manifest(params, ds, mean, std, stats: Stats, observer: np.ndarray, job: Job):
+    second = None
+    if observer.any():
+        from pipeline.inference.metrics import ConfusionMatrix  # imports torch: only for DRIVE
+
+        cm = ConfusionMatrix(len(ds.class_names), IGNORE_INDEX)
+        cm.matrix = observer
+        second = {k: round(v, 6) for k, v in cm.compute(ds.class_names).items()}
+    return Manifest(
+        dataset=ds.name,
+        num_classes=len(ds.class_names),
+        class_names=ds.class_names,
+        positive_class=ds.class_names[1] if len(ds.class_names) == 2 else None,
+        in_channels=ds.in_channels,
+        ignore_index=IGNORE_INDEX,
+        mean=mean,
+        std=std,
+        train_class_pixels=stats.hist["train"][:-1].tolist(),
+        clahe=job.clahe,
+        scale=job.scale,
+        bit_depth=params.dataset.folder.bit_depth if params.dataset.name == "folder" else 0,
+        splits={s: [i.stem for i in items] for s, items in ds.splits.items()},
+        second_observer=second,
+        border_weights=None
+        if job.class_weights is None
+        else BorderWeights(
+            w0=job.w0,
+            sigma=job.sigma,
+            class_weights=[round(float(w), 6) for w in job.class_weights],
+        ),
+    )
+
+
+def track(params: Params, ds: RawDataset) -> None:
     used = declared("preprocess", params)
     with (
         timed("tracking"),
         mlflow_run(params, "preprocess", "preprocess", used=used, consumes="data/raw") as run,
     ):
-        counts = {f"{k}_images": len(v) for k, v in ds.splits.items()}
-        run.log_metrics({**counts, "train_crops": len(crops)})
+        run.log_metrics({f"{k}_images": len(v) for k, v in ds.splits.items()})
         run.log_artifact(paths.MANIFEST)
         run.log_artifact(paths.CLASS_PIXELS)
-    return target
 
 
 main = lifecycle.stage_main("preprocess", preprocess, __doc__)

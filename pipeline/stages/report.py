@@ -32,8 +32,9 @@ from pipeline.config import (
     flatten,
     parse_params,
 )
-from pipeline.data.loading import SegmentationDataset, split_dataset
+from pipeline.data.loading import SplitDataset, split_dataset, train_dataset
 from pipeline.data.manifest import Manifest, empty_classes, load_manifest
+from pipeline.data.store import array_path
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import pick_device
 from pipeline.inference.forward import predict
@@ -142,7 +143,9 @@ SMOKE_TEXT = (
 )
 
 
-def setup_table(manifest: Manifest, generated: datetime, smoke: bool = False) -> pd.DataFrame:
+def setup_table(
+    manifest: Manifest, params: Params, generated: datetime, smoke: bool = False
+) -> pd.DataFrame:
     commit = git_commit()
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest.splits.items())
     rows = {
@@ -151,7 +154,8 @@ def setup_table(manifest: Manifest, generated: datetime, smoke: bool = False) ->
         "classes": f"{manifest.num_classes} ({', '.join(manifest.class_names)})",
         "images": splits,
         "input channels": str(manifest.in_channels),
-        "training crops": f"{len(manifest.crops)} of {manifest.crop_size} px",
+        "training patches": f"{len(train_dataset(manifest, params))} per epoch of "
+        f"{params.preprocess.crop_size} px ({params.preprocess.sampling})",
         "git commit": commit[:12] if commit else "unknown",
         "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
     }
@@ -231,7 +235,7 @@ def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
     return Tables(
         dataset=manifest.dataset,
         metric=metric,
-        setup=setup_table(manifest, datetime.now(UTC), smoke),
+        setup=setup_table(manifest, params, datetime.now(UTC), smoke),
         changed=changed_params(params),
         architectures=architecture_table(metrics),
         test=metrics_table(metrics, columns),
@@ -284,7 +288,7 @@ def inference_text(inference: InferenceParams, scale: float = 1.0) -> str:
 
 
 def predict_arch(
-    arch: str, dataset: SegmentationDataset, inference: InferenceParams, device: torch.device
+    arch: str, dataset: SplitDataset, inference: InferenceParams, device: torch.device
 ) -> list[np.ndarray]:
     """(H, W) uint8 class indices per image, by the pipeline's overlap-tile prediction."""
     model, _ = load_checkpoint(paths.checkpoint(arch), device)
@@ -300,7 +304,7 @@ def predict_arch(
             inference.blend,
             tta=inference.tta,
         )
-        size = dataset.labels[i].shape  # (H, W): larger than the image under preprocess.scale
+        size = dataset.read(i)[1].shape  # (H, W): larger than the image under preprocess.scale
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         out.append(predict(logits)[0].cpu().numpy().astype(np.uint8))
@@ -337,12 +341,13 @@ def error_map(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, binary: bo
 
 
 def panel_rows(
-    dataset: SegmentationDataset, predictions: dict[str, list[np.ndarray]], num_classes: int
+    dataset: SplitDataset, predictions: dict[str, list[np.ndarray]], num_classes: int
 ) -> list[list[np.ndarray]]:
     """Per image: image | truth | each model's prediction | each model's errors (RGB)."""
     colours = label_colours(num_classes)
     rows = []
-    for i, (image, truth) in enumerate(zip(dataset.images, dataset.labels, strict=True)):
+    for i in range(len(dataset)):
+        image, truth = dataset.read(i)  # (H, W, C), (H', W')
         rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
         if rgb.shape[:2] != truth.shape:  # preprocess.scale: shown at the labels' size
             size = (truth.shape[1], truth.shape[0])
@@ -524,7 +529,7 @@ def split_hash(manifest: Manifest) -> str:
     """The test split's identity: its image names and the bytes of its full-size labels."""
     digest = hashlib.sha256(manifest.dataset.encode())
     for stem in manifest.splits["test"]:
-        label = paths.split_dir("test", "labels") / f"{stem}.png"
+        label = array_path("test", "labels", stem)
         digest.update(f"{stem}:{sha256_file(label)};".encode())
     return digest.hexdigest()[:16]
 

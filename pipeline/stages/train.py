@@ -1,9 +1,9 @@
 """Stages `train_unet` and `train_unetpp`: `python -m pipeline.stages.train {unet,unetpp}`.
 
-Trains on the preprocessed crops, validates on the full-size val images every epoch
-(overlap-tile prediction), keeps the best epoch by `train.monitor`, then scores it on the test
-split. Writes models/<arch>.pt, reports/<arch>/{epochs.csv, epochs.xlsx, curves.png,
-metrics.json} and one MLflow run.
+Trains on patches sampled afresh every epoch from the preprocessed images, validates on the
+full-size val images every epoch (overlap-tile prediction), keeps the best epoch by
+`train.monitor`, then scores it on the test split. Writes models/<arch>.pt,
+reports/<arch>/{epochs.csv, epochs.xlsx, curves.png, metrics.json} and one MLflow run.
 
 Every epoch also saves models/resume/<arch>.pt (model, optimizer, scheduler, scaler, RNG
 states, epoch log, best epoch, MLflow run id): a stage that was killed continues from its last
@@ -40,7 +40,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import Params, load_params
-from pipeline.data.loading import EpochSampler, crops_dataset, split_dataset
+from pipeline.data.loading import EpochSampler, split_dataset, train_dataset
 from pipeline.data.manifest import load_manifest
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
@@ -70,7 +70,7 @@ ARCHS = tuple(sorted(REGISTRY))  # one training stage per registered architectur
 
 
 def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
-    """Train `arch` on the crops, keep its best epoch, score it on the test split, and write
+    """Train `arch` on the patches, keep its best epoch, score it on the test split, and write
     its checkpoint, epoch log, curves and metrics (rank 0); returns the test metrics."""
     check_request(arch, params, ctx)
     manifest = load_manifest()
@@ -83,15 +83,19 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest
     model = place_model(arch, params, manifest, device, ctx)
-    crops = crops_dataset(manifest, params.train.augment, params.seed)
-    loader, sampler = crops_loader(crops, params, device, ctx)
+    patches = train_dataset(manifest, params)
+    loader, sampler = patch_loader(patches, params, device, ctx)
     engine = make_engine(arch, params, manifest, model, len(loader), device, ctx)
     epochs = Epochs(arch, params, manifest, model, engine, ctx)
     epochs.resume()
     log.info(  # bench/scale.py times the stage's start to this line: the first step's wait
-        "%s: data ready: %d training crops, %d val and %d test images in memory",
+        "%s: data ready: %d training patches of %d px per epoch (%s) from %d images, %d val "
+        "and %d test images",
         arch,
-        len(crops),
+        len(patches),
+        params.preprocess.crop_size,
+        params.preprocess.sampling,
+        len(manifest.splits["train"]),
         len(epochs.val),
         len(epochs.test_split),
     )
@@ -102,7 +106,7 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
             raise epochs.stopped(exc) from None
         metrics = epochs.test()
         if ctx.main:
-            example = crops[0][0][None]  # (1, C, crop, crop): MLflow's input example
+            example = patches[0][0][None]  # (1, C, crop, crop): MLflow's input example
             outputs = (arch, params, manifest, model, metrics, epochs.progress, tracked, example)
             _write_outputs(*outputs)
         distributed.barrier(ctx)
@@ -144,12 +148,12 @@ def channels_last(params: Params, device: torch.device) -> bool:
     return device.type == "cuda" and params.train.channels_last
 
 
-def crops_loader(crops, params: Params, device: torch.device, ctx: Dist):
-    """This rank's batches of the training crops, reshuffled every epoch (`set_epoch`)."""
+def patch_loader(patches, params: Params, device: torch.device, ctx: Dist):
+    """This rank's batches of the training patches, reshuffled every epoch (`set_epoch`)."""
     tp = params.train
-    sampler = EpochSampler(len(crops), params.seed, ctx.rank, ctx.world)
+    sampler = EpochSampler(len(patches), params.seed, ctx.rank, ctx.world)
     loader = DataLoader(
-        crops,
+        patches,
         batch_size=params.batch_size // ctx.world,  # batch_size is the global batch
         sampler=sampler,
         num_workers=tp.num_workers,
@@ -243,7 +247,7 @@ class Progress:
 
 
 class Epochs:
-    """The stage's side of the epoch loop: what happens after each pass over the crops
+    """The stage's side of the epoch loop: what happens after each pass over the patches
     (`end`: validate, keep the best, log to MLflow, stop on non-finite weights, save the
     resume state, one INFO line), and the resume, tracking and test around it."""
 
@@ -327,7 +331,7 @@ class Epochs:
             yield run
 
     def end(self, epoch: int, stats: dict[str, float], started: float) -> None:
-        """After epoch `epoch`'s pass over the crops (`stats` from `train_epoch`)."""
+        """After epoch `epoch`'s pass over the patches (`stats` from `train_epoch`)."""
         arch, params, progress = self.arch, self.params, self.progress
         t_val = time.perf_counter()
         # the plain forward: validation ranks epochs, test-time flips would double its cost

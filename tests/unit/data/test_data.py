@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.common import PipelineError
 from pipeline.config import IGNORE_INDEX, Params, parse_params
 from pipeline.data import loading as data
-from pipeline.data.crops import crop_origins, make_crops
+from pipeline.data.crops import crop_origins, pad_to_size
 from pipeline.data.manifest import load_manifest
 from pipeline.data.sources import merge_vessel_label, read_image, split_stems
 from pipeline.data.synthetic import generate
@@ -170,41 +170,18 @@ def test_crop_origins_cover_every_pixel_and_stay_inside():
         assert covered.all()
 
 
-def test_make_crops_windows_match_the_image():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (64, 70, 3), dtype=np.uint8)
-    label = rng.integers(0, 2, (64, 70), dtype=np.uint8)
-    crops = list(make_crops(image, label, 32, 32))
-    assert [(y, x) for y, x, _, _ in crops] == list(itertools.product([0, 32], [0, 32, 38]))
-    for y, x, img_c, lab_c in crops:
-        assert img_c.shape == (32, 32, 3) and lab_c.shape == (32, 32)
-        assert np.array_equal(img_c, image[y : y + 32, x : x + 32])
-        assert np.array_equal(lab_c, label[y : y + 32, x : x + 32])
-
-
-def test_make_crops_pads_small_images_and_ignores_the_padding():
+def test_pad_to_size_mirrors_images_and_fills_labels():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     label = rng.integers(0, 2, (20, 24), dtype=np.uint8)
-    ((y, x, img_c, lab_c),) = list(make_crops(image, label, 32, 16))
-    assert (y, x) == (0, 0)
-    assert img_c.shape == (32, 32, 3) and lab_c.shape == (32, 32)
-    assert np.array_equal(img_c[:20, :24], image)
-    assert np.array_equal(lab_c[:20, :24], label)
-    assert (lab_c[20:] == IGNORE_INDEX).all() and (lab_c[:, 24:] == IGNORE_INDEX).all()
+    img_p, lab_p = pad_to_size(image, 32), pad_to_size(label, 32, IGNORE_INDEX)
+    assert img_p.shape == (32, 32, 3) and lab_p.shape == (32, 32)
+    assert np.array_equal(img_p[:20, :24], image) and np.array_equal(lab_p[:20, :24], label)
+    assert (lab_p[20:] == IGNORE_INDEX).all() and (lab_p[:, 24:] == IGNORE_INDEX).all()
     # the image is mirror-padded, not zero-padded
-    assert np.array_equal(img_c[20, :24], image[18])
-    assert np.array_equal(img_c[:20, 24], image[:, 22])
-
-
-def test_make_crops_skips_crops_with_only_ignored_pixels():
-    image = np.zeros((64, 64, 3), np.uint8)
-    label = np.zeros((64, 64), np.uint8)
-    label[:32, :32] = IGNORE_INDEX
-    label[32:, 32:] = IGNORE_INDEX
-    label[40, 40] = 1  # one labelled pixel is enough to keep a crop
-    origins = [(y, x) for y, x, _, _ in make_crops(image, label, 32, 32)]
-    assert origins == [(0, 32), (32, 0), (32, 32)]
+    assert np.array_equal(img_p[20, :24], image[18])
+    assert np.array_equal(img_p[:20, 24], image[:, 22])
+    assert pad_to_size(image, 16) is image  # large enough: untouched
 
 
 # --- reading images -------------------------------------------------------------------------
@@ -282,7 +259,7 @@ def test_download_is_reproducible(project, tiny):
     assert _snapshot(raw) == first
 
 
-def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
+def test_preprocess_writes_split_arrays_and_manifest(project, tiny):
     download(tiny)
     target = pre.preprocess(tiny)
     processed = project / "data" / "processed"
@@ -297,12 +274,8 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
         "mean",
         "std",
         "train_class_pixels",
-        "crop_size",
-        "crop_stride",
-        "crops_per_image",
         "border_weights",
         "splits",
-        "crops",
         "second_observer",
         "positive_class",
         "clahe",
@@ -312,40 +285,50 @@ def test_preprocess_writes_splits_crops_and_manifest(project, tiny):
     assert manifest["scale"] == 1.0  # preprocess.scale: the images as they are
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["background", "vessel"]
     assert manifest["in_channels"] == 3 and manifest["ignore_index"] == 255
-    assert (manifest["crop_size"], manifest["crop_stride"]) == (32, 32)
 
     splits = manifest["splits"]
     assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 1, "test": 1}
     assert sorted(sum(splits.values(), [])) == [f"{i:03d}" for i in range(6)]
     for split, stems in splits.items():
-        for kind in ("images", "labels"):
-            folder = processed / split / kind
-            assert sorted(p.stem for p in folder.glob("*.png")) == stems
+        kinds = ["images", "labels"] + (["locations"] if split == "train" else [])
+        assert sorted(p.name for p in (processed / split).iterdir()) == kinds
+        for kind in kinds:
+            assert sorted(p.name for p in (processed / split / kind).iterdir()) == [
+                f"{s}.npy" for s in stems
+            ]
         for stem in stems:
-            image = read_image(processed / split / "images" / f"{stem}.png", "RGB")
-            label = read_image(processed / split / "labels" / f"{stem}.png", "L")
-            assert image.shape == (64, 64, 3) and label.shape == (64, 64)
+            image = np.load(processed / split / "images" / f"{stem}.npy", mmap_mode="r")
+            label = np.load(processed / split / "labels" / f"{stem}.npy")
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+            assert label.shape == (64, 64) and label.dtype == np.uint8
             assert set(np.unique(label)) <= {0, 1, 255}
             assert {0, 1, 255} <= set(np.unique(label))  # background, vessels and outside FOV
-
-    # 64 px images, 32 px crops at stride 32: at most 4 crops per training image
-    crops = manifest["crops"]
-    assert 0 < len(crops) <= 4 * len(splits["train"])
-    assert {c.split("_")[0] for c in crops} <= set(splits["train"])
-    for kind in ("images", "labels"):
-        assert sorted(p.stem for p in (processed / "crops" / kind).glob("*.png")) == sorted(crops)
-    for name in crops:
-        lab = read_image(processed / "crops" / "labels" / f"{name}.png", "L")
-        assert lab.shape == (32, 32)
-        assert set(np.unique(lab)) <= {0, 1, 255} and (lab != 255).any()
+    for stem in splits["train"]:  # where forced patches centre: pixels of each class
+        label = np.load(processed / "train" / "labels" / f"{stem}.npy")
+        rows = np.load(processed / "train" / "locations" / f"{stem}.npy")
+        assert rows.ndim == 2 and rows.shape[1] == 3 and len(rows)
+        assert (label[rows[:, 1], rows[:, 2]] == rows[:, 0]).all()
+        assert set(rows[:, 0]) == {0, 1}
 
     assert len(manifest["mean"]) == 3 and len(manifest["std"]) == 3
     assert all(0 < m < 1 for m in manifest["mean"]) and all(s > 0 for s in manifest["std"])
-    labels = [read_image(processed / "train" / "labels" / f"{s}.png", "L") for s in splits["train"]]
+    labels = [np.load(processed / "train" / "labels" / f"{s}.npy") for s in splits["train"]]
     expected_counts = [sum(int((lab == c).sum()) for lab in labels) for c in (0, 1)]
     assert manifest["train_class_pixels"] == expected_counts
 
     assert sorted(p.name for p in (project / "data").iterdir()) == ["processed", "raw"]
+
+
+def test_preprocess_outputs_do_not_depend_on_the_workers(project, tiny):
+    download(tiny)
+    snapshots = []
+    for workers in (1, 2):
+        params = tiny.model_copy(
+            update={"preprocess": tiny.preprocess.model_copy(update={"workers": workers})}
+        )
+        pre.preprocess(params)
+        snapshots.append(_snapshot(project / "data" / "processed"))
+    assert snapshots[0] == snapshots[1]
 
 
 def test_processed_labels_merge_the_raw_tracing_and_mask(project, tiny):
@@ -353,7 +336,7 @@ def test_processed_labels_merge_the_raw_tracing_and_mask(project, tiny):
     pre.preprocess(tiny)
     raw = project / "data" / "raw" / "synthetic"
     stem = _read_manifest(project)["splits"]["test"][0]
-    label = read_image(project / "data" / "processed" / "test" / "labels" / f"{stem}.png", "L")
+    label = np.load(project / "data" / "processed" / "test" / "labels" / f"{stem}.npy")
     manual = read_image(raw / "manual" / f"{stem}.png", "L")
     fov = read_image(raw / "mask" / f"{stem}.png", "L")
     assert np.array_equal(label, merge_vessel_label(manual, fov))
@@ -378,12 +361,13 @@ def test_datasets_read_the_processed_data(project, tiny):
     download(tiny)
     pre.preprocess(tiny)
     manifest = load_manifest()
-    crops = data.crops_dataset(manifest, augment="dihedral", seed=0)
-    assert len(crops) == len(manifest.crops)
-    image, label = crops[0]
+    patches = data.train_dataset(manifest, tiny)
+    assert len(patches) == 4 * 4  # 0 patches per epoch: the 32 px grid's 4 windows x 4 images
+    image, label = patches[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert label.shape == (32, 32) and label.dtype == torch.int64
     test = data.split_dataset(manifest, "test")
+    assert test.shape(0) == (64, 64)
     image, label = test[0]
     assert image.shape == (3, 64, 64) and label.shape == (64, 64)
     assert set(label.unique().tolist()) <= {0, 1, 255}

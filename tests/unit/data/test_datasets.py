@@ -19,7 +19,6 @@ from PIL import Image
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.data import loading as data
-from pipeline.data.crops import make_crops
 from pipeline.data.manifest import load_manifest
 from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_image, read_label
 from pipeline.engine.distributed import SINGLE
@@ -64,6 +63,11 @@ def png(path: Path) -> np.ndarray:
     return np.array(Image.open(path))
 
 
+def npy(path: Path) -> np.ndarray:
+    """A processed array (pipeline/data/store.py)."""
+    return np.load(path)
+
+
 # --- DRIVE -----------------------------------------------------------------------------------
 
 
@@ -77,13 +81,13 @@ def test_drive_from_its_zip(project, tmp_path):
     raw = project / "data" / "raw" / "drive"
     for stem in manifest["splits"]["test"]:
         n = stem[:2]
-        label = png(processed / "test" / "labels" / f"{stem}.png")
+        label = npy(processed / "test" / "labels" / f"{stem}.npy")
         fov = png(raw / "test" / "mask" / f"{n}_test_mask.gif")
         manual = np.array(Image.open(raw / "test" / "1st_manual" / f"{n}_manual1.gif").convert("L"))
         assert set(np.unique(label)) <= {0, 1, 255}
         assert np.array_equal(label == 255, fov == 0)  # ignored exactly outside the FOV
         assert np.array_equal(label == 1, (manual > 127) & (fov > 0))
-        second = png(processed / "test" / "second" / f"{stem}.png")
+        second = npy(processed / "test" / "second" / f"{stem}.npy")
         assert np.array_equal(second == 255, fov == 0)
     assert not (processed / "train" / "second").exists()
     observer = manifest["second_observer"]
@@ -127,10 +131,10 @@ def test_camvid_pairs_by_stem_and_maps_void_to_ignore(project, tmp_path):
     for split, stems in manifest["splits"].items():
         for stem in stems:
             raw = png(top / f"{split}annot" / f"{stem}.png")
-            label = png(processed / split / "labels" / f"{stem}.png")
+            label = npy(processed / split / "labels" / f"{stem}.npy")
             assert np.array_equal(label == 255, raw == 11)
             assert np.array_equal(label[raw != 11], raw[raw != 11])
-            assert png(processed / split / "images" / f"{stem}.png").shape == (*SIZE, 3)
+            assert npy(processed / split / "images" / f"{stem}.npy").shape == (*SIZE, 3)
 
 
 def test_class_histogram_is_written_with_the_processed_data(project, tmp_path):
@@ -184,7 +188,7 @@ def test_folder_with_mapping_fractions_and_ignore_masks(project, tmp_path):
     assert manifest["class_names"] == ["bg", "cell"] and manifest["num_classes"] == 2
     processed = project / "data" / "processed"
     stem = manifest["splits"]["val"][0]
-    label = png(processed / "val" / "labels" / f"{stem}.png")
+    label = npy(processed / "val" / "labels" / f"{stem}.npy")
     raw = png(top / "labels" / f"{stem}.png")
     assert np.array_equal(label == 255, fov_mask() == 0)
     assert np.array_equal(label[fov_mask() > 0], (raw[fov_mask() > 0] == 255).astype(np.uint8))
@@ -196,7 +200,7 @@ def test_folder_split_folders_and_grayscale_inputs(project, tmp_path):
     assert manifest["in_channels"] == 1 and len(manifest["mean"]) == 1
     assert manifest["splits"]["train"] == ["train00", "train01", "train02"]
     assert manifest["splits"]["val"] == ["val00", "val01"]
-    image, label = data.crops_dataset(load_manifest(), augment="dihedral", seed=0)[0]
+    image, label = data.train_dataset(load_manifest(), params("folder", top))[0]
     assert image.shape == (1, 32, 32) and label.shape == (32, 32)
     image, _ = data.split_dataset(load_manifest(), "test")[0]
     assert image.shape == (1, *SIZE)
@@ -352,29 +356,15 @@ def test_map_labels_handles_16_bit_values(tmp_path):
     assert out.dtype == np.uint8 and out.tolist() == [[0, 1], [255, 1]]
 
 
-def test_random_crops_are_seeded_inside_and_padded_when_the_image_is_small():
-    image, label = random_image(), np.zeros(SIZE, np.uint8)
-    a = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
-    b = list(make_crops(image, label, 32, 16, count=5, rng=np.random.default_rng(3)))
-    assert [(y, x) for y, x, *_ in a] == [(y, x) for y, x, *_ in b] and 1 <= len(a) <= 5
-    for y, x, img_c, _ in a:
-        assert img_c.shape == (32, 32, 3) and np.array_equal(img_c, image[y : y + 32, x : x + 32])
-    big = list(make_crops(image, label, 48, 16, count=3, rng=np.random.default_rng(0)))
-    (y, x, img_c, lab_c) = big[0]
-    assert (y, x) == (0, 0) and img_c.shape == (48, 48, 3)
-    assert (lab_c[40:] == 255).all() and (lab_c[:, 36:] == 255).all()
-    assert np.array_equal(img_c[40:44, :36], image[38:34:-1])  # mirrored, not repeated
-
-
-def test_preprocess_random_crops_per_image(project, tmp_path):
+def test_patches_per_epoch_spread_over_the_training_images(project, tmp_path):
     top = make_folder(tmp_path / "src")
     p = params("folder", top)
-    p = p.model_copy(update={"preprocess": p.preprocess.model_copy(update={"crops_per_image": 2})})
-    manifest = run(p)
-    per_image = {}
-    for name in manifest["crops"]:
-        per_image[name.split("_y")[0]] = per_image.get(name.split("_y")[0], 0) + 1
-    assert set(per_image) == set(manifest["splits"]["train"]) and max(per_image.values()) <= 2
+    pp = p.preprocess.model_copy(update={"patches_per_epoch": 9})
+    p = p.model_copy(update={"preprocess": pp})
+    run(p)
+    patches = data.train_dataset(load_manifest(), p)
+    assert len(patches) == 9
+    assert all(image.shape == (3, 32, 32) for image, _ in (patches[k] for k in range(9)))
 
 
 def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
@@ -387,9 +377,11 @@ def test_images_of_mixed_sizes_are_evaluated_one_at_a_time(project, tmp_path):
     sizes = set()
     for split in ("train", "val", "test"):
         ds = data.split_dataset(load_manifest(), split)
-        sizes |= {img.shape[:2] for img in ds.images}
+        shapes = {ds.read(i)[0].shape[:2] for i in range(len(ds))}
+        assert shapes == {ds.shape(i) for i in range(len(ds))}  # from the headers alone
+        sizes |= shapes
         loader = eval_shard(ds, SINGLE, batch_size=4)
-        same = len({img.shape[:2] for img in ds.images}) == 1
+        same = len(shapes) == 1
         assert loader.batch_size == (4 if same else 1)
         for image, label in loader:  # collates without error
             assert image.shape[-2:] == label.shape[-2:]
@@ -417,7 +409,7 @@ def test_folder_positive_class_is_the_sigmoid_channel_and_is_recorded(project, t
     assert manifest["positive_class"] == "cell" and manifest["class_names"] == ["bg", "cell"]
     stem = manifest["splits"]["train"][0]
     raw = png(top / "labels" / f"{stem}.png")
-    label = png(project / "data" / "processed" / "train" / "labels" / f"{stem}.png")
+    label = npy(project / "data" / "processed" / "train" / "labels" / f"{stem}.npy")
     assert np.array_equal(label, (raw == 255).astype(np.uint8))
 
 
@@ -429,7 +421,7 @@ def test_naming_the_first_class_positive_swaps_the_class_indices(project, tmp_pa
     assert manifest["class_names"] == ["solid", "pore"] and manifest["positive_class"] == "pore"
     stem = manifest["splits"]["train"][0]
     raw = png(top / "labels" / f"{stem}.png")
-    label = png(project / "data" / "processed" / "train" / "labels" / f"{stem}.png")
+    label = npy(project / "data" / "processed" / "train" / "labels" / f"{stem}.npy")
     assert np.array_equal(label, (raw == 0).astype(np.uint8))
 
 
@@ -478,7 +470,7 @@ def test_clahe_equalises_every_split_and_is_recorded(project, tmp_path):
     for split in ("train", "val", "test"):
         stem = manifest["splits"][split][0]
         raw = np.array(Image.open(top / "images" / f"{stem}.png").convert("RGB"))
-        got = png(project / "data" / "processed" / split / "images" / f"{stem}.png")
+        got = npy(project / "data" / "processed" / split / "images" / f"{stem}.npy")
         np.testing.assert_array_equal(got, equalize(raw, 2.0))
         assert not np.array_equal(got, raw)
     assert np.array_equal(equalize(raw[..., 0], 0.0), raw[..., 0])  # 0: off
@@ -555,13 +547,13 @@ def test_scale_resizes_every_image_but_only_the_training_labels(project, tmp_pat
     for split in ("train", "val", "test"):
         stem = manifest["splits"][split][0]
         raw = np.array(Image.open(top / "images" / f"{stem}.png").convert("RGB"))
-        got = png(processed / split / "images" / f"{stem}.png")
+        got = npy(processed / split / "images" / f"{stem}.npy")
         resized = Image.fromarray(raw).resize(small[::-1], Image.Resampling.BILINEAR)
         np.testing.assert_array_equal(got, np.asarray(resized))  # antialiased, as predict's
-        label = png(processed / split / "labels" / f"{stem}.png")
+        label = npy(processed / split / "labels" / f"{stem}.npy")
         assert label.shape == (small if split == "train" else SIZE)  # val/test: full-size
-    crop = png(processed / "crops" / "images" / f"{manifest['crops'][0]}.png")
-    assert crop.shape[:2] == (16, 16)
+    image, _ = data.train_dataset(load_manifest(), p)[0]
+    assert image.shape[1:] == (16, 16)
     image, label = data.split_dataset(load_manifest(), "val")[0]
     assert image.shape == (3, *small) and label.shape == SIZE
 

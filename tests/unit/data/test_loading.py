@@ -1,4 +1,4 @@
-"""Augmentation policies of the training crops (train.augment)."""
+"""Augmentation policies of the training patches (train.augment)."""
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ def _scene():
 
 def _apply(policy: str, seed: int):
     image, label = _scene()
-    out = transforms(fake_manifest(crop_size=CROP), policy, seed)(image=image, mask=label)
+    out = transforms(fake_manifest(), policy, CROP, seed)(image=image, mask=label)
     return out["image"], out["mask"]
 
 
@@ -78,4 +78,4 @@ def test_params_written_as_booleans_keep_their_meaning():
 
 def test_an_unknown_policy_names_the_param():
     with pytest.raises(PipelineError, match="train.augment"):
-        transforms(fake_manifest(crop_size=CROP), "mirror")
+        transforms(fake_manifest(), "mirror", CROP)

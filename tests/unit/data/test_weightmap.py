@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from pipeline.config import parse_params
-from pipeline.data.sources import read_image
 from pipeline.data.weightmap import (
     EPS_REL,
     balanced_class_weights,
@@ -193,7 +193,7 @@ def _preprocess(border: dict | None) -> dict:
     return json.loads((processed / "manifest.json").read_text())
 
 
-def test_preprocess_writes_a_weight_map_per_crop(project):
+def test_preprocess_writes_a_weight_map_per_training_image(project):
     manifest = _preprocess({"enabled": True, "w0": 5.0, "sigma": 3.0})
     processed = project / "data" / "processed"
     class_weights = balanced_class_weights(manifest["train_class_pixels"])
@@ -202,30 +202,36 @@ def test_preprocess_writes_a_weight_map_per_crop(project):
         "sigma": 3.0,
         "class_weights": pytest.approx(class_weights.tolist(), rel=1e-6),
     }
-    folder = processed / "crops" / "weights"
-    crops = manifest["crops"]
-    assert sorted(p.stem for p in folder.iterdir()) == sorted(crops)
-    full = {}  # the map of each full training image, which every crop must be a window of
+    folder = processed / "train" / "weights"
+    stems = manifest["splits"]["train"]
+    assert sorted(p.stem for p in folder.iterdir()) == sorted(stems)
     border_term = 0.0  # the largest weight of a background pixel beyond w_c(background)
-    for name in crops:
-        weights = np.load(folder / f"{name}.npy")
-        label = read_image(processed / "crops" / "labels" / f"{name}.png", "L")
-        assert weights.dtype == np.float16 and weights.shape == label.shape == (32, 32)
+    for stem in stems:
+        weights = np.load(folder / f"{stem}.npy")
+        label = np.load(processed / "train" / "labels" / f"{stem}.npy")
+        assert weights.dtype == np.float16 and weights.shape == label.shape == (64, 64)
         assert np.isfinite(weights).all() and (weights >= 0).all()
         assert ((weights == 0) == (label == 255)).all()  # 0 exactly where ignored
-        stem, y, x = name.split("_")
-        y, x = int(y[1:]), int(x[1:])
-        if stem not in full:
-            image_label = read_image(processed / "train" / "labels" / f"{stem}.png", "L")
-            full[stem] = border_weight_map(image_label, class_weights, 5.0, 3.0)
-        window = full[stem][y : y + 32, x : x + 32]
-        assert np.allclose(weights, window, rtol=1e-3, atol=1e-3)
+        expected = border_weight_map(label, class_weights, 5.0, 3.0)
+        assert np.allclose(weights, expected, rtol=1e-3, atol=1e-3)
         background = weights[label == 0].astype(np.float32) - class_weights[0]
         border_term = max(border_term, float(background.max(initial=0)))
     assert border_term > 1.0  # gaps between vessel branches do get the border term
 
 
+def test_weight_patches_are_windows_of_the_images_map(project):
+    from pipeline.data.loading import train_dataset
+    from pipeline.data.manifest import load_manifest
+
+    _preprocess({"enabled": True, "w0": 5.0, "sigma": 3.0})
+    params = parse_params(TINY)
+    patches = train_dataset(load_manifest(), params)
+    image, label, weights = patches[0]
+    assert weights.shape == label.shape == (32, 32) and weights.dtype == torch.float32
+    assert ((weights == 0) == (label == 255)).all()
+
+
 def test_preprocess_without_border_weights_writes_none(project):
     manifest = _preprocess(None)
     assert manifest["border_weights"] is None
-    assert not (project / "data" / "processed" / "crops" / "weights").exists()
+    assert not (project / "data" / "processed" / "train" / "weights").exists()
