@@ -51,15 +51,15 @@ def profile(arch: str) -> dict[str, float] | None:
 
 
 def bare_loader(epochs: int, workers: int) -> float:
-    """Images/s of the training DataLoader alone (decode-free: crops are held in memory)."""
+    """Images/s of the training DataLoader alone (patches cut from the memory-mapped images)."""
     from torch.utils.data import DataLoader
 
     from pipeline.config import load_params
-    from pipeline.data.loading import EpochSampler, crops_dataset
+    from pipeline.data.loading import EpochSampler, train_dataset
     from pipeline.data.manifest import load_manifest
 
     params = load_params(complete=False)
-    ds = crops_dataset(load_manifest(), params.train.augment, params.seed)
+    ds = train_dataset(load_manifest(), params)
     sampler = EpochSampler(len(ds), params.seed)
     loader = DataLoader(ds, params.batch_size, sampler=sampler, num_workers=workers)
     rates = []

@@ -133,7 +133,7 @@ fi
 # --- the preset end to end -------------------------------------------------------------------------
 sets=${GPU_CHECK_SET:-}
 if [[ -n $dry ]]; then  # minutes on 2 CPU cores, every stage and the same code paths
-  sets="epochs=1 batch_size=4 preprocess.crops_per_image=2 preprocess.crop_size=64 preprocess.crop_stride=32
+  sets="epochs=1 batch_size=4 preprocess.patches_per_epoch=32 preprocess.crop_size=64 preprocess.crop_stride=32
         unet.base_channels=4 unetpp.base_channels=4
         train.device=cpu train.compile=false train.num_workers=0 train.warmup_epochs=0.5
         inference.tile_size=0 pruning.latency_runs=2 pruning.latency_warmup=1 $sets"

@@ -1,7 +1,7 @@
 """Data loader throughput vs training step rate: can the loader feed the GPU?
 
-Reads the preprocessed training crops (data/processed, from `dvc repro preprocess`) and the
-training params (params.yaml: batch_size, augment, crop size, the model of --arch, amp,
+Samples the training patches from the preprocessed images (data/processed, from `dvc repro
+preprocess`) with the training params (params.yaml: batch_size, augment, crop size, the model of --arch, amp,
 channels_last), then measures
 
 - the pipeline's training DataLoader alone (same dataset, sampler, pinned memory on CUDA and
@@ -43,9 +43,9 @@ def loader_rate(params, manifest, workers: int, epochs: int, device: torch.devic
     """Images/s of the training DataLoader alone, built as pipeline.stages.train builds it."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data.loading import EpochSampler, crops_dataset
+    from pipeline.data.loading import EpochSampler, train_dataset
 
-    ds = crops_dataset(manifest, params.train.augment, params.seed)
+    ds = train_dataset(manifest, params)
     sampler = EpochSampler(len(ds), params.seed)
     loader = DataLoader(
         ds,
@@ -64,7 +64,7 @@ def loader_rate(params, manifest, workers: int, epochs: int, device: torch.devic
         rates.append(n / (time.perf_counter() - t0))
     del loader  # stops persistent workers
     later = rates[1:] or rates
-    return {"first_epoch": rates[0], "steady": statistics.median(later), "crops": len(ds)}
+    return {"first_epoch": rates[0], "steady": statistics.median(later), "patches": len(ds)}
 
 
 def step_rate(params, manifest, arch: str, device: torch.device, windows: int, steps: int):
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "step": step,
                 "ratio": ratio,
                 "verdict": "keeps up" if ratio >= 1 else "GPU waits for data",
-                "crops": rate["crops"],
+                "patches": rate["patches"],
             }
         )
     given = sys.argv[1:] if argv is None else argv
@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     crop = params.preprocess.crop_size
     env.update(
         dataset=manifest.dataset,
-        crops=rows[0]["crops"] if rows else 0,
+        patches=rows[0]["patches"] if rows else 0,
         crop_size=crop,
         batch_size=params.batch_size,
         arch=args.arch,
     )
     notes = (
-        f"{manifest.dataset}: {env['crops']} training crops of {crop} px, batch "
+        f"{manifest.dataset}: {env['patches']} training patches of {crop} px, batch "
         f"{params.batch_size}, augment {params.train.augment}; step: {args.arch} as params.yaml "
         f"configures it, median of {args.windows} windows of {args.steps} steps. A ratio "
         "below 1 means the step waits for the loader: raise train.num_workers."

@@ -180,6 +180,21 @@ def _pick(metrics: dict[str, Any], keys=HEADLINE) -> dict[str, float]:
     return {k: metrics[k] for k in keys if isinstance(metrics.get(k), int | float)}
 
 
+def training_patches(params) -> int:
+    """Training patches per epoch, as the training stages sample them."""
+    from pipeline.data.loading import train_dataset
+    from pipeline.data.manifest import load_manifest
+
+    return len(train_dataset(load_manifest(), params))
+
+
+def training_data(result: dict[str, Any]) -> str:
+    if "training_patches" in result:
+        sampling = result["params"].get("sampling", "random")
+        return f"{result['training_patches']} training patches per epoch ({sampling})"
+    return f"{result['training_crops']} training crops (cut once by preprocess)"  # before 32
+
+
 def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[str, Any]:
     from pipeline.config import load_params
 
@@ -215,7 +230,7 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         "classes": manifest["class_names"],
         "positive_class": manifest.get("positive_class"),
         "splits": {s: len(v) for s, v in manifest["splits"].items()},
-        "training_crops": len(manifest["crops"]),
+        "training_patches": training_patches(params),
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "commit": commit(),
         "machine": machine(),
@@ -224,7 +239,9 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
             "batch_size": params.batch_size,
             "lr": params.lr,
             "crop_size": params.preprocess.crop_size,
-            "crops_per_image": params.preprocess.crops_per_image,
+            "sampling": params.preprocess.sampling,
+            "patches_per_epoch": params.preprocess.patches_per_epoch,
+            "foreground": params.preprocess.foreground,
             "unet": params.unet.model_dump(),
             "unetpp": params.unetpp.model_dump(),
             "scheduler": params.train.scheduler,
@@ -273,7 +290,7 @@ def render(result: dict[str, Any]) -> str:
         (f"Preset `{result['preset']}`. " if result.get("preset") else "")
         + f"Commit `{result['commit']}`, {result['date']}, on {hw}."
         + (f" Command: `{result['command']}`." if result.get("command") else ""),
-        f"Splits {result['splits']}, {result['training_crops']} training crops; "
+        f"Splits {result['splits']}, {training_data(result)}; "
         f"{result['params']['epochs']} epochs, batch {result['params']['batch_size']}, "
         f"lr {result['params']['lr']} ({result['params']['scheduler']}).",
     ]

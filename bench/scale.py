@@ -1,18 +1,19 @@
 """What the data layer costs as a dataset grows: time and peak memory of download, preprocess and
 one training epoch for N synthetic images (issue 32's scale benchmark).
 
-    uv run python bench/scale.py --images 1000                 # RGB 512x512, 8 crops of 256
+    uv run python bench/scale.py --images 1000       # RGB 512x512, 2,000 patches of 256
     uv run python bench/scale.py --images 250 --keep /tmp/scale-250
 
 Writes N images of --size px (--channels 3 or 1: smooth shapes plus mild noise) and 0/255
 masks (about a third foreground, in discs) as a folder dataset, into a temporary copy of the
-project whose params.yaml takes it (`dataset.name: folder`, 70/10/20 split, --crops-per-image
-random crops of --crop-size, a tiny UNet for one epoch: this measures the data, not the model;
-MLflow off). Then it runs the stages download, preprocess and train_unet one after the other,
-as DVC would (`python -m pipeline.stages.<stage>` in the copy), and reports for each: wall time,
-peak RSS of the stage's process tree (sampled every 0.1 s, DataLoader workers included) and,
-for training, the time from its start to its first step (its "data ready" line); plus the size
-and file count of data/processed. Writes reports/benchmarks/scale_<N>.{json,md}.
+project whose params.yaml takes it (`dataset.name: folder`, 70/10/20 split, --patches patches
+of --crop-size per epoch whatever N is, so that only the data grows; a tiny UNet for one epoch:
+this measures the data, not the model; MLflow off). Then it runs the stages download,
+preprocess (once per --preprocess-workers count) and train_unet one after the other, as DVC
+would (`python -m pipeline.stages.<stage>` in the copy), and reports for each: wall time, peak
+RSS of the stage's process tree (sampled every 0.1 s, worker processes included) and, for
+training, the time from its start to its first step (its "data ready" line); plus the size and
+file count of data/processed. Writes reports/benchmarks/scale_<N>.{json,md}.
 
 Run it with nothing else on the machine: the figures are wall times.
 """
@@ -86,7 +87,7 @@ def project_copy(root: Path, source: Path, args: argparse.Namespace) -> None:
     params["dataset"].update(name="folder", source=str(source), sha256="")
     params["dataset"]["folder"].update(val_fraction=0.1, test_fraction=0.2)
     pp = params["preprocess"]
-    pp.update(crop_size=args.crop_size, crops_per_image=args.crops_per_image)
+    pp.update(crop_size=args.crop_size, sampling="random", patches_per_epoch=args.patches)
     pp["border_weights"]["enabled"] = False
     params["unet"].update(base_channels=4, depth=2, encoder="none")
     params["train"].update(num_workers=args.workers)
@@ -112,7 +113,13 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_stage(name: str, root: Path) -> dict:
+def set_workers(root: Path, workers: int) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["preprocess"]["workers"] = workers
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(name: str, root: Path, label: str | None = None) -> dict:
     """One stage in `root`: wall seconds, peak tree RSS (MB), seconds to its 'data ready'."""
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -140,7 +147,8 @@ def run_stage(name: str, root: Path) -> dict:
     reader.join()
     if proc.returncode:
         sys.exit(f"{name} failed ({proc.returncode}):\n{''.join(log[-30:])}")
-    row = {"stage": name, "seconds": time.perf_counter() - started, "peak_rss_mb": peak / 2**20}
+    seconds = time.perf_counter() - started
+    row = {"stage": label or name, "seconds": seconds, "peak_rss_mb": peak / 2**20}
     row["first_step_s"] = ready[0] if ready else None
     return row
 
@@ -156,7 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="image side, px")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3)
     parser.add_argument("--crop-size", type=int, default=256)
-    parser.add_argument("--crops-per-image", type=int, default=8)
+    parser.add_argument("--patches", type=int, default=2000, help="training patches per epoch")
+    parser.add_argument(
+        "--preprocess-workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="run preprocess once per count (the last one's output trains)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="train.num_workers")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--out", help="output path stem (default reports/benchmarks/scale_<N>)")
@@ -170,10 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         made = write_dataset(source, args.images, args.size, args.channels)
         print(f"{args.images} images written in {made:.0f}s (excluded)", flush=True)
         project_copy(root, source, args)
-        rows = []
-        for stage in STAGES:
-            rows.append(run_stage(stage, root))
-            print(f"{stage}: {rows[-1]}", flush=True)
+        rows = [run_stage("download", root)]
+        print(f"download: {rows[-1]}", flush=True)
+        for workers in args.preprocess_workers:
+            set_workers(root, workers)
+            label = f"preprocess ({workers} worker{'s' if workers > 1 else ''})"
+            rows.append(run_stage("preprocess", root, label))
+            print(f"{label}: {rows[-1]}", flush=True)
+        rows.append(run_stage("train_unet", root))
+        print(f"train_unet: {rows[-1]}", flush=True)
         size_mb, count = folder_size(root / "data" / "processed")
         for row in rows:
             row.update(images=args.images, processed_mb=size_mb, processed_files=count)
@@ -191,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     title = (
         f"Scale: {args.images} {'RGB' if args.channels == 3 else 'gray'} {args.size}x"
-        f"{args.size} images, {args.crops_per_image} crops of {args.crop_size} per image"
+        f"{args.size} images, {args.patches} patches of {args.crop_size} px per epoch"
     )
     import torch
 

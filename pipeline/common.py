@@ -319,8 +319,15 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+# a worker process starts (spawned, importing numpy and PIL) in about the time it takes to
+# prepare this many images: with fewer per core, extra workers only cost
+IMAGES_PER_WORKER = 32
+
+
 def preprocess_workers(requested: int, jobs: int) -> int:
-    """Processes for `jobs` independent pieces of work: `requested`, or (0) one per core this
-    process may run on; never more than the jobs."""
+    """Processes for `jobs` images: `requested`, or (0) one per core this process may run on,
+    with at least IMAGES_PER_WORKER images each; never more than the images."""
+    if requested:
+        return max(1, min(requested, jobs))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(requested or cores or 1, jobs))
+    return max(1, min(cores or 1, jobs // IMAGES_PER_WORKER))

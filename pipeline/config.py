@@ -167,7 +167,8 @@ class PreprocessParams(Section):
     patches afresh every epoch from the stored full-size images; changing them re-trains
     without re-running preprocess)."""
 
-    # processes that prepare the images (0: one per core); the outputs do not depend on it
+    # processes that prepare the images (0: one per core, with at least 32 images each); the
+    # outputs do not depend on it
     workers: Annotated[int, Field(ge=0, le=256)] = 0
     crop_size: Annotated[int, Field(ge=16)] = 64  # training patches are crop_size px squares
     # random: a new window per patch every epoch; grid: the same windows every epoch, every

@@ -9,9 +9,12 @@ accumulators keep their state in one numpy int64 array (`ConfusionMatrix.matrix`
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where tensors are counted: preprocess scores without torch
+    import torch
 
 
 class ConfusionMatrix:
@@ -23,6 +26,8 @@ class ConfusionMatrix:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: integer tensors of the same shape (e.g. (B, H, W))."""
+        import torch
+
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         valid = target != self.ignore_index
@@ -111,6 +116,8 @@ class ScoreHistogram:
         """prob: float foreground probabilities (e.g. (B, H, W), any device and float dtype);
         target: integer labels of the same shape, 0, 1 or `ignore_index`. The scores of ignored
         pixels are not looked at."""
+        import torch
+
         if prob.shape != target.shape:
             raise ValueError(f"prob {tuple(prob.shape)} and target {tuple(target.shape)} differ")
         if not prob.is_floating_point():

@@ -92,7 +92,7 @@ def test_loader_throughput_main(data, tmp_path):
     loader_throughput.main([*args.split(), "--out", str(stem)])
     report, md = _outputs(stem, "Data loader vs training step")
     (row,) = report["rows"]
-    assert row["workers"] == 0 and row["crops"] == report["crops"] > 0
+    assert row["workers"] == 0 and row["patches"] == report["patches"] > 0
     assert row["loader_steady"] > 0 and row["step"] > 0
     assert row["ratio"] == pytest.approx(row["loader_steady"] / row["step"])
     assert row["verdict"] in md
@@ -215,13 +215,19 @@ def test_scale_runs_the_data_stages_on_n_synthetic_images(tmp_path):
     from bench import scale
 
     stem = tmp_path / "scale"
-    argv = ["--images", "8", "--size", "96", "--crop-size", "64", "--crops-per-image", "2"]
+    argv = ["--images", "8", "--size", "96", "--crop-size", "64", "--patches", "6"]
+    argv += ["--preprocess-workers", "1", "2"]
     scale.main([*argv, "--keep", str(tmp_path / "work"), "--out", str(stem)])
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
-    assert [r["stage"] for r in rows] == ["download", "preprocess", "train_unet"]
+    stages = ["download", "preprocess (1 worker)", "preprocess (2 workers)", "train_unet"]
+    assert [r["stage"] for r in rows] == stages
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 10 for r in rows)
+    assert rows[2]["peak_rss_mb"] > rows[1]["peak_rss_mb"]  # the workers were counted
     train = rows[-1]
     assert 0 < train["first_step_s"] < train["seconds"]  # its "data ready" line was seen
-    manifest = json.loads((tmp_path / "work/project/data/processed/manifest.json").read_text())
-    assert len(manifest["crops"]) == 2 * len(manifest["splits"]["train"])
+    project = tmp_path / "work/project"
+    manifest = json.loads((project / "data/processed/manifest.json").read_text())
     assert sum(len(s) for s in manifest["splits"].values()) == 8
+    assert len(list((project / "data/processed/train/images").glob("*.npy"))) == len(
+        manifest["splits"]["train"]
+    )
