@@ -1,8 +1,8 @@
 """Data loader throughput vs training step rate: can the loader feed the GPU?
 
 Samples the training patches from the preprocessed images (data/processed, from `dvc repro
-preprocess`) with the training params (params.yaml: batch_size, augment, crop size, the model of --arch, amp,
-channels_last), then measures
+preprocess`) with the training params (params.yaml: batch_size, augment, crop size, the model
+of --arch, amp, channels_last), then measures
 
 - the pipeline's training DataLoader alone (same dataset, sampler, pinned memory on CUDA and
   persistent workers as pipeline.stages.train), in images/s, for each worker count of --workers:

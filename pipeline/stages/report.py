@@ -32,7 +32,7 @@ from pipeline.config import (
     flatten,
     parse_params,
 )
-from pipeline.data.loading import SplitDataset, split_dataset, train_dataset
+from pipeline.data.loading import SplitDataset, split_dataset
 from pipeline.data.manifest import Manifest, empty_classes, load_manifest
 from pipeline.data.store import array_path
 from pipeline.engine.checkpoint import load_checkpoint
@@ -143,6 +143,15 @@ SMOKE_TEXT = (
 )
 
 
+def patches_text(params: Params) -> str:
+    pp = params.preprocess
+    if pp.patches_per_epoch:
+        return f"{pp.patches_per_epoch} of {pp.crop_size} px per epoch ({pp.sampling})"
+    return (
+        f"the windows of a {pp.crop_stride} px grid, {pp.crop_size} px, per epoch ({pp.sampling})"
+    )
+
+
 def setup_table(
     manifest: Manifest, params: Params, generated: datetime, smoke: bool = False
 ) -> pd.DataFrame:
@@ -154,8 +163,7 @@ def setup_table(
         "classes": f"{manifest.num_classes} ({', '.join(manifest.class_names)})",
         "images": splits,
         "input channels": str(manifest.in_channels),
-        "training patches": f"{len(train_dataset(manifest, params))} per epoch of "
-        f"{params.preprocess.crop_size} px ({params.preprocess.sampling})",
+        "training patches": patches_text(params),
         "git commit": commit[:12] if commit else "unknown",
         "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
     }

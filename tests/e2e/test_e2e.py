@@ -84,9 +84,9 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
     assert {k: len(v) for k, v in manifest["splits"].items()} == {"test": 2, "val": 2, "train": 6}
     for split, stems in manifest["splits"].items():
         for stem in stems:
-            assert (repo / f"data/processed/{split}/images/{stem}.png").is_file()
-            assert (repo / f"data/processed/{split}/labels/{stem}.png").is_file()
-    assert len(list((repo / "data/processed/crops/images").glob("*.png"))) == len(manifest["crops"])
+            assert (repo / f"data/processed/{split}/images/{stem}.npy").is_file()
+            assert (repo / f"data/processed/{split}/labels/{stem}.npy").is_file()
+    assert not (repo / "data/processed/crops").exists()  # patches are cut while training
 
     for arch in ("unet", "unetpp"):
         ckpt = torch.load(repo / f"models/{arch}.pt", weights_only=True)

@@ -401,8 +401,22 @@ def test_folder_fractions_must_leave_training_images():
     assert "dataset.folder.val_fraction + test_fraction" in message
 
 
-def test_crops_per_image_is_a_count():
-    assert "preprocess.crops_per_image" in _error({"preprocess": {"crops_per_image": -1}})
+def test_patches_per_epoch_is_a_count_and_the_foreground_a_share():
+    assert "preprocess.patches_per_epoch" in _error({"preprocess": {"patches_per_epoch": -1}})
+    assert "preprocess.foreground" in _error({"preprocess": {"foreground": 1.5}})
+    assert "preprocess.sampling" in _error({"preprocess": {"sampling": "sliding"}})
+    assert "preprocess.workers" in _error({"preprocess": {"workers": -2}})
+
+
+def test_the_old_crops_per_image_names_its_replacement():
+    message = _error({"preprocess": {"crops_per_image": 9}})
+    assert message.startswith("params.yaml: preprocess.crops_per_image: replaced by ")
+    assert "preprocess.patches_per_epoch" in message and "\n" not in message
+
+
+def test_grid_sampling_takes_no_patch_count():
+    message = _error({"preprocess": {"sampling": "grid", "patches_per_epoch": 100}})
+    assert message.startswith("params.yaml: preprocess.patches_per_epoch: grid sampling")
 
 
 def test_smp_encoders_give_at_most_four_levels():

@@ -17,11 +17,12 @@ from PIL import Image
 from pipeline import paths
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
+from pipeline.data.store import save_array
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.stages import report
 from pipeline.tracking.runs import Tracker
-from tests.fakes import fake_manifest, random_image, save_image
+from tests.fakes import fake_manifest, random_image
 
 SIZE = (40, 36)  # (H, W)
 TEST_STEMS = ["t0", "t1", "t2"]
@@ -57,10 +58,10 @@ def write_manifest(class_names: list[str], observer: dict | None):
     write_class_pixels(class_names)
     rng = np.random.default_rng(1)
     for stem in TEST_STEMS:
-        save_image(paths.split_dir("test", "images") / f"{stem}.png", random_image(*SIZE))
+        save_array(paths.split_dir("test", "images"), stem, random_image(*SIZE))
         label = rng.integers(0, len(class_names), SIZE).astype(np.uint8)
         label[:4] = 255  # an ignored band
-        save_image(paths.split_dir("test", "labels") / f"{stem}.png", label)
+        save_array(paths.split_dir("test", "labels"), stem, label)
     return manifest
 
 
@@ -411,10 +412,10 @@ def test_the_test_split_hash_follows_the_labels_bytes(fake):
     first = report.split_hash(manifest)
     assert report.split_hash(manifest) == first and len(first) == 16
     stem = manifest.splits["test"][0]
-    label = paths.split_dir("test", "labels") / f"{stem}.png"
-    pixels = np.asarray(Image.open(label)).copy()
+    label = paths.split_dir("test", "labels")
+    pixels = np.load(label / f"{stem}.npy")
     pixels[5, 0] = (pixels[5, 0] + 1) % 2  # row 5: a labelled pixel, 0 or 1 both valid
-    Image.fromarray(pixels).save(label)
+    save_array(label, stem, pixels)
     assert report.split_hash(manifest) != first
 
 

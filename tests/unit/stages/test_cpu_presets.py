@@ -26,7 +26,7 @@ PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture rep
 SHRINK = {
     "epochs": 1,
     "batch_size": 4,
-    "preprocess": {"crop_size": 32, "crop_stride": 32, "crops_per_image": 3},
+    "preprocess": {"crop_size": 32, "crop_stride": 32, "patches_per_epoch": 12},
     "unet": {"base_channels": 4},
     "unetpp": {"base_channels": 4},
     "pruning": {"latency_runs": 1, "latency_warmup": 0, "onnx": False},

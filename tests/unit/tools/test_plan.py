@@ -12,8 +12,9 @@ import pytest
 from pipeline import plan
 from pipeline.common import PipelineError, clock, write_json
 from pipeline.config import parse_params
+from pipeline.data.store import save_array
 from pipeline.stages.train import Progress, _epoch_summary
-from tests.fakes import merged, save_image, tiny_params
+from tests.fakes import merged, tiny_params
 
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
 
@@ -38,7 +39,7 @@ def test_every_stage_is_estimated_from_timed_steps_and_forwards(project):
     assert est["total"] == pytest.approx(sum(est["stages"].values()), abs=0.5)
     data = est["data"]
     # synthetic without processed data: its layout from the params, a 16 px grid on 32 px images
-    assert data["counts"] == {"val": 1, "test": 2, "train": 3} and data["crops"] == 3 * 4
+    assert data["counts"] == {"val": 1, "test": 2, "train": 3} and data["patches"] == 3 * 4
     for arch in ("unet", "unetpp"):
         a = est["archs"][arch]
         assert a["steps_per_epoch"] == 3  # 12 crops in batches of 4
@@ -69,10 +70,10 @@ def test_known_layouts_give_the_counts_before_any_download(project):
     drive = plan.data_plan(
         tiny(
             dataset={"name": "drive", "source": "x.zip", "val_count": 2},
-            preprocess={"crop_size": 64, "crop_stride": 32, "crops_per_image": 100},
+            preprocess={"crop_size": 64, "crop_stride": 32, "patches_per_epoch": 1800},
         )
     )
-    assert drive.counts == {"train": 18, "val": 2, "test": 20} and drive.crops == 1800
+    assert drive.counts == {"train": 18, "val": 2, "test": 20} and drive.patches == 1800
     assert drive.sizes["test"] == (584, 565)
     camvid = plan.data_plan(tiny(dataset={"name": "camvid", "source": "x.zip"}))
     assert camvid.counts == {"train": 367, "val": 101, "test": 233} and camvid.num_classes == 11
@@ -101,16 +102,15 @@ def test_download_is_estimated_from_the_files_of_a_local_source(project, tmp_pat
 def test_processed_data_of_the_same_dataset_gives_the_real_counts(project):
     for split, stems in {"train": ["a", "b"], "val": ["c"], "test": ["d"]}.items():
         for stem in stems:
-            save_image(project / "data/processed" / split / "images" / f"{stem}.png",
+            save_array(project / "data/processed" / split / "images", stem,
                        np.zeros((40, 50, 3), np.uint8))  # fmt: skip
     manifest = {
-        "dataset": "synthetic", "num_classes": 2, "in_channels": 3, "crop_size": 16,
-        "crop_stride": 16, "crops_per_image": 0, "crops": ["x"] * 11,
+        "dataset": "synthetic", "num_classes": 2, "in_channels": 3,
         "splits": {"train": ["a", "b"], "val": ["c"], "test": ["d"]},
     }  # fmt: skip
     write_json(project / "data/processed/manifest.json", manifest)
-    data = plan.data_plan(tiny())
-    assert data.crops == 11 and data.counts == {"train": 2, "val": 1, "test": 1}
+    data = plan.data_plan(tiny(preprocess={"patches_per_epoch": 11}))
+    assert data.patches == 11 and data.counts == {"train": 2, "val": 1, "test": 1}
     assert data.sizes["test"] == data.label_sizes["test"] == (40, 50)
     # images stored at preprocess.scale 0.5: the models see them so, and are scored on the
     # full-size labels (the logits upsampled), which the evaluation estimates must include
@@ -118,8 +118,8 @@ def test_processed_data_of_the_same_dataset_gives_the_real_counts(project):
     halved = plan.data_plan(tiny(preprocess={"scale": 0.5}))
     assert halved.sizes["test"] == (40, 50) and halved.label_sizes["test"] == (80, 100)
     write_json(project / "data/processed/manifest.json", manifest)
-    # other crop params: the crops are counted from the image size instead (2 x 2 per image)
-    assert plan.data_plan(tiny(preprocess={"crop_size": 32, "crop_stride": 32})).crops == 2 * 4
+    # patches_per_epoch 0: the grid's windows, counted from the image size (2 x 2 per image)
+    assert plan.data_plan(tiny(preprocess={"crop_size": 32, "crop_stride": 32})).patches == 2 * 4
 
 
 def test_a_folder_dataset_needs_its_processed_data_first(project):

@@ -89,7 +89,7 @@ def test_gpu_presets_choices(sources):
     drive = parse_params(
         preset.resolve("drive-gpu", sources["drive-gpu"], params_path=PROJECT_PARAMS)[1]
     )
-    assert drive.dataset.name == "drive" and drive.preprocess.crops_per_image > 0
+    assert drive.dataset.name == "drive" and drive.preprocess.patches_per_epoch > 0
     assert drive.unetpp.base_channels == 32 and drive.unetpp.deep_supervision
     assert drive.loss.dice_weight > 0 and not drive.preprocess.border_weights.enabled
     camvid = parse_params(
