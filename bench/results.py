@@ -180,19 +180,24 @@ def _pick(metrics: dict[str, Any], keys=HEADLINE) -> dict[str, float]:
     return {k: metrics[k] for k in keys if isinstance(metrics.get(k), int | float)}
 
 
-def training_patches(params) -> int:
-    """Training patches per epoch, as the training stages sample them."""
-    from pipeline.data.loading import train_dataset
-    from pipeline.data.manifest import load_manifest
-
-    return len(train_dataset(load_manifest(), params))
+def training_patches(params, log_path: Path | None) -> int | None:
+    """Training patches per epoch: the param, or (0: the grid's count) the number the training
+    stage's "data ready" line gave in the run's log."""
+    if params.preprocess.patches_per_epoch:
+        return params.preprocess.patches_per_epoch
+    if log_path is not None and log_path.is_file():
+        found = re.search(r"data ready: (\d+) training patches", log_path.read_text())
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def training_data(result: dict[str, Any]) -> str:
-    if "training_patches" in result:
-        sampling = result["params"].get("sampling", "random")
-        return f"{result['training_patches']} training patches per epoch ({sampling})"
-    return f"{result['training_crops']} training crops (cut once by preprocess)"  # before 32
+    if "training_patches" not in result:  # runs from before patches were sampled
+        return f"{result['training_crops']} training crops (cut once by preprocess)"
+    sampling = result["params"].get("sampling", "random")
+    n = result["training_patches"]
+    return f"{n if n else 'grid-many'} training patches per epoch ({sampling})"
 
 
 def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[str, Any]:
@@ -230,7 +235,7 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         "classes": manifest["class_names"],
         "positive_class": manifest.get("positive_class"),
         "splits": {s: len(v) for s, v in manifest["splits"].items()},
-        "training_patches": training_patches(params),
+        "training_patches": training_patches(params, log_path),
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "commit": commit(),
         "machine": machine(),
