@@ -14,17 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 import yaml
+
+from bench.benchlib import environment, out_stem, write_outputs
 
 PROJECT = Path(__file__).resolve().parent.parent
 ARCHIVES = {"drive": "DRIVE.zip", "camvid": "CamVid.zip"}
@@ -57,58 +58,44 @@ def one_run(name: str, archive: Path, workers: int) -> dict:
     return {"total_s": total, "images": {k: len(v) for k, v in manifest["splits"].items()}}
 
 
-def commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
-    )
-    return out.stdout.strip() or "unknown"
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--datasets", nargs="+", choices=sorted(ARCHIVES), default=["drive", "camvid"]
     )
     parser.add_argument("--archives", type=Path, default=PROJECT.parent / "shared" / "datasets")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--workers", type=int, default=0, help="preprocess.workers (0: one per core)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--out", help="output path stem (default reports/benchmarks/prepare_data)")
+    args = parser.parse_args(argv)
 
-    results = {}
+    rows = []
     for name in args.datasets:
         archive = (args.archives / ARCHIVES[name]).resolve()
         if not archive.is_file():
             sys.exit(f"{archive}: not found (pass --archives DIR)")
         runs = [one_run(name, archive, args.workers) for _ in range(args.runs)]
-        results[name] = {
-            "total_s": statistics.median(r["total_s"] for r in runs),
-            "all_s": [round(r["total_s"], 1) for r in runs],
-            "images": runs[0]["images"],
-            "runs": args.runs,
-            "workers": args.workers,
-        }
-
-    info = {
-        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "commit": commit(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "python": platform.python_version(),
+        rows.append(
+            {
+                "dataset": name,
+                "median_s": statistics.median(r["total_s"] for r in runs),
+                "runs_s": ", ".join(f"{r['total_s']:.1f}" for r in runs),
+                "images": "/".join(str(runs[0]["images"][s]) for s in ("train", "val", "test")),
+                "workers": args.workers,
+            }
+        )
+    columns = {
+        "dataset": "dataset",
+        "median_s": "`dvc repro download preprocess` s (median)",
+        "runs_s": "runs s",
+        "images": "images train/val/test",
+        "workers": "preprocess.workers",
     }
-    print(
-        f"download + preprocess, median of {args.runs} runs; {info['machine']}; "
-        f"commit {info['commit']}; {info['date']}\n"
-    )
-    print("| dataset | `dvc repro download preprocess` s | runs s | images train/val/test |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        imgs = "/".join(str(r["images"][s]) for s in ("train", "val", "test"))
-        runs = ", ".join(f"{t:.1f}" for t in r["all_s"])
-        print(f"| {name} | {r['total_s']:.1f} | {runs} | {imgs} |")
-    if args.json:
-        args.json.write_text(json.dumps({**info, "results": results}, indent=2) + "\n")
+    title = f"Download + preprocess from the local archives, {args.runs} runs each"
+    env = environment([torch.device("cpu")])
+    print(write_outputs(out_stem(args.out, "prepare_data"), title, env, rows, columns))
 
 
 if __name__ == "__main__":

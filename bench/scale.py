@@ -90,6 +90,7 @@ def project_copy(root: Path, source: Path, args: argparse.Namespace) -> None:
     pp.update(crop_size=args.crop_size, sampling="random", patches_per_epoch=args.patches)
     pp["border_weights"]["enabled"] = False
     params["unet"].update(base_channels=4, depth=2, encoder="none")
+    params["inference"].update(tile_size=0, tta="none")  # whole images: the quickest on a CPU
     params["train"].update(num_workers=args.workers)
     params["mlflow"]["enabled"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

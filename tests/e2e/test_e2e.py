@@ -26,7 +26,9 @@ SMALL = {  # a few seconds per stage, same code paths as the defaults
     "epochs": EPOCHS,
     "batch_size": 8,
     "dataset": {"num_images": 10, "image_size": 64, "val_count": 2, "test_count": 2},
-    "preprocess": {"crop_size": 32, "crop_stride": 32},
+    # 8 steps an epoch: enough for both models to learn something, so that a changed lr
+    # changes their metrics (`dvc metrics diff` below)
+    "preprocess": {"crop_size": 32, "crop_stride": 32, "patches_per_epoch": 64},
     "unet": {"base_channels": 4},
     "unetpp": {"base_channels": 4},
     "pruning": {"latency_runs": 2, "latency_warmup": 1, "onnx": True},  # off by default
@@ -140,7 +142,8 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, reproduced: s
 def test_predict_cli_segments_a_test_image_with_the_pipelines_checkpoint(
     repo: Path, reproduced: str, tmp_path: Path
 ):
-    image = sorted((repo / "data/processed/test/images").glob("*.png"))[0]
+    stem = json.loads((repo / "data/processed/manifest.json").read_text())["splits"]["test"][0]
+    image = repo / "data/raw/synthetic/images" / f"{stem}.png"  # a raw test image
     out = tmp_path / "predictions"  # outside the repo: later tests run experiments in it
     cmd = ["python", "-m", "pipeline.predict", "--model", "models/unetpp.pt", "--depth", "2"]
     proc = subprocess.run(

@@ -76,13 +76,13 @@ def test_drive(project):
         folder = "test" if split == "test" else "training"
         for stem in stems:
             number, kind = stem.split("_")
-            label = np.array(Image.open(processed / split / "labels" / f"{stem}.png"))
+            label = np.load(processed / split / "labels" / f"{stem}.npy")
             fov = np.array(Image.open(raw / folder / "mask" / f"{number}_{kind}_mask.gif"))
             assert label.shape == (584, 565)
             assert set(np.unique(label)) <= {0, 1, 255}
             assert np.array_equal(label == 255, fov == 0), stem  # ignored exactly outside the FOV
             assert 0.05 < (label == 1).sum() / (label != 255).sum() < 0.25  # vessels: ~12 %
-    assert len(list((processed / "test" / "second").glob("*.png"))) == 20
+    assert len(list((processed / "test" / "second").glob("*.npy"))) == 20
     observer = manifest["second_observer"]  # the human inter-observer level on DRIVE
     assert observer["global_accuracy"] == pytest.approx(0.947, abs=0.003)
     assert 0.75 < observer["dice"] < 0.83
@@ -102,7 +102,7 @@ def test_camvid(project):
     raw, processed = project / "data" / "raw" / "camvid", project / "data" / "processed"
     for split, stems in manifest["splits"].items():
         for stem in stems[:: max(1, len(stems) // 15)]:  # a spread of images per split
-            label = np.array(Image.open(processed / split / "labels" / f"{stem}.png"))
+            label = np.load(processed / split / "labels" / f"{stem}.npy")
             annot = np.array(Image.open(raw / f"{split}annot" / f"{stem}.png"))
             assert label.shape == (360, 480)
             assert set(np.unique(label)) <= {*range(11), 255}

@@ -163,3 +163,17 @@ def test_ddp_ranks_together_take_the_single_process_patches(coded):
     whole = sorted(_origin(ds[k][0]) for k in single)
     split = sorted(_origin(ds[k][0]) for r in ranks for k in r)
     assert whole == split
+
+
+def test_a_split_dataset_reads_an_image_only_when_asked(project):
+    from pipeline.data.loading import SplitDataset
+
+    label = np.zeros((20, 30), np.uint8)
+    save_array(paths.split_dir("val", "images"), "a", np.full((20, 30, 3), 7, np.uint8))
+    save_array(paths.split_dir("val", "labels"), "a", label)
+    ds = SplitDataset("val", ["a", "missing"], _identity())  # nothing is opened yet
+    assert len(ds) == 2 and ds.shape(0) == (20, 30)
+    image, truth = ds[0]
+    assert image.shape == (3, 20, 30) and (image == 7).all() and truth.shape == (20, 30)
+    with pytest.raises(PipelineError, match=r"missing\.npy: unreadable"):
+        ds[1]
