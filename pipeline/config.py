@@ -180,8 +180,9 @@ class PreprocessParams(Section):
     patches_per_epoch: Annotated[int, Field(ge=0)] = 0
     # share of random patches centred on a pixel of a class drawn among those the image holds
     # (binary: the foreground; multi-class: every class alike, so rare ones get as many as
-    # common ones); the rest lie anywhere. nnU-Net forces a third
-    foreground: Annotated[float, Field(ge=0, le=1)] = 0.33
+    # common ones); the rest lie anywhere. nnU-Net forces a third (0.33): for small or rare
+    # objects; 0 where the foreground lies in nearly every window (vessels)
+    foreground: Annotated[float, Field(ge=0, le=1)] = 0.0
     # CLAHE clip limit applied to every image (all splits, and pipeline.predict); 0 = off
     clahe: Annotated[float, Field(ge=0, le=40)] = 0.0
     # every image resized by this factor before anything else (CLAHE first): the models train
