@@ -77,6 +77,8 @@ class PatchDataset(Dataset):
     ignored left out.
     """
 
+    MAPS = 96  # open memory maps kept per process (images, labels, locations, weights)
+
     def __init__(
         self,
         stems: list[str],
@@ -96,6 +98,7 @@ class PatchDataset(Dataset):
         self.stems, self.transform, self.size, self.seed = stems, transform, size, seed
         self.sampling, self.foreground, self.binary = sampling, foreground, binary
         self.weights = weights
+        self._maps: dict[tuple[str, int], np.ndarray] = {}  # open memory maps, oldest first
         # (H, W) from the .npy headers: nothing is loaded (10,000 images take ~1 s)
         self.shapes = [array_shape(self._path("images", j))[:2] for j in range(len(stems))]
         stride = stride or size
@@ -109,6 +112,21 @@ class PatchDataset(Dataset):
 
     def _path(self, kind: str, j: int) -> Path:
         return array_path("train", kind, self.stems[j])
+
+    def _open(self, kind: str, j: int) -> np.ndarray:
+        """Image j's `kind` array, memory-mapped; the MAPS most recently used stay open (a
+        small dataset's patches then open nothing: ~1 ms a patch saved)."""
+        array = self._maps.pop((kind, j), None)
+        if array is None:
+            array = open_array(self._path(kind, j))
+            if len(self._maps) >= self.MAPS:
+                self._maps.pop(next(iter(self._maps)))
+        self._maps[(kind, j)] = array
+        return array
+
+    def __getstate__(self) -> dict:
+        # a loader worker opens its own maps (a pickled memmap would copy the whole array)
+        return {**self.__dict__, "_maps": {}}
 
     def _padded(self, j: int) -> tuple[int, int]:
         h, w = self.shapes[j]
@@ -131,7 +149,7 @@ class PatchDataset(Dataset):
         """The window at (y, x) of image j's array (the whole array with `whole`), read from
         the memory map; an image smaller than a patch is mirror-padded (labels with 255,
         weights with 0) as the grid crops were."""
-        array = open_array(self._path(kind, j))
+        array = self._open(kind, j)
         h, w = self.shapes[j]
         if h < self.size or w < self.size:
             fill = {"labels": IGNORE_INDEX, "weights": 0}.get(kind)
@@ -143,7 +161,7 @@ class PatchDataset(Dataset):
     def _window(self, j: int, rng: np.random.Generator) -> tuple[int, int]:
         h, w = self._padded(j)
         if rng.random() < self.foreground:
-            locations = open_array(self._path("locations", j))  # (K, 3): class, y, x
+            locations = self._open("locations", j)  # (K, 3): class, y, x
             classes = np.unique(locations[:, 0])
             if self.binary:
                 classes = classes[classes == 1]
@@ -154,7 +172,7 @@ class PatchDataset(Dataset):
             if (self._read("labels", j, y, x) != IGNORE_INDEX).any():
                 return y, x
         # mostly ignored (a small field of view): centre on any labelled pixel, if there is one
-        locations = open_array(self._path("locations", j))
+        locations = self._open("locations", j)
         return self._centred(j, locations, None, rng) if len(locations) else (y, x)
 
     def _centred(self, j: int, locations, cls, rng: np.random.Generator) -> tuple[int, int]:

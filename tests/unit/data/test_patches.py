@@ -177,3 +177,14 @@ def test_a_split_dataset_reads_an_image_only_when_asked(project):
     assert image.shape == (3, 20, 30) and (image == 7).all() and truth.shape == (20, 30)
     with pytest.raises(PipelineError, match=r"missing\.npy: unreadable"):
         ds[1]
+
+
+def test_open_maps_are_reused_bounded_and_left_out_of_pickles(coded, monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(PatchDataset, "MAPS", 3)
+    ds = PatchDataset(coded, _identity(), SIZE, per_epoch=20, seed=0)
+    first = [_origin(ds[k][0]) for k in range(20)]
+    assert 0 < len(ds._maps) <= 3
+    clone = pickle.loads(pickle.dumps(ds))  # what a loader worker gets
+    assert clone._maps == {} and [_origin(clone[k][0]) for k in range(20)] == first
