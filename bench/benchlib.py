@@ -162,10 +162,12 @@ def pipeline_engine(
     compile_model: bool,
     loss_fn: nn.Module | None = None,
     lr: float = 1e-3,
+    fused: bool = False,
 ):
     """The pipeline's training step (pipeline.engine.loop.Engine) as pipeline.stages.train
-    builds it: autocast to `amp_dtype`, channels_last and torch.compile (the CUDA path; each
-    switchable), the pipeline's loss (default CE + soft Dice), Adam."""
+    builds it: autocast to `amp_dtype`, channels_last and torch.compile (each switchable), the
+    pipeline's loss (default CE + soft Dice), Adam (`fused`: its one-kernel form, what the
+    pipeline runs with bf16 on a CPU)."""
     from pipeline.engine.loop import Engine
     from pipeline.engine.losses import SegmentationLoss
 
@@ -176,7 +178,7 @@ def pipeline_engine(
     return Engine(
         model=forward,
         loss_fn=(loss_fn or SegmentationLoss()).to(device),
-        optimizer=torch.optim.Adam(model.parameters(), lr=lr),
+        optimizer=torch.optim.Adam(model.parameters(), lr=lr, **({"fused": True} if fused else {})),
         amp_dtype=amp_dtype,
         device=device,
         channels_last=channels_last,

@@ -70,23 +70,24 @@ def loader_rate(params, manifest, workers: int, epochs: int, device: torch.devic
 def step_rate(params, manifest, arch: str, device: torch.device, windows: int, steps: int):
     """Images/s of the pipeline's training step alone, on synthetic batches of the crops'
     shape already on the device."""
-    from pipeline.engine.distributed import amp_dtype
     from pipeline.engine.losses import build_loss
+    from pipeline.engine.numerics import numerics
     from pipeline.models import build_model
 
     tp = params.train
-    on_cuda = device.type == "cuda"
+    num = numerics(tp.amp, tp.channels_last, device)
     options = params.model(arch).model_dump()
     model = build_model(arch, manifest.in_channels, manifest.num_classes, **options)
     deep = arch == "unetpp" and params.unetpp.deep_supervision
     engine = pipeline_engine(
         model.train(),
         device,
-        amp_dtype(tp.amp, device),
-        on_cuda and tp.channels_last,
-        on_cuda and tp.compile,
+        num.amp_dtype,
+        num.channels_last,
+        tp.compile,
         loss_fn=build_loss(params.loss, deep, manifest),
         lr=params.lr,
+        fused=num.fused,
     )
     crop = params.preprocess.crop_size
     channels = manifest.in_channels

@@ -288,9 +288,10 @@ class TrainParams(Section):
     augment: Literal["none", "dihedral", "scene"] = "dihedral"
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # mixed precision: auto = bf16 on CUDA, off on CPU; fp16 adds a gradient scaler
+    # mixed precision: auto = bf16 where the hardware has it natively (CUDA; CPUs with AVX512-BF16
+    # or AMX), else fp32 (pipeline.engine.numerics); fp16 adds a gradient scaler
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC: on CUDA, and on a CPU with bf16
     compile: bool = False  # torch.compile the model (CUDA)
     # processes for DDP (torchrun, one per GPU; gloo on CPU); batch_size is the global batch.
     # Under an outer `torchrun`, its WORLD_SIZE wins.

@@ -268,10 +268,15 @@ def time_crop_read(manifest: Manifest, params: Params) -> float:
     return (time.perf_counter() - t) / 20
 
 
-def _amp(params: Params):
-    from pipeline.engine.distributed import amp_dtype
+def _numerics(params: Params):
+    """What the training stage runs on this machine's CPU (pipeline.engine.numerics)."""
+    from pipeline.engine.numerics import numerics
 
-    return amp_dtype(params.train.amp, torch.device("cpu"))
+    return numerics(params.train.amp, params.train.channels_last, torch.device("cpu"))
+
+
+def _amp(params: Params):
+    return _numerics(params).amp_dtype
 
 
 def time_eval(
@@ -332,7 +337,8 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     seed_everything(params.seed)
     manifest = _fake_manifest(data, params)
     mp = params.model(arch)
-    model = build_model(arch, data.in_channels, data.num_classes, **mp.model_dump())
+    num = _numerics(params)
+    model = num.place(build_model(arch, data.in_channels, data.num_classes, **mp.model_dump()))
     deep = arch == "unetpp" and params.unetpp.deep_supervision
     with _quiet("pipeline.engine.losses"):
         loss_fn, eval_loss = (
@@ -342,8 +348,9 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     engine = Engine(
         model=model,
         loss_fn=loss_fn,
-        optimizer=make_optimizer(params, model),
-        amp_dtype=_amp(params),
+        optimizer=make_optimizer(params, model, fused=num.fused),
+        amp_dtype=num.amp_dtype,
+        channels_last=num.channels_last,
         grad_clip=params.train.grad_clip,
     )
     b, crop = params.batch_size, params.preprocess.crop_size
@@ -369,8 +376,9 @@ def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]
     out = {0: (0.0, time_forward(model, data))}
     for k in sorted(params.pruning.depths):
         sub = model.prune(k).eval()
-        # the prune stage scores on the CPU under train.amp, as the training stage's test
-        out[k] = (time_eval(sub, data, params, "test"), time_forward(sub, data))
+        forward = time_forward(sub, data)  # latency: fp32, contiguous, as the prune stage's
+        # the prune stage scores on the CPU with the training stage's numerics
+        out[k] = (time_eval(_numerics(params).place(sub), data, params, "test"), forward)
     return out
 
 

@@ -41,9 +41,6 @@ class Dist:
 SINGLE = Dist()  # one process, no process group
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def pick_device(choice: str, ctx: Dist = SINGLE, name: str = "train.device") -> torch.device:
     """auto: this rank's GPU when there is one, else the CPU. `name` is what an error names
     (the param or the CLI flag that chose)."""
@@ -54,17 +51,6 @@ def pick_device(choice: str, ctx: Dist = SINGLE, name: str = "train.device") -> 
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{ctx.local_rank}" if choice == "cuda" else "cpu")
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA GPUs that have it natively (fp16 + scaler on older ones), full fp32
-    on CPU (the reference path)."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float16
-    return AMP_DTYPES.get(choice)
 
 
 def under_torchrun() -> bool:

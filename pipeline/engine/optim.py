@@ -10,14 +10,21 @@ from torch import nn
 from pipeline.config import Params
 
 
-def make_optimizer(params: Params, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(params: Params, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """train.optimizer over `model`'s weights; `fused`: one kernel for all of them (what
+    pipeline.engine.numerics picks with bf16 on a CPU), else torch's per-tensor default."""
     tp = params.train
+    kernel = {"fused": True} if fused else {}
     if tp.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=params.lr, momentum=tp.momentum, weight_decay=tp.weight_decay
+            model.parameters(),
+            lr=params.lr,
+            momentum=tp.momentum,
+            weight_decay=tp.weight_decay,
+            **kernel,
         )
     cls = torch.optim.AdamW if tp.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=params.lr, weight_decay=tp.weight_decay)
+    return cls(model.parameters(), lr=params.lr, weight_decay=tp.weight_decay, **kernel)
 
 
 def lr_factor(params: Params, step: int, steps_per_epoch: int) -> float:

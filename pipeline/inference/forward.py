@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.engine.numerics import module_format
+
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """(B, 1 | C, H, W) logits -> (B, C, H, W) class probabilities (C = 2 for binary)."""
@@ -39,5 +41,5 @@ def predict_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> tor
     """Full-image forward; sizes not divisible by `multiple` (2**depth) are mirror-padded and
     the logits cropped back. Returns (B, 1 | C, H, W)."""
     x, (h, w) = pad_to_multiple(images, multiple)
-    out = model(x)
+    out = model(x.contiguous(memory_format=module_format(model)))
     return out[..., :h, :w]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.engine.numerics import module_format
 from pipeline.inference.forward import predict_logits
 
 BLENDS = ("gaussian", "constant")
@@ -163,10 +164,12 @@ def _predict_once(
         weight[y : y + th, z : z + tw] += window
 
     jobs = [(i, y, z) for i in range(b) for y, z in grid]
+    fmt = module_format(model)  # NHWC tiles for a model in channels_last
     acc: torch.Tensor | None = None  # (B, K, PH, PW): K is known after the first forward
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         tiles = torch.stack([x[i, :, y : y + th, z : z + tw] for i, y, z in chunk])
+        tiles = tiles.contiguous(memory_format=fmt)  # (n, C, th, tw)
         out = model(tiles)  # (n, K, th, tw), maybe bf16 under autocast
         if isinstance(out, (list, tuple)):  # UNet++ in training mode: every head, deepest last
             out = out[-1]

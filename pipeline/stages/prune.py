@@ -7,6 +7,7 @@ Writes reports/pruning.csv and reports/pruning.json.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -19,7 +20,7 @@ from pipeline.config import Params
 from pipeline.data.loading import split_dataset
 from pipeline.data.manifest import load_manifest
 from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.engine.distributed import amp_dtype
+from pipeline.engine.numerics import numerics
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import image_shape, model_stats
 from pipeline.stages import lifecycle
@@ -70,26 +71,23 @@ def prune(params: Params) -> pd.DataFrame:
     multiple = model.size_multiple
     shape = image_shape(test_ds, multiple)  # (1, C, H, W): one full-size test image
 
-    # scored under the training stage's autocast (train.amp), as its test split was: the
-    # deepest depth then reproduces UNet++'s own test metrics; latency stays in float32
-    dtype = amp_dtype(params.train.amp, device)
+    # scored with the training stage's numerics (train.amp, channels_last), as its test split
+    # was: the deepest depth then reproduces UNet++'s own test metrics; latency stays fp32
+    num = numerics(params.train.amp, params.train.channels_last, device)
     rows = []
     for k in sorted(pp.depths):
         sub = model.prune(k).eval()
+        stats = model_stats(sub, shape, pp.latency_runs, pp.latency_warmup)
         quality = evaluate(
-            sub,
+            num.place(copy.deepcopy(sub)) if num.channels_last else sub,  # sub shares weights
             test_ds,
             manifest.class_names,
             params.inference,
             batch_size=params.batch_size,
-            amp_dtype=dtype,
+            amp_dtype=num.amp_dtype,
             multiple=multiple,  # the full UNet++'s padding, for every depth
         )
-        row = {
-            "depth": k,
-            **model_stats(sub, shape, pp.latency_runs, pp.latency_warmup),
-            **quality,
-        }
+        row = {"depth": k, **stats, **quality}
         log.info(
             "L%d: %s params, %.3f GFLOPs, %.2f ms, miou %.4f, dice %.4f",
             k,

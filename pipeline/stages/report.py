@@ -152,8 +152,21 @@ def patches_text(params: Params) -> str:
     )
 
 
+def numerics_text(metrics: dict[str, dict]) -> str:
+    """How the models computed (metrics.json's `numerics`: train.amp: auto picks per machine);
+    one entry when both ran alike."""
+    used = {name: str(m.get("numerics", "not recorded")) for name, m in metrics.items()}
+    if len(set(used.values())) == 1:
+        return next(iter(used.values()))
+    return "; ".join(f"{name}: {text}" for name, text in used.items())
+
+
 def setup_table(
-    manifest: Manifest, params: Params, generated: datetime, smoke: bool = False
+    manifest: Manifest,
+    params: Params,
+    generated: datetime,
+    smoke: bool = False,
+    numerics: str = "not recorded",
 ) -> pd.DataFrame:
     commit = git_commit()
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest.splits.items())
@@ -164,6 +177,7 @@ def setup_table(
         "images": splits,
         "input channels": str(manifest.in_channels),
         "training patches": patches_text(params),
+        "numerics": numerics,
         "git commit": commit[:12] if commit else "unknown",
         "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
     }
@@ -243,7 +257,7 @@ def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
     return Tables(
         dataset=manifest.dataset,
         metric=metric,
-        setup=setup_table(manifest, params, datetime.now(UTC), smoke),
+        setup=setup_table(manifest, params, datetime.now(UTC), smoke, numerics_text(metrics)),
         changed=changed_params(params),
         architectures=architecture_table(metrics),
         test=metrics_table(metrics, columns),

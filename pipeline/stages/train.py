@@ -51,9 +51,10 @@ from pipeline.engine.checkpoint import (
     save_resume,
     set_rng_state,
 )
-from pipeline.engine.distributed import SINGLE, Dist, amp_dtype, pick_device
+from pipeline.engine.distributed import SINGLE, Dist, pick_device
 from pipeline.engine.loop import Engine, NonFiniteLoss, fit, is_better
 from pipeline.engine.losses import build_eval_loss, build_loss
+from pipeline.engine.numerics import Numerics, numerics
 from pipeline.engine.optim import make_optimizer, make_scheduler
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import count_params, image_shape, model_stats
@@ -130,22 +131,22 @@ def place_model(arch, params: Params, manifest, device: torch.device, ctx: Dist)
     )
     if ctx.active and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if channels_last(params, device):  # NHWC: faster convolutions on tensor cores
-        model = model.to(memory_format=torch.channels_last)
+    model = run_numerics(params, device).place(model.to(device))
     log.info(
-        "%s: %s parameters, channels %s, device %s, %d process(es)",
+        "%s: %s parameters, channels %s, device %s, %d process(es), %s",
         arch,
         f"{count_params(model):,}",
         model.encoder.channels,
         device,
         ctx.world,
+        run_numerics(params, device).describe(),
     )
     return model
 
 
-def channels_last(params: Params, device: torch.device) -> bool:
-    return device.type == "cuda" and params.train.channels_last
+def run_numerics(params: Params, device: torch.device) -> Numerics:
+    """train.amp and train.channels_last on this machine (pipeline.engine.numerics)."""
+    return numerics(params.train.amp, params.train.channels_last, device)
 
 
 def patch_loader(patches, params: Params, device: torch.device, ctx: Dist):
@@ -170,11 +171,12 @@ def make_engine(arch, params: Params, manifest, model, steps_per_epoch: int, dev
     heads), optimizer, schedule, precision."""
     tp = params.train
     deep = arch == "unetpp" and params.unetpp.deep_supervision
-    dtype = amp_dtype(tp.amp, device)
+    num = run_numerics(params, device)
+    dtype = num.amp_dtype
     forward = nn.parallel.DistributedDataParallel(model) if ctx.active else model
     if tp.compile:
         forward = torch.compile(forward)
-    optimizer = make_optimizer(params, model)
+    optimizer = make_optimizer(params, model, fused=num.fused)
     return Engine(
         model=forward,
         loss_fn=build_loss(params.loss, deep, manifest),
@@ -184,7 +186,7 @@ def make_engine(arch, params: Params, manifest, model, steps_per_epoch: int, dev
         amp_dtype=dtype,
         grad_clip=tp.grad_clip,
         device=device,
-        channels_last=channels_last(params, device),
+        channels_last=num.channels_last,
         ctx=ctx,
     )
 
@@ -220,14 +222,16 @@ def fingerprint(arch: str, params: Params, ctx: Dist, device: torch.device) -> s
     """Identifies a run: a resume state is used only by a run with the same params (but for
     the speed-only ones), processes, device type, precision and processed data."""
     used = stage_params(arch, params)
-    for speed_only in ("num_workers", "channels_last", "compile"):
+    for speed_only in ("num_workers", "compile"):
         used["train"].pop(speed_only)
     run = {
         "arch": arch,
         "params": used,
         "world": ctx.world,
         "device": device.type,
-        "amp": str(amp_dtype(params.train.amp, device)),
+        # precision, memory format and optimizer kernel change the numbers (and the CPU's bf16
+        # instructions which kernels run): a resume continues only with the same
+        "numerics": run_numerics(params, device).describe(),
     }
     blob = json.dumps(run, sort_keys=True).encode()
     return hashlib.sha256(blob + paths.MANIFEST.read_bytes()).hexdigest()
@@ -395,6 +399,7 @@ class Epochs:
             "best_epoch": progress.best_epoch,
             **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
             "train_seconds": round(progress.train_seconds, 2),
+            "numerics": run_numerics(self.params, self.engine.device).describe(),
         }
         if self.ctx.main:
             lat = self.params.pruning  # latency_runs / latency_warmup: one setting for all
@@ -503,6 +508,7 @@ def _log_outputs(arch, model, metrics, run, example) -> None:
     out = paths.arch_reports(arch)
     numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     run.log_metrics({f"test_{k}": v for k, v in numbers.items()})
+    run.set_tags({"numerics": metrics["numerics"]})  # what train.amp: auto chose here
     for f in ("epochs.csv", "epochs.xlsx", "curves.png", "metrics.json"):
         run.log_artifact(out / f, artifact_path="reports")
     run.log_artifact(paths.checkpoint(arch), artifact_path="checkpoint")

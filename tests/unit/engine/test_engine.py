@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline.common import PipelineError
 from pipeline.config import parse_params
 from pipeline.data.loading import EpochSampler
-from pipeline.engine.distributed import amp_dtype, pick_device
+from pipeline.engine.distributed import pick_device
 from pipeline.engine.loop import Engine, NonFiniteLoss, is_better, train_epoch
 from pipeline.engine.losses import SegmentationLoss
+from pipeline.engine.numerics import amp_dtype
 from pipeline.engine.optim import lr_factor, make_optimizer, make_scheduler
 from pipeline.models import build_model
 
@@ -100,8 +101,7 @@ def test_optimizers_from_params(name, cls):
 # --- devices and precision --------------------------------------------------------------
 
 
-def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu(monkeypatch):
-    assert amp_dtype("auto", torch.device("cpu")) is None
+def test_auto_precision_on_cuda_is_bf16_where_native_else_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
     # GPUs without native bf16 (V100, T4) get fp16 and, with it, a gradient scaler

@@ -310,6 +310,7 @@ def test_validation_scores_the_plain_forward_and_test_the_flips(data):
     from pipeline.data.loading import split_dataset
     from pipeline.data.manifest import load_manifest
     from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.engine.numerics import numerics
     from pipeline.inference.evaluate import evaluate
 
     p = _params(
@@ -318,10 +319,13 @@ def test_validation_scores_the_plain_forward_and_test_the_flips(data):
     metrics = tr.train("unet", p)
     model, _ = load_checkpoint(paths.checkpoint("unet"))
     manifest = load_manifest()
+    run = numerics(p.train.amp, p.train.channels_last, torch.device("cpu"))  # as it trained
+    model = run.place(model)
 
     def score(split, tta):
         inference = p.inference.model_copy(update={"tta": tta})
-        return evaluate(model, split_dataset(manifest, split), manifest.class_names, inference)
+        dataset = split_dataset(manifest, split)
+        return evaluate(model, dataset, manifest.class_names, inference, amp_dtype=run.amp_dtype)
 
     last = pd.read_csv(paths.arch_reports("unet") / "epochs.csv").iloc[-1]
     plain, flipped = score("test", "none"), score("test", "flips")
