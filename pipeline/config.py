@@ -292,7 +292,9 @@ class TrainParams(Section):
     # or AMX), else fp32 (pipeline.engine.numerics); fp16 adds a gradient scaler
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True  # NHWC: on CUDA, and on a CPU with bf16
-    compile: bool = False  # torch.compile the model (CUDA)
+    # torch.compile the forward; auto: where the run is long enough to repay compiling
+    # (pipeline.engine.numerics.compile_decision: UNet++ from 2,000 steps on a CPU)
+    compile: bool | Literal["auto"] = "auto"
     # processes for DDP (torchrun, one per GPU; gloo on CPU); batch_size is the global batch.
     # Under an outer `torchrun`, its WORLD_SIZE wins.
     processes: PositiveInt = 1

@@ -119,3 +119,20 @@ def module_format(model: nn.Module) -> torch.memory_format:
             nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
             return torch.channels_last if nhwc else torch.contiguous_format
     return torch.contiguous_format
+
+
+# torch.compile on a CPU (bench/cpu_step.py, 2-core AMX Xeon, default recipe, bf16 + NHWC):
+# UNet++'s step 121 -> 103 ms for ~37 s of compiling (an empty inductor cache), so it repays
+# after ~2,100 steps of 8 x 64 px crops, sooner with larger ones; UNet's gains 2-4%, never worth
+# its ~32 s. On CUDA (the GPU presets set it) compiling pays for both over a long run.
+COMPILE_MIN_STEPS = 2000
+
+
+def compile_decision(choice: bool | str, arch: str, steps: int, device: torch.device) -> bool:
+    """train.compile -> whether to torch.compile this run's forward. auto: on a CPU UNet++ when
+    the run has COMPILE_MIN_STEPS optimizer steps or more; on CUDA either model then."""
+    if choice != "auto":
+        return bool(choice)
+    if steps < COMPILE_MIN_STEPS:
+        return False
+    return device.type == "cuda" or arch == "unetpp"

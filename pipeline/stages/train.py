@@ -54,7 +54,7 @@ from pipeline.engine.checkpoint import (
 from pipeline.engine.distributed import SINGLE, Dist, pick_device
 from pipeline.engine.loop import Engine, NonFiniteLoss, fit, is_better
 from pipeline.engine.losses import build_eval_loss, build_loss
-from pipeline.engine.numerics import Numerics, numerics
+from pipeline.engine.numerics import Numerics, compile_decision, numerics
 from pipeline.engine.optim import make_optimizer, make_scheduler
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import count_params, image_shape, model_stats
@@ -85,8 +85,10 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest
     model = place_model(arch, params, manifest, device, ctx)
     patches = train_dataset(manifest, params)
-    loader, sampler = patch_loader(patches, params, device, ctx)
-    engine = make_engine(arch, params, manifest, model, len(loader), device, ctx)
+    # torch.compile (train.compile) decided on the epochs' full batches
+    compile_run = compiled(arch, params, len(patches) // params.batch_size, device)
+    loader, sampler = patch_loader(patches, params, device, ctx, drop_last=compile_run)
+    engine = make_engine(arch, params, manifest, model, len(loader), device, ctx, compile_run)
     epochs = Epochs(arch, params, manifest, model, engine, ctx)
     epochs.resume()
     log.info(  # bench/scale.py times the stage's start to this line: the first step's wait
@@ -149,13 +151,22 @@ def run_numerics(params: Params, device: torch.device) -> Numerics:
     return numerics(params.train.amp, params.train.channels_last, device)
 
 
-def patch_loader(patches, params: Params, device: torch.device, ctx: Dist):
-    """This rank's batches of the training patches, reshuffled every epoch (`set_epoch`)."""
+def compiled(arch: str, params: Params, steps_per_epoch: int, device: torch.device) -> bool:
+    """Whether train.compile compiles this run's forward (auto: when the run repays it)."""
+    steps = steps_per_epoch * params.epochs
+    return compile_decision(params.train.compile, arch, steps, device)
+
+
+def patch_loader(patches, params: Params, device: torch.device, ctx: Dist, drop_last=False):
+    """This rank's batches of the training patches, reshuffled every epoch (`set_epoch`).
+    `drop_last` for a compiled forward, which takes one batch shape: an epoch's partial last
+    batch would compile it again (~35 s on a CPU); its few patches are left out instead."""
     tp = params.train
     sampler = EpochSampler(len(patches), params.seed, ctx.rank, ctx.world)
     loader = DataLoader(
         patches,
         batch_size=params.batch_size // ctx.world,  # batch_size is the global batch
+        drop_last=drop_last,
         sampler=sampler,
         num_workers=tp.num_workers,
         pin_memory=device.type == "cuda",
@@ -166,7 +177,9 @@ def patch_loader(patches, params: Params, device: torch.device, ctx: Dist):
     return loader, sampler
 
 
-def make_engine(arch, params: Params, manifest, model, steps_per_epoch: int, device, ctx) -> Engine:
+def make_engine(
+    arch, params: Params, manifest, model, steps_per_epoch: int, device, ctx, compile_run=False
+) -> Engine:
     """What one step needs: the forward (DDP and/or compiled), the loss (UNet++: over its
     heads), optimizer, schedule, precision."""
     tp = params.train
@@ -174,7 +187,8 @@ def make_engine(arch, params: Params, manifest, model, steps_per_epoch: int, dev
     num = run_numerics(params, device)
     dtype = num.amp_dtype
     forward = nn.parallel.DistributedDataParallel(model) if ctx.active else model
-    if tp.compile:
+    if compile_run:
+        log.info("%s: torch.compile (train.compile %s)", arch, tp.compile)
         forward = torch.compile(forward)
     optimizer = make_optimizer(params, model, fused=num.fused)
     return Engine(
@@ -222,7 +236,7 @@ def fingerprint(arch: str, params: Params, ctx: Dist, device: torch.device) -> s
     """Identifies a run: a resume state is used only by a run with the same params (but for
     the speed-only ones), processes, device type, precision and processed data."""
     used = stage_params(arch, params)
-    for speed_only in ("num_workers", "compile"):
+    for speed_only in ("num_workers",):
         used["train"].pop(speed_only)
     run = {
         "arch": arch,
