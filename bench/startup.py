@@ -161,6 +161,8 @@ def summarise(measured: dict) -> tuple[list[dict], dict]:
         },
         "unet_test_miou": first["reports/unet/metrics.json"]["miou"],
         "unetpp_test_miou": first["reports/unetpp/metrics.json"]["miou"],
+        # what train.amp auto chose on this machine (runs before it was recorded: unknown)
+        "numerics": first["reports/unetpp/metrics.json"].get("numerics", "not recorded"),
     }
     return table, headline
 
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "set": args.set,
         "threads": os.environ.get("OMP_NUM_THREADS", "torch's default (one per core)"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),  # an older CPU stood in
     }
     stem = out_stem(args.out, "startup")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({**env, **headline, "table": table, **measured}, indent=2) + "\n"
     )
     m, epochs = env["machine"], headline["epochs_median_s"]
+    cap = env["onednn_max_cpu_isa"]
+    isa = f"ONEDNN_MAX_CPU_ISA={cap} " if cap else ""
     columns = {"stage": "stage", "total": "wall s", "startup": "start-up s",
                "tracking": "tracking s", "work": "work s"}  # fmt: skip
     md = "\n".join(
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"- machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; "
             f"commit `{commit}`, {env['date']}",
-            f"- command: `python bench/startup.py --runs {args.runs}"
+            f"- command: `{isa}python bench/startup.py --runs {args.runs}"
             f"{''.join(f' --set {kv}' for kv in args.set)}` (a fresh clone, set-up "
             f"excluded: {headline['setup_s']:.0f}s; each run from a clean state)",
             f"- `dvc repro`: median **{headline['median_s']:.1f}s** of runs "
@@ -220,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- results identical across runs (timings aside): {headline['identical_results']}; "
             f"test mIoU UNet {headline['unet_test_miou']:.4f}, "
             f"UNet++ {headline['unetpp_test_miou']:.4f}",
+            f"- numerics (train.amp auto on this machine): {headline['numerics']}",
             f"- the two models' epochs alone (loading, training steps and per-epoch validation, "
             f"summed from reports/*/epochs.csv): median **{sum(epochs.values()):.1f}s** "
             f"(UNet {epochs['unet']:.1f}s, UNet++ {epochs['unetpp']:.1f}s), a floor for any "

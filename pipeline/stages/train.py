@@ -59,7 +59,6 @@ from pipeline.engine.optim import make_optimizer, make_scheduler
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.stats import count_params, image_shape, model_stats
 from pipeline.models import REGISTRY, build_model
-from pipeline.report import plots
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared
 from pipeline.tracking.registry import CHECKPOINT_TAG
@@ -488,6 +487,8 @@ def _epoch_summary(arch: str, row: dict[str, Any], epochs: int, progress: Progre
 
 def _write_outputs(arch, params, manifest, model, metrics, progress, run, example):
     """Every output is written only now, so a failed run leaves the previous ones intact."""
+    from pipeline.report import plots  # matplotlib: ~0.2 s of start-up, needed only here
+
     df = write_epoch_log(progress.rows, arch)
     out = paths.arch_reports(arch)
     monitor = params.train.monitor

@@ -149,3 +149,15 @@ def test_a_compiled_run_drops_the_partial_batch_and_an_eager_one_keeps_it():
     kept, _ = tr.patch_loader(patches, params, CPU, tr.SINGLE)
     assert (len(dropped), len(kept)) == (251, 252)
     assert {len(b) for b in dropped} == {8}
+
+
+def test_the_report_names_each_models_numerics_when_they_differ():
+    from pipeline.stages.report import numerics_text
+
+    same = {
+        "UNet": {"numerics": "fp32 (CPU: no native bf16)"},
+        "UNet++": {"numerics": "fp32 (CPU: no native bf16)"},
+    }
+    assert numerics_text(same) == "fp32 (CPU: no native bf16)"
+    mixed = {"UNet": {"numerics": "bf16 autocast (CUDA)"}, "UNet++": {}}  # an older run
+    assert numerics_text(mixed) == "UNet: bf16 autocast (CUDA); UNet++: not recorded"

@@ -87,6 +87,7 @@ def write_metrics(class_names: list[str]) -> None:
             "input": "3x40x36",
             "train_seconds": 12.5,
             "best_epoch": 2,
+            "numerics": "bf16 autocast, channels_last, fused optimizer (CPU: AMX)",
         }
         out = paths.arch_reports(arch)
         out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +206,10 @@ def test_markdown_links_the_figures_beside_it(binary):
         assert f"]({png})" in md
     assert "| L2 (best)" in md and "sensitivity" in md  # binary: the ranking metrics
     assert re.search(r"\| git commit\s+\| unknown", md)  # the fake project is no git repo
+    # how the models computed (train.amp auto picks per machine), once when both ran alike
+    assert re.search(
+        r"\| numerics\s+\| bf16 autocast, channels_last, fused optimizer \(CPU: AMX\)", md
+    )
     assert "The first 2 test images" in md
 
 
