@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp dir)")
     parser.add_argument("--out", help="output stem (default reports/benchmarks/startup)")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another run's startup.json (same machine): its figures and the ratios beside ours",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="as dvc exp run -S"
     )
     args = parser.parse_args(argv)
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             f"summed from reports/*/epochs.csv): median **{sum(epochs.values()):.1f}s** "
             f"(UNet {epochs['unet']:.1f}s, UNet++ {epochs['unetpp']:.1f}s), a floor for any "
             "change that keeps the results identical",
+            *versus(args.baseline, headline),
             "",
             "Medians per stage. start-up: interpreter and imports before the stage's code; "
             "tracking: MLflow; work: the rest.",
@@ -240,6 +246,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     stem.with_suffix(".md").write_text(md)
     print(md)
+
+
+def versus(baseline: Path | None, headline: dict) -> list[str]:
+    """A line comparing this run with `baseline` (another startup.json): its figures, ours,
+    and the speed-ups (its time / ours)."""
+    if baseline is None:
+        return []
+    other = json.loads(baseline.read_text())
+    ours, theirs = sum(headline["epochs_median_s"].values()), sum(other["epochs_median_s"].values())
+    return [
+        f"- against `{baseline.name}` (commit `{other['commit']}`, {other['date']}, "
+        f"numerics: {other.get('numerics', 'not recorded')}): `dvc repro` "
+        f"{other['median_s']:.1f}s -> {headline['median_s']:.1f}s "
+        f"(**x{other['median_s'] / headline['median_s']:.2f}**), the epochs "
+        f"{theirs:.1f}s -> {ours:.1f}s (x{theirs / ours:.2f}), test mIoU UNet "
+        f"{other['unet_test_miou']:.4f} -> {headline['unet_test_miou']:.4f}, UNet++ "
+        f"{other['unetpp_test_miou']:.4f} -> {headline['unetpp_test_miou']:.4f}"
+    ]
 
 
 if __name__ == "__main__":
