@@ -117,6 +117,7 @@ class ArchPlan:
     epoch_s: float = 0.0
     stage_s: float = 0.0
     depth_eval_s: dict[int, float] = field(default_factory=dict)  # UNet++: pruned depths
+    compile_s: float = 0.0  # train.compile: compiling the forward (its steps timed eager)
 
 
 def data_plan(params: Params) -> DataPlan:
@@ -268,6 +269,9 @@ def time_crop_read(manifest: Manifest, params: Params) -> float:
     return (time.perf_counter() - t) / 20
 
 
+_CPU = torch.device("cpu")
+
+
 def _numerics(params: Params):
     """What the training stage runs on this machine's CPU (pipeline.engine.numerics)."""
     from pipeline.engine.numerics import numerics
@@ -408,9 +412,11 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
     archs = {}
     for arch in ("unet", "unetpp"):
         a = plan_arch(arch, params, data, seconds)
+        a.compile_s = compile_seconds(arch, params, data.patches)
         a.epoch_s = a.steps_per_epoch * a.step_s + data.counts["val"] * a.eval_image_s["val"]
         a.stage_s = (
             fixed("train")
+            + a.compile_s
             + params.epochs * a.epoch_s
             + data.counts["test"] * a.eval_image_s["test"]
             + latency_forwards * a.latency_forward_s
@@ -448,7 +454,18 @@ def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
         "total": round(sum(stages.values()), 1),
         "epochs": params.epochs,
         "threads": torch.get_num_threads(),
+        "numerics": _numerics(params).describe(),
     }
+
+
+def compile_seconds(arch: str, params: Params, patches: int) -> float:
+    """train.compile's cost, decided as the training stage does (on the epochs' full batches);
+    the compiled steps are counted at the eager rate (the ~15% a compiled UNet++ step saves
+    on a CPU is left as margin)."""
+    from pipeline.engine.numerics import CPU_COMPILE_S, compile_decision
+
+    steps = patches // params.batch_size * params.epochs
+    return CPU_COMPILE_S if compile_decision(params.train.compile, arch, steps, _CPU) else 0.0
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -470,10 +487,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         how[f"train_{arch}"] = (
             f"{plan['epochs']} epochs x {clock(a['epoch_s'])} "
             f"({a['steps_per_epoch']} steps x {a['step_s']:.2f} s + validation) + test"
+            + (f" + {a['compile_s']:.0f} s torch.compile" if a.get("compile_s") else "")
         )
     for stage, seconds in plan["stages"].items():
         lines.append(f"{stage:<14}{clock(seconds):>10}  {how[stage]}")
     lines.append(f"{'total':<14}{clock(plan['total']):>10}  on {plan['threads']} torch threads")
+    if plan.get("numerics"):
+        lines.append(f"numerics (train.amp, train.channels_last): {plan['numerics']}")
     return "\n".join(lines)
 
 

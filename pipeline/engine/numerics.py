@@ -126,6 +126,7 @@ def module_format(model: nn.Module) -> torch.memory_format:
 # after ~2,100 steps of 8 x 64 px crops, sooner with larger ones; UNet's gains 2-4%, never worth
 # its ~32 s. On CUDA (the GPU presets set it) compiling pays for both over a long run.
 COMPILE_MIN_STEPS = 2000
+CPU_COMPILE_S = 35.0  # what pipeline.plan adds for compiling one model on a CPU
 
 
 def compile_decision(choice: bool | str, arch: str, steps: int, device: torch.device) -> bool:

@@ -16,6 +16,7 @@ from bench import cpu_step, inference_latency, loader_throughput, train_throughp
 from bench.benchlib import markdown_table, out_stem, train_step_flops
 from pipeline import paths
 from pipeline.config import load_params
+from pipeline.engine.numerics import cpu_bf16, numerics
 from tests.unit.engine.test_training import TINY
 from tests.unit.engine.test_training import data as data  # the tiny preprocessed project fixture
 
@@ -161,22 +162,40 @@ def test_stability_varies_the_run_seed_and_the_data_only_when_asked(
 def test_cpu_step_main(project, tmp_path):
     paths.PARAMS.write_text(yaml.safe_dump(TINY))
     stem = tmp_path / "cs"
-    cpu_step.main(
-        ["--steps", "1", "--windows", "1", "--warmup", "0", "--check", "2", "--out", str(stem)]
-    )
+    args = ["--steps", "1", "--windows", "1", "--warmup", "1", "--check", "2", "--out", str(stem)]
+    cpu_step.main([*args, "--variants", *[v for v in cpu_step.VARIANTS if "compile" not in v]])
     report, md = _outputs(stem, cpu_step.TITLE)
     rows = report["rows"]
     assert list(cpu_step.VARIANTS)[0] == "fp32"
     assert [(r["arch"], r["variant"]) for r in rows] == [
-        (arch, v) for arch in ("unet", "unetpp") for v in cpu_step.VARIANTS
+        (arch, v) for arch in ("unet", "unetpp") for v in cpu_step.VARIANTS if "compile" not in v
     ]
     for row in rows:
         assert row["step_ms"] > 0 and row["speedup"] > 0
         assert row["identical"] == (row["first_diff"] is None)
+        assert row["compile_s"] is None and row["graph_breaks"] is None
     fp32 = [r for r in rows if r["variant"] == "fp32"]
     # the pipeline's CPU step repeats itself bit for bit: the reference the others are held to
     assert all(r["identical"] and r["speedup"] == 1 and r["loss_rel_diff"] == 0 for r in fp32)
     assert "| unetpp | bf16 |" in md
+    # `auto` is what train.amp auto runs on this CPU, whichever that is
+    auto = next(r for r in rows if r["variant"] == "auto")
+    assert auto["numerics"] == numerics("auto", True, torch.device("cpu")).describe()
+
+
+@pytest.mark.slow
+def test_cpu_step_times_the_compiled_step_and_lists_its_graph_breaks(project, tmp_path):
+    paths.PARAMS.write_text(yaml.safe_dump(TINY))
+    stem = tmp_path / "cs"
+    args = ["--steps", "1", "--windows", "1", "--warmup", "1", "--check", "2", "--out", str(stem)]
+    cpu_step.main([*args, "--archs", "unet", "--variants", "fp32", "auto_compile"])
+    report, _ = _outputs(stem, cpu_step.TITLE)
+    compiled = report["rows"][1]
+    assert compiled["variant"] == "auto_compile" and compiled["compile_s"] > 0
+    assert compiled["graph_breaks"] == "0"  # the models compile to one graph
+    assert compiled["numerics"].endswith(
+        ", torch.compile (CPU: " + (cpu_bf16() or "no native bf16") + ")"
+    )
 
 
 def test_cpu_step_wants_fp32_first(project):
@@ -209,6 +228,22 @@ def test_startup_set_overrides_params_as_dvc_exp_run_does(tmp_path):
         startup.override(params, ["train.amp=fp64"])
     assert str(info.value).startswith("--set train.amp=fp64: ") and "amp" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_startup_baseline_sets_the_two_runs_side_by_side(tmp_path):
+    from bench import startup
+
+    def run(median, unet, unetpp, miou, **extra):
+        return {"median_s": median, "epochs_median_s": {"unet": unet, "unetpp": unetpp},
+                "unet_test_miou": miou, "unetpp_test_miou": miou + 0.01, **extra}  # fmt: skip
+
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps(run(150.0, 30.0, 60.0, 0.88, commit="abc", date="d")))
+    assert startup.versus(None, run(1, 1, 1, 0)) == []
+    (line,) = startup.versus(before, run(100.0, 15.0, 30.0, 0.87, numerics="bf16"))
+    assert "`dvc repro` 150.0s -> 100.0s (**x1.50**)" in line
+    assert "the epochs 90.0s -> 45.0s (x2.00)" in line
+    assert "numerics: not recorded" in line and "UNet 0.8800 -> 0.8700" in line
 
 
 def test_scale_runs_the_data_stages_on_n_synthetic_images(tmp_path):

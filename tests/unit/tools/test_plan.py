@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import plan
 from pipeline.common import PipelineError, clock, write_json
@@ -126,6 +127,21 @@ def test_a_folder_dataset_needs_its_processed_data_first(project):
     p = tiny(dataset={"name": "folder", "source": "x"})
     with pytest.raises(PipelineError, match=r"run `dvc repro preprocess` first"):
         plan.data_plan(p)
+
+
+def test_the_plan_counts_compiling_where_the_stage_would_compile(project):
+    """train.compile auto: UNet++ on a CPU from 2,000 steps (here 3 full batches an epoch)."""
+    from pipeline.engine.numerics import CPU_COMPILE_S, numerics
+
+    short, long = (plan.estimate(tiny(epochs=e), seconds=0.01) for e in (1, 700))
+    assert short["archs"]["unetpp"]["compile_s"] == 0 and long["archs"]["unet"]["compile_s"] == 0
+    assert long["archs"]["unetpp"]["compile_s"] == CPU_COMPILE_S
+    forced = plan.estimate(tiny(epochs=1, train={"compile": True}), seconds=0.01)
+    assert forced["archs"]["unet"]["compile_s"] == CPU_COMPILE_S
+    assert "s torch.compile" in plan.format_plan(forced)
+    # the numerics the training stage will run on this CPU
+    expected = numerics("auto", True, torch.device("cpu")).describe()
+    assert short["numerics"] == expected and expected in plan.format_plan(short)
 
 
 def test_the_cli_prints_a_table_and_writes_json(project, capsys):
