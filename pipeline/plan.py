@@ -465,7 +465,9 @@ def compile_seconds(arch: str, params: Params, patches: int) -> float:
     from pipeline.engine.numerics import CPU_COMPILE_S, compile_decision
 
     steps = patches // params.batch_size * params.epochs
-    return CPU_COMPILE_S if compile_decision(params.train.compile, arch, steps, _CPU) else 0.0
+    step_pixels = params.batch_size * params.preprocess.crop_size**2
+    compiled = compile_decision(params.train.compile, arch, steps, step_pixels, _CPU)
+    return CPU_COMPILE_S if compiled else 0.0
 
 
 def format_plan(plan: dict[str, Any]) -> str:

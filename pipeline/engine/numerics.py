@@ -122,18 +122,23 @@ def module_format(model: nn.Module) -> torch.memory_format:
 
 
 # torch.compile on a CPU (bench/cpu_step.py, 2-core AMX Xeon, default recipe, bf16 + NHWC):
-# UNet++'s step 121 -> 103 ms for ~37 s of compiling (an empty inductor cache), so it repays
-# after ~2,100 steps of 8 x 64 px crops, sooner with larger ones; UNet's gains 2-4%, never worth
-# its ~32 s. On CUDA (the GPU presets set it) compiling pays for both over a long run.
-COMPILE_MIN_STEPS = 2000
+# UNet++'s step of 8 x 64 px patches 103-121 -> 94-103 ms (10-15%) for 30-37 s of compiling
+# (an empty inductor cache). Compiling costs the same for any patch size while the saving grows
+# with the pixels a step trains on, so the rule counts the run's patch pixels: 80 M is ~2,400
+# steps of 8 x 64 px (where it breaks even) and ~1,100 of 8 x 96 px. UNet's step gains 2-6%:
+# never worth its ~30 s on a CPU. On CUDA (the GPU presets set it) compiling pays for both.
+COMPILE_MIN_PIXELS = 80_000_000
 CPU_COMPILE_S = 35.0  # what pipeline.plan adds for compiling one model on a CPU
 
 
-def compile_decision(choice: bool | str, arch: str, steps: int, device: torch.device) -> bool:
-    """train.compile -> whether to torch.compile this run's forward. auto: on a CPU UNet++ when
-    the run has COMPILE_MIN_STEPS optimizer steps or more; on CUDA either model then."""
+def compile_decision(
+    choice: bool | str, arch: str, steps: int, step_pixels: int, device: torch.device
+) -> bool:
+    """train.compile -> whether to torch.compile this run's forward. auto: UNet++ on a CPU
+    (either model on CUDA) when its `steps` of `step_pixels` patch pixels (batch x crop^2)
+    reach COMPILE_MIN_PIXELS."""
     if choice != "auto":
         return bool(choice)
-    if steps < COMPILE_MIN_STEPS:
+    if steps * step_pixels < COMPILE_MIN_PIXELS:
         return False
     return device.type == "cuda" or arch == "unetpp"

@@ -153,7 +153,8 @@ def run_numerics(params: Params, device: torch.device) -> Numerics:
 def compiled(arch: str, params: Params, steps_per_epoch: int, device: torch.device) -> bool:
     """Whether train.compile compiles this run's forward (auto: when the run repays it)."""
     steps = steps_per_epoch * params.epochs
-    return compile_decision(params.train.compile, arch, steps, device)
+    step_pixels = params.batch_size * params.preprocess.crop_size**2
+    return compile_decision(params.train.compile, arch, steps, step_pixels, device)
 
 
 def patch_loader(patches, params: Params, device: torch.device, ctx: Dist, drop_last=False):

@@ -113,20 +113,27 @@ def test_the_fused_optimizer_steps_like_the_per_tensor_one(optimizer):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
+PX64, PX96 = 8 * 64**2, 8 * 96**2  # patch pixels of a step of 8 crops
+
+
 @pytest.mark.parametrize(
-    ("choice", "arch", "steps", "device", "expected"),
+    ("choice", "arch", "steps", "pixels", "device", "expected"),
     [
-        ("auto", "unetpp", 2000, "cpu", True),  # long enough to repay ~35 s of compiling
-        ("auto", "unetpp", 1999, "cpu", False),
-        ("auto", "unet", 10_000, "cpu", False),  # UNet's step gains 2-4% on a CPU
-        ("auto", "unet", 2000, "cuda", True),
-        ("auto", "unet", 100, "cuda", False),
-        (True, "unet", 1, "cpu", True),  # true / false are obeyed
-        (False, "unetpp", 10_000, "cpu", False),
+        ("auto", "unetpp", 2442, PX64, "cpu", True),  # 80 M pixels repay ~35 s of compiling
+        ("auto", "unetpp", 2441, PX64, "cpu", False),
+        ("auto", "unetpp", 1086, PX96, "cpu", True),  # larger patches: fewer steps
+        ("auto", "unetpp", 288, PX64, "cpu", False),  # the default
+        ("auto", "unet", 100_000, PX64, "cpu", False),  # UNet's step gains a few % on a CPU
+        ("auto", "unet", 2442, PX64, "cuda", True),
+        ("auto", "unet", 100, PX64, "cuda", False),
+        (True, "unet", 1, PX64, "cpu", True),  # true / false are obeyed
+        (False, "unetpp", 100_000, PX64, "cpu", False),
     ],
 )
-def test_compile_auto_compiles_where_the_run_repays_it(choice, arch, steps, device, expected):
-    assert num.compile_decision(choice, arch, steps, torch.device(device)) is expected
+def test_compile_auto_compiles_where_the_run_repays_it(
+    choice, arch, steps, pixels, device, expected
+):
+    assert num.compile_decision(choice, arch, steps, pixels, torch.device(device)) is expected
 
 
 def test_train_compile_takes_auto_or_a_boolean():
@@ -141,7 +148,8 @@ def test_train_compile_takes_auto_or_a_boolean():
 def test_a_compiled_run_drops_the_partial_batch_and_an_eager_one_keeps_it():
     from pipeline.stages import train as tr
 
-    params = parse_params({"epochs": 1000, "batch_size": 8})
+    # 2,510 steps of 8 x 64 px: 82 M patch pixels
+    params = parse_params({"epochs": 10, "batch_size": 8, "preprocess": {"crop_size": 64}})
     patches = list(range(2014))  # 251 full batches and one of 6
     assert tr.compiled("unetpp", params, len(patches) // 8, CPU)
     assert not tr.compiled("unet", params, len(patches) // 8, CPU)

@@ -130,10 +130,11 @@ def test_a_folder_dataset_needs_its_processed_data_first(project):
 
 
 def test_the_plan_counts_compiling_where_the_stage_would_compile(project):
-    """train.compile auto: UNet++ on a CPU from 2,000 steps (here 3 full batches an epoch)."""
+    """train.compile auto: UNet++ on a CPU from 80 M patch pixels (here 3 full batches of
+    4 x 16 px an epoch: 26,042 epochs)."""
     from pipeline.engine.numerics import CPU_COMPILE_S, numerics
 
-    short, long = (plan.estimate(tiny(epochs=e), seconds=0.01) for e in (1, 700))
+    short, long = (plan.estimate(tiny(epochs=e), seconds=0.01) for e in (1, 26_042))
     assert short["archs"]["unetpp"]["compile_s"] == 0 and long["archs"]["unet"]["compile_s"] == 0
     assert long["archs"]["unetpp"]["compile_s"] == CPU_COMPILE_S
     forced = plan.estimate(tiny(epochs=1, train={"compile": True}), seconds=0.01)
