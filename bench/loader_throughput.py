@@ -84,7 +84,7 @@ def step_rate(params, manifest, arch: str, device: torch.device, windows: int, s
         device,
         num.amp_dtype,
         num.channels_last,
-        tp.compile,
+        tp.compile is True,  # the loader vs the step as it runs eager (auto: see train)
         loss_fn=build_loss(params.loss, deep, manifest),
         lr=params.lr,
         fused=num.fused,

@@ -293,7 +293,8 @@ class TrainParams(Section):
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True  # NHWC: on CUDA, and on a CPU with bf16
     # torch.compile the forward; auto: where the run is long enough to repay compiling
-    # (pipeline.engine.numerics.compile_decision: UNet++ on a CPU from 80 M patch pixels)
+    # (pipeline.engine.numerics.compile_decision: UNet++ in bf16 on a CPU from 80 M patch
+    # pixels; never on CUDA, where the GPU presets set true)
     compile: bool | Literal["auto"] = "auto"
     # processes for DDP (torchrun, one per GPU; gloo on CPU); batch_size is the global batch.
     # Under an outer `torchrun`, its WORLD_SIZE wins.

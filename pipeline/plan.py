@@ -269,9 +269,6 @@ def time_crop_read(manifest: Manifest, params: Params) -> float:
     return (time.perf_counter() - t) / 20
 
 
-_CPU = torch.device("cpu")
-
-
 def _numerics(params: Params):
     """What the training stage runs on this machine's CPU (pipeline.engine.numerics)."""
     from pipeline.engine.numerics import numerics
@@ -466,7 +463,7 @@ def compile_seconds(arch: str, params: Params, patches: int) -> float:
 
     steps = patches // params.batch_size * params.epochs
     step_pixels = params.batch_size * params.preprocess.crop_size**2
-    compiled = compile_decision(params.train.compile, arch, steps, step_pixels, _CPU)
+    compiled = compile_decision(params.train.compile, arch, steps, step_pixels, _numerics(params))
     return CPU_COMPILE_S if compiled else 0.0
 
 

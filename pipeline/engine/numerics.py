@@ -48,9 +48,9 @@ def _has(probe: str, flag: str) -> bool:
 def _isa_cap() -> set[str]:
     """The bf16 instructions ONEDNN_MAX_CPU_ISA lets oneDNN use (all when unset)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).lower()
-    if cap in ("", "all", "default") or "amx" in cap or "avx10" in cap:
+    if cap in ("", "all", "default") or "amx" in cap:
         return {"AMX", "AVX512-BF16"}
-    return {"AVX512-BF16"} if "bf16" in cap or "fp16" in cap else set()
+    return {"AVX512-BF16"} if any(s in cap for s in ("bf16", "fp16", "avx10")) else set()
 
 
 @functools.cache
@@ -82,6 +82,7 @@ class Numerics:
     channels_last: bool
     fused: bool
     device: str = "cpu"
+    compiled: bool = False  # torch.compile (train.compile, compile_decision)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -92,10 +93,11 @@ class Numerics:
 
     def describe(self) -> str:
         """One line for the log, checkpoint, MLflow and report: 'bf16 autocast, channels_last,
-        fused optimizer (CPU: AMX)'."""
+        fused optimizer, torch.compile (CPU: AMX)'."""
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
         parts = [precision[self.amp_dtype]]
         parts += ["channels_last"] * self.channels_last + ["fused optimizer"] * self.fused
+        parts += ["torch.compile"] * self.compiled
         where = self.device.upper()
         if self.device == "cpu":
             where += f": {cpu_bf16() or 'no native bf16'}"
@@ -126,19 +128,19 @@ def module_format(model: nn.Module) -> torch.memory_format:
 # (an empty inductor cache). Compiling costs the same for any patch size while the saving grows
 # with the pixels a step trains on, so the rule counts the run's patch pixels: 80 M is ~2,400
 # steps of 8 x 64 px (where it breaks even) and ~1,100 of 8 x 96 px. UNet's step gains 2-6%:
-# never worth its ~30 s on a CPU. On CUDA (the GPU presets set it) compiling pays for both.
+# never worth its ~30 s. Not measured in fp32 on a CPU nor on CUDA: `auto` leaves those eager
+# (the GPU presets set `compile: true`).
 COMPILE_MIN_PIXELS = 80_000_000
 CPU_COMPILE_S = 35.0  # what pipeline.plan adds for compiling one model on a CPU
 
 
 def compile_decision(
-    choice: bool | str, arch: str, steps: int, step_pixels: int, device: torch.device
+    choice: bool | str, arch: str, steps: int, step_pixels: int, num: Numerics
 ) -> bool:
-    """train.compile -> whether to torch.compile this run's forward. auto: UNet++ on a CPU
-    (either model on CUDA) when its `steps` of `step_pixels` patch pixels (batch x crop^2)
-    reach COMPILE_MIN_PIXELS."""
+    """train.compile -> whether to torch.compile this run's forward. auto: UNet++ on a CPU in
+    bf16 when its `steps` of `step_pixels` patch pixels (batch x crop^2) reach
+    COMPILE_MIN_PIXELS; nothing else (see above)."""
     if choice != "auto":
         return bool(choice)
-    if steps * step_pixels < COMPILE_MIN_PIXELS:
-        return False
-    return device.type == "cuda" or arch == "unetpp"
+    measured = num.device == "cpu" and num.amp_dtype is torch.bfloat16 and arch == "unetpp"
+    return measured and steps * step_pixels >= COMPILE_MIN_PIXELS

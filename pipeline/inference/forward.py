@@ -41,5 +41,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> tor
     """Full-image forward; sizes not divisible by `multiple` (2**depth) are mirror-padded and
     the logits cropped back. Returns (B, 1 | C, H, W)."""
     x, (h, w) = pad_to_multiple(images, multiple)
-    out = model(x.contiguous(memory_format=module_format(model)))
+    if module_format(model) == torch.channels_last:  # NHWC input for an NHWC model
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = model(x)
     return out[..., :h, :w]

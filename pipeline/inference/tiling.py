@@ -164,12 +164,13 @@ def _predict_once(
         weight[y : y + th, z : z + tw] += window
 
     jobs = [(i, y, z) for i in range(b) for y, z in grid]
-    fmt = module_format(model)  # NHWC tiles for a model in channels_last
+    nhwc = module_format(model) == torch.channels_last  # NHWC tiles for an NHWC model
     acc: torch.Tensor | None = None  # (B, K, PH, PW): K is known after the first forward
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         tiles = torch.stack([x[i, :, y : y + th, z : z + tw] for i, y, z in chunk])
-        tiles = tiles.contiguous(memory_format=fmt)  # (n, C, th, tw)
+        if nhwc:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)  # (n, C, th, tw)
         out = model(tiles)  # (n, K, th, tw), maybe bf16 under autocast
         if isinstance(out, (list, tuple)):  # UNet++ in training mode: every head, deepest last
             out = out[-1]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -84,11 +86,11 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest
     model = place_model(arch, params, manifest, device, ctx)
     patches = train_dataset(manifest, params)
-    # torch.compile (train.compile) decided on the epochs' full batches
-    compile_run = compiled(arch, params, len(patches) // params.batch_size, device)
-    loader, sampler = patch_loader(patches, params, device, ctx, drop_last=compile_run)
-    engine = make_engine(arch, params, manifest, model, len(loader), device, ctx, compile_run)
-    epochs = Epochs(arch, params, manifest, model, engine, ctx)
+    num = run_numerics(params, device, arch, len(patches))  # with train.compile's decision
+    drop = num.compiled and len(patches) >= params.batch_size
+    loader, sampler = patch_loader(patches, params, device, ctx, drop_last=drop)
+    engine = make_engine(arch, params, manifest, model, len(loader), device, ctx, num)
+    epochs = Epochs(arch, params, manifest, model, engine, ctx, num)
     epochs.resume()
     log.info(  # bench/scale.py times the stage's start to this line: the first step's wait
         "%s: data ready: %d training patches of %d px per epoch (%s) from %d images, %d val "
@@ -145,16 +147,19 @@ def place_model(arch, params: Params, manifest, device: torch.device, ctx: Dist)
     return model
 
 
-def run_numerics(params: Params, device: torch.device) -> Numerics:
-    """train.amp and train.channels_last on this machine (pipeline.engine.numerics)."""
-    return numerics(params.train.amp, params.train.channels_last, device)
-
-
-def compiled(arch: str, params: Params, steps_per_epoch: int, device: torch.device) -> bool:
-    """Whether train.compile compiles this run's forward (auto: when the run repays it)."""
-    steps = steps_per_epoch * params.epochs
+def run_numerics(
+    params: Params, device: torch.device, arch: str = "", patches: int = 0
+) -> Numerics:
+    """train.amp and train.channels_last on this machine (pipeline.engine.numerics), and with
+    `arch` and its `patches` per epoch whether train.compile compiles it (decided on the
+    epochs' full batches)."""
+    num = numerics(params.train.amp, params.train.channels_last, device)
+    if not arch:
+        return num
+    steps = patches // params.batch_size * params.epochs
     step_pixels = params.batch_size * params.preprocess.crop_size**2
-    return compile_decision(params.train.compile, arch, steps, step_pixels, device)
+    compiled = compile_decision(params.train.compile, arch, steps, step_pixels, num)
+    return dataclasses.replace(num, compiled=compiled)
 
 
 def patch_loader(patches, params: Params, device: torch.device, ctx: Dist, drop_last=False):
@@ -178,16 +183,15 @@ def patch_loader(patches, params: Params, device: torch.device, ctx: Dist, drop_
 
 
 def make_engine(
-    arch, params: Params, manifest, model, steps_per_epoch: int, device, ctx, compile_run=False
+    arch, params: Params, manifest, model, steps_per_epoch: int, device, ctx, num: Numerics
 ) -> Engine:
     """What one step needs: the forward (DDP and/or compiled), the loss (UNet++: over its
-    heads), optimizer, schedule, precision."""
+    heads), optimizer, schedule, precision (`num`: run_numerics)."""
     tp = params.train
     deep = arch == "unetpp" and params.unetpp.deep_supervision
-    num = run_numerics(params, device)
     dtype = num.amp_dtype
     forward = nn.parallel.DistributedDataParallel(model) if ctx.active else model
-    if compile_run:
+    if num.compiled:
         log.info("%s: torch.compile (train.compile %s)", arch, tp.compile)
         forward = torch.compile(forward)
     optimizer = make_optimizer(params, model, fused=num.fused)
@@ -232,7 +236,7 @@ def stage_params(arch: str, params: Params) -> dict[str, Any]:
     }
 
 
-def fingerprint(arch: str, params: Params, ctx: Dist, device: torch.device) -> str:
+def fingerprint(arch: str, params: Params, ctx: Dist, num: Numerics) -> str:
     """Identifies a run: a resume state is used only by a run with the same params (but for
     the speed-only ones), processes, device type, precision and processed data."""
     used = stage_params(arch, params)
@@ -242,10 +246,11 @@ def fingerprint(arch: str, params: Params, ctx: Dist, device: torch.device) -> s
         "arch": arch,
         "params": used,
         "world": ctx.world,
-        "device": device.type,
-        # precision, memory format and optimizer kernel change the numbers (and the CPU's bf16
-        # instructions which kernels run): a resume continues only with the same
-        "numerics": run_numerics(params, device).describe(),
+        "device": num.device,
+        # precision, memory format, optimizer kernel and compiling (which drops partial
+        # batches) change the numbers, as do the CPU's bf16 instructions: a resume continues
+        # only with the same
+        "numerics": num.describe(),
     }
     blob = json.dumps(run, sort_keys=True).encode()
     return hashlib.sha256(blob + paths.MANIFEST.read_bytes()).hexdigest()
@@ -269,8 +274,11 @@ class Epochs:
     (`end`: validate, keep the best, log to MLflow, stop on non-finite weights, save the
     resume state, one INFO line), and the resume, tracking and test around it."""
 
-    def __init__(self, arch: str, params: Params, manifest, model, engine: Engine, ctx: Dist):
+    def __init__(
+        self, arch: str, params: Params, manifest, model, engine: Engine, ctx: Dist, num: Numerics
+    ):
         self.arch, self.params, self.model, self.engine, self.ctx = arch, params, model, engine, ctx
+        self.num = num  # how it computes (run_numerics)
         self.classes, self.dataset = manifest.class_names, manifest.dataset
         self.monitor = params.train.monitor
         self.val = split_dataset(manifest, "val")
@@ -301,7 +309,7 @@ class Epochs:
         path = paths.resume_state(arch)
         state = None
         if params.train.resume and ctx.main:
-            state = load_resume(path, fingerprint(arch, params, ctx, engine.device))
+            state = load_resume(path, fingerprint(arch, params, ctx, self.num))
         state = distributed.broadcast_object(state, ctx)  # every rank resumes rank 0's state
         if state is None:
             return
@@ -384,7 +392,7 @@ class Epochs:
                 f"{paths.resume_state(arch)}. Lower lr or set train.grad_clip."
             )
         if self.ctx.main:
-            _save_resume(arch, params, self.ctx, self.model, self.engine, progress)
+            _save_resume(arch, params, self.ctx, self.model, self.engine, progress, self.num)
             _epoch_summary(arch, row, params.epochs, progress)
         distributed.barrier(self.ctx)
 
@@ -413,13 +421,17 @@ class Epochs:
             "best_epoch": progress.best_epoch,
             **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
             "train_seconds": round(progress.train_seconds, 2),
-            "numerics": run_numerics(self.params, self.engine.device).describe(),
+            "numerics": self.num.describe(),
         }
         if self.ctx.main:
             lat = self.params.pruning  # latency_runs / latency_warmup: one setting for all
             # params, GFLOPs and latency on one full-size test image, on the training device
             shape = image_shape(self.test_split, self.model.size_multiple)
-            metrics.update(model_stats(self.model, shape, lat.latency_runs, lat.latency_warmup))
+            # latency in fp32 on the contiguous model, as the prune stage times every depth
+            plain = self.model
+            if self.num.channels_last:
+                plain = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
+            metrics.update(model_stats(plain, shape, lat.latency_runs, lat.latency_warmup))
             log.info(
                 "%s test: miou %.4f dice %.4f global_accuracy %.4f (best epoch %d)",
                 self.arch,
@@ -431,11 +443,11 @@ class Epochs:
         return metrics
 
 
-def _save_resume(arch, params, ctx, model, engine, progress: Progress) -> None:
+def _save_resume(arch, params, ctx, model, engine, progress: Progress, num: Numerics) -> None:
     save_resume(
         paths.resume_state(arch),
         {
-            "fingerprint": fingerprint(arch, params, ctx, engine.device),
+            "fingerprint": fingerprint(arch, params, ctx, num),
             "epoch": progress.epoch,
             "model": cpu_state(model),
             "optimizer": engine.optimizer.state_dict(),

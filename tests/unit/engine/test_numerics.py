@@ -52,7 +52,7 @@ def test_explicit_choices_do_not_depend_on_the_cpu(cpu):
 @pytest.mark.parametrize(
     ("isa", "found"),
     [("AVX2", None), ("avx512_core", None), ("AVX512_CORE_BF16", "AVX512-BF16"),
-     ("AVX512_CORE_AMX", "AMX"), ("ALL", "AMX")],
+     ("AVX10_1_512", "AVX512-BF16"), ("AVX512_CORE_AMX", "AMX"), ("ALL", "AMX")],
 )  # fmt: skip
 def test_onednn_max_cpu_isa_caps_what_counts_as_native(cpu, isa, found):
     cpu(amx=True, avx512_bf16=True, isa=isa)
@@ -64,6 +64,8 @@ def test_the_cpu_fast_path_adds_nhwc_and_the_fused_optimizer_and_fp32_stays_as_i
     fast = num.numerics("auto", True, CPU)
     assert (fast.amp_dtype, fast.channels_last, fast.fused) == (torch.bfloat16, True, True)
     assert fast.describe() == "bf16 autocast, channels_last, fused optimizer (CPU: AMX)"
+    compiled = num.Numerics(torch.bfloat16, True, True, "cpu", compiled=True).describe()
+    assert compiled == "bf16 autocast, channels_last, fused optimizer, torch.compile (CPU: AMX)"
     assert not num.numerics("auto", False, CPU).channels_last  # train.channels_last: false
     reference = num.numerics("none", True, CPU)
     assert (reference.amp_dtype, reference.channels_last, reference.fused) == (None, False, False)
@@ -114,26 +116,27 @@ def test_the_fused_optimizer_steps_like_the_per_tensor_one(optimizer):
 
 
 PX64, PX96 = 8 * 64**2, 8 * 96**2  # patch pixels of a step of 8 crops
+BF16_CPU = num.Numerics(torch.bfloat16, True, True, "cpu")
+FP32_CPU = num.Numerics(None, False, False, "cpu")
+GPU = num.Numerics(torch.bfloat16, True, False, "cuda")
 
 
 @pytest.mark.parametrize(
-    ("choice", "arch", "steps", "pixels", "device", "expected"),
+    ("choice", "arch", "steps", "pixels", "run", "expected"),
     [
-        ("auto", "unetpp", 2442, PX64, "cpu", True),  # 80 M pixels repay ~35 s of compiling
-        ("auto", "unetpp", 2441, PX64, "cpu", False),
-        ("auto", "unetpp", 1086, PX96, "cpu", True),  # larger patches: fewer steps
-        ("auto", "unetpp", 288, PX64, "cpu", False),  # the default
-        ("auto", "unet", 100_000, PX64, "cpu", False),  # UNet's step gains a few % on a CPU
-        ("auto", "unet", 2442, PX64, "cuda", True),
-        ("auto", "unet", 100, PX64, "cuda", False),
-        (True, "unet", 1, PX64, "cpu", True),  # true / false are obeyed
-        (False, "unetpp", 100_000, PX64, "cpu", False),
+        ("auto", "unetpp", 2442, PX64, BF16_CPU, True),  # 80 M pixels repay ~35 s of compiling
+        ("auto", "unetpp", 2441, PX64, BF16_CPU, False),
+        ("auto", "unetpp", 1086, PX96, BF16_CPU, True),  # larger patches: fewer steps
+        ("auto", "unetpp", 288, PX64, BF16_CPU, False),  # the default
+        ("auto", "unet", 100_000, PX64, BF16_CPU, False),  # UNet's step gains a few % on a CPU
+        ("auto", "unetpp", 100_000, PX64, FP32_CPU, False),  # measured in bf16 only: eager
+        ("auto", "unetpp", 100_000, PX64, GPU, False),  # the GPU presets say true themselves
+        (True, "unet", 1, PX64, FP32_CPU, True),  # true / false are obeyed
+        (False, "unetpp", 100_000, PX64, BF16_CPU, False),
     ],
 )
-def test_compile_auto_compiles_where_the_run_repays_it(
-    choice, arch, steps, pixels, device, expected
-):
-    assert num.compile_decision(choice, arch, steps, pixels, torch.device(device)) is expected
+def test_compile_auto_compiles_where_the_run_repays_it(choice, arch, steps, pixels, run, expected):
+    assert num.compile_decision(choice, arch, steps, pixels, run) is expected
 
 
 def test_train_compile_takes_auto_or_a_boolean():
@@ -145,18 +148,28 @@ def test_train_compile_takes_auto_or_a_boolean():
         parse_params({"train": {"compile": "sometimes"}})
 
 
-def test_a_compiled_run_drops_the_partial_batch_and_an_eager_one_keeps_it():
+def test_the_loader_drops_the_partial_batch_only_when_asked():
     from pipeline.stages import train as tr
 
-    # 2,510 steps of 8 x 64 px: 82 M patch pixels
-    params = parse_params({"epochs": 10, "batch_size": 8, "preprocess": {"crop_size": 64}})
+    params = parse_params({"batch_size": 8})
     patches = list(range(2014))  # 251 full batches and one of 6
-    assert tr.compiled("unetpp", params, len(patches) // 8, CPU)
-    assert not tr.compiled("unet", params, len(patches) // 8, CPU)
     dropped, _ = tr.patch_loader(patches, params, CPU, tr.SINGLE, drop_last=True)
     kept, _ = tr.patch_loader(patches, params, CPU, tr.SINGLE)
     assert (len(dropped), len(kept)) == (251, 252)
     assert {len(b) for b in dropped} == {8}
+
+
+def test_the_run_numerics_hold_the_compile_decision(cpu):
+    from pipeline.stages import train as tr
+
+    cpu(amx=True)
+    # 2,510 steps of 8 x 64 px: 82 M patch pixels
+    params = parse_params({"epochs": 10, "batch_size": 8, "preprocess": {"crop_size": 64}})
+    assert tr.run_numerics(params, CPU, "unetpp", 2014).compiled
+    assert not tr.run_numerics(params, CPU, "unet", 2014).compiled
+    assert not tr.run_numerics(params, CPU).compiled  # no arch: precision and layout only
+    cpu()  # the fp32 reference path stays eager under auto
+    assert not tr.run_numerics(params, CPU, "unetpp", 2014).compiled
 
 
 def test_the_report_names_each_models_numerics_when_they_differ():

@@ -333,3 +333,25 @@ def test_validation_scores_the_plain_forward_and_test_the_flips(data):
     assert last["val_auc_roc"] == pytest.approx(score("val", "none")["auc_roc"], abs=1e-9)
     assert last["val_auc_roc"] != pytest.approx(score("val", "flips")["auc_roc"], abs=1e-9)
     assert metrics["auc_roc"] == pytest.approx(flipped["auc_roc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("choice", [True, False])
+def test_a_compiled_run_drops_the_partial_batch_and_says_it_compiled(data, monkeypatch, choice):
+    """A compiled forward takes one batch shape: the loader drops each epoch's partial batch
+    (a new shape would compile again), and the run's numerics say it was compiled."""
+    seen = {}
+    real = tr.patch_loader
+
+    def spy(patches, params, device, ctx, drop_last=False):
+        seen["drop_last"] = drop_last
+        return real(patches, params, device, ctx, drop_last=drop_last)
+
+    monkeypatch.setattr(tr, "patch_loader", spy)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the decision, not inductor
+    metrics = tr.train("unet", _params(train={**TINY["train"], "compile": choice}))
+    assert seen["drop_last"] is choice
+    assert ("torch.compile" in metrics["numerics"]) is choice
+    assert (
+        json.loads((paths.arch_reports("unet") / "metrics.json").read_text())["numerics"]
+        == (metrics["numerics"])
+    )

@@ -97,7 +97,7 @@ def test_gpu_presets_choices(sources):
     )
     assert camvid.dataset.name == "camvid" and camvid.loss.class_weights == "median_frequency"
     assert camvid.unet.encoder == "resnet34" and camvid.unet.encoder_weights is None
-    assert camvid.train.augment and camvid.train.compile and camvid.train.channels_last
+    assert camvid.train.augment and camvid.train.compile is True and camvid.train.channels_last
 
 
 @pytest.mark.parametrize("name", preset.available())
