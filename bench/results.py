@@ -229,6 +229,11 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         for r in read_locked("reports/pruning.csv", locked)
     ]
     observer = manifest.get("second_observer")
+    stopped = {
+        a: m["stopped_early"]
+        for a in archs
+        if (m := read_locked(f"reports/{a}/metrics.json", locked)).get("stopped_early")
+    }
     result: dict[str, Any] = {
         "name": name,
         "dataset": manifest["dataset"],
@@ -256,7 +261,14 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         "pruned": depths,
         "best_depth": read_locked("reports/pruning.json", locked).get("best_depth"),
         "second_observer": _pick(observer) if observer else None,
+        **({"stopped_early": stopped} if stopped else {}),
     }
+    if params.autoconf.budget_s:
+        result["autoconf"] = {
+            "budget_s": params.autoconf.budget_s,
+            "planned_s": params.autoconf.planned_s,
+            "reasons": params.autoconf.reasons,
+        }
     if log_path is not None:
         seconds = stage_seconds(log_path)
         result["stage_seconds"] = seconds
@@ -293,6 +305,7 @@ def render(result: dict[str, Any]) -> str:
         f"## {result['name']}: {result['dataset']}",
         "",
         (f"Preset `{result['preset']}`. " if result.get("preset") else "")
+        + autoconf_text(result)
         + f"Commit `{result['commit']}`, {result['date']}, on {hw}."
         + (f" Command: `{result['command']}`." if result.get("command") else ""),
         f"Splits {result['splits']}, {training_data(result)}; "
@@ -344,6 +357,21 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def autoconf_text(result: dict[str, Any]) -> str:
+    """The budget, the plan and the actual wall time of an autoconf run."""
+    ac = result.get("autoconf")
+    if not ac:
+        return ""
+    text = f"Recipe by `pipeline.autoconf` for a {clock(ac['budget_s'])} budget, planned at "
+    text += clock(ac["planned_s"])
+    if result.get("wall_seconds"):
+        share = result["wall_seconds"] / ac["budget_s"]
+        text += f", ran in {clock(result['wall_seconds'])} ({share:.0%} of the budget)"
+    stopped = result.get("stopped_early")
+    text += "; " + "; ".join(f"{a} {why}" for a, why in stopped.items()) if stopped else ""
+    return text + ". "
+
+
 def index() -> Path:
     """reports/results/README.md from every result JSON in the folder, newest first."""
     results = [json.loads(p.read_text()) for p in sorted(out_dir().glob("*.json"))]
@@ -363,6 +391,22 @@ def index() -> Path:
     return path
 
 
+def run_autoconf(name: str, budget: str, dataset: str, source: str, plan_path: Path) -> None:
+    """params.yaml's dataset set to `dataset` from `source`, then the recipe pipeline.autoconf
+    plans for `budget`; its plan is the run's plan (a folder dataset has no plan before
+    preprocess has run)."""
+    from pipeline.preset import apply
+
+    if not (dataset and source):
+        raise PipelineError("--autoconf needs --dataset and --source")
+    apply({"dataset": {"name": dataset, "source": source}})
+    found = out_dir() / "runs" / f"{name}.autoconf.json"
+    found.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pipeline.autoconf", "--budget", budget, "--apply"]
+    subprocess.run([*cmd, "--json", str(found)], cwd=ROOT, check=True)
+    write_json(plan_path, json.loads(found.read_text())["plan"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -371,6 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--source", help="dataset.source for the preset")
     run.add_argument("--name", help="result name (default: the preset, else 'default')")
     run.add_argument("--force", action="store_true", help="re-run every stage (dvc repro -f)")
+    run.add_argument(
+        "--autoconf",
+        metavar="BUDGET",
+        help="instead of a preset: set --dataset and --source, then pipeline.autoconf --budget "
+        "BUDGET --apply (e.g. 20m)",
+    )
+    run.add_argument("--dataset", help="dataset.name for --autoconf (drive, camvid, folder)")
     col = sub.add_parser("collect", help="collect a finished run")
     col.add_argument("--name", required=True)
     col.add_argument("--log", type=Path, help="the timed dvc repro log (wall time per stage)")
@@ -386,13 +437,19 @@ def main(argv: list[str] | None = None) -> None:
     else:
         name = args.name or args.preset or "default"
         py = sys.executable
-        if args.preset:
+        plan_path = out_dir() / "runs" / f"{name}.plan.json"
+        if args.autoconf:
+            if args.preset:
+                raise PipelineError("--autoconf chooses the recipe: give it or --preset")
+            run_autoconf(name, args.autoconf, args.dataset, args.source, plan_path)
+        elif args.preset:
             cmd = [py, "-m", "pipeline.preset", args.preset, "--apply"]  # params.yaml only
             if args.source:
                 cmd += ["--source", args.source]
             subprocess.run(cmd, cwd=ROOT, check=True)
-        plan_path = out_dir() / "runs" / f"{name}.plan.json"
-        subprocess.run([py, "-m", "pipeline.plan", "--json", str(plan_path)], cwd=ROOT, check=True)
+        if not args.autoconf:
+            cmd = [py, "-m", "pipeline.plan", "--json", str(plan_path)]
+            subprocess.run(cmd, cwd=ROOT, check=True)
         log_path = out_dir() / "runs" / f"{name}.log"
         code = timed_run([py, "-m", "dvc", "repro", *(["--force"] if args.force else [])], log_path)
         if code:
@@ -401,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.preset:
             result["preset"] = args.preset
             result["command"] = f"python -m pipeline.preset {args.preset} --apply; dvc repro"
+        if args.autoconf:
+            result["command"] = (
+                f"dataset.name {args.dataset}, dataset.source {args.source}; python -m "
+                f"pipeline.autoconf --budget {args.autoconf} --apply; dvc repro"
+            )
     write_json(out_dir() / f"{result['name']}.json", result)
     print(index())
 

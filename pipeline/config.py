@@ -369,6 +369,28 @@ class MlflowParams(Section):
     registered_model: str = "unet-family-{dataset}"
 
 
+class BudgetParams(Section):
+    """Wall-time limits of the training stages, in seconds (0: none). A stage that reaches its
+    limit stops after the epoch that crossed it, keeps its best epoch so far, and says so in its
+    metrics and the report. `python -m pipeline.autoconf --apply` sets them from its plan."""
+
+    train_unet_s: NonNegFloat = 0.0
+    train_unetpp_s: NonNegFloat = 0.0
+
+    def limit(self, arch: str) -> float:
+        return {"unet": self.train_unet_s, "unetpp": self.train_unetpp_s}[arch]
+
+
+class AutoconfParams(Section):
+    """What `python -m pipeline.autoconf --apply` measured and chose: read by the report only
+    (and logged with every param on the MLflow parent run); empty when no recipe was planned."""
+
+    budget_s: NonNegFloat = 0.0  # the budget of `dvc repro` the recipe was planned for
+    planned_s: NonNegFloat = 0.0  # the plan's estimate of that `dvc repro`
+    fingerprint: dict[str, Any] = {}  # the training data's fingerprint (pipeline.autoconf)
+    reasons: list[str] = []  # "key value: why", one per choice
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42  # numpy's seeds stop at 2**32 - 1
     lr: Annotated[float, Field(gt=0, le=10)] = 0.003
@@ -384,6 +406,8 @@ class Params(Section):
     pruning: PruningParams = PruningParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
+    budget: BudgetParams = BudgetParams()
+    autoconf: AutoconfParams = AutoconfParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

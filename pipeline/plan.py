@@ -383,9 +383,10 @@ def plan_depths(params: Params, data: DataPlan) -> dict[int, tuple[float, float]
     return out
 
 
-def estimate(params: Params, seconds: float = 2.0) -> dict[str, Any]:
-    """Every stage's estimated wall time in seconds, with the figures they come from."""
-    data = data_plan(params)
+def estimate(params: Params, seconds: float = 2.0, data: DataPlan | None = None) -> dict[str, Any]:
+    """Every stage's estimated wall time in seconds, with the figures they come from; `data`
+    gives the counts and sizes where no manifest has them yet (pipeline.autoconf)."""
+    data = data or data_plan(params)
     mlflow = params.mlflow.enabled
     pr = params.pruning
     latency_forwards = pr.latency_runs + pr.latency_warmup + 1  # +1: the FLOP count

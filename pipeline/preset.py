@@ -130,9 +130,21 @@ def quote(text: str) -> str:
     return "'" + text.replace("${", "\\${") + "'"
 
 
-def set_args(overlay: dict[str, Any]) -> list[str]:
-    """`key=value` for every leaf, as `dvc exp run -S` takes them."""
-    return [f"{key}={hydra_value(value)}" for key, value in flatten(overlay).items()]
+def set_args(overlay: dict[str, Any], whole: tuple[str, ...] = ()) -> list[str]:
+    """`key=value` for every leaf, as `dvc exp run -S` takes them. The mappings named in
+    `whole` (dotted keys) are replaced as one value, `~key` then `+key=value`: a leaf-by-leaf
+    override could only change the keys they already have, and would keep the others."""
+    out = []
+    for key, value in flatten(overlay).items():
+        top = next((w for w in whole if key == w or key.startswith(w + ".")), None)
+        if top is None:
+            out.append(f"{key}={hydra_value(value)}")
+        elif f"~{top}" not in out:
+            node = overlay
+            for part in top.split("."):
+                node = node[part]
+            out += [f"~{top}", f"+{top}={hydra_value(node)}"]
+    return out
 
 
 def resolve(
@@ -207,7 +219,9 @@ def shell_join(args: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def rendered(overlay: dict[str, Any], params_path: Path | None = None) -> Iterator[Path]:
+def rendered(
+    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """A temporary copy of params.yaml with the overlay applied by DVC's own `-S` code (its
     comments and key order stay), checked by the stages' loader: what `dvc exp run -S` will
     write is what the stages will read: a value that would fail there fails here, before
@@ -220,7 +234,7 @@ def rendered(overlay: dict[str, Any], params_path: Path | None = None) -> Iterat
     tmp = Path(tmp_name)
     try:
         shutil.copyfile(target, tmp)
-        apply_overrides(tmp, set_args(overlay))
+        apply_overrides(tmp, set_args(overlay, whole))
         try:
             load_params(tmp)
         except PipelineError as exc:
@@ -231,11 +245,13 @@ def rendered(overlay: dict[str, Any], params_path: Path | None = None) -> Iterat
         tmp.unlink(missing_ok=True)
 
 
-def apply(overlay: dict[str, Any], params_path: Path | None = None) -> Path:
+def apply(
+    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = ()
+) -> Path:
     """Write params.yaml with the overlay applied, atomically: the checked temporary copy is
     renamed over the original, so a failure leaves params.yaml untouched."""
     target = Path(params_path or paths.PARAMS)
-    with rendered(overlay, target) as tmp:
+    with rendered(overlay, target, whole) as tmp:
         os.replace(tmp, target)
     return target
 

@@ -129,11 +129,12 @@ def fit(
     epochs: range,
     total: int,
     name: str,
-    end_epoch: Callable[[int, dict[str, float], float], None],
+    end_epoch: Callable[[int, dict[str, float], float], bool | None],
 ) -> None:
     """The epoch loop: each epoch one pass over the crops in a fresh order (`train_epoch`),
     then `end_epoch(epoch, stats, started)`: the caller's hooks (validation, the best epoch,
-    logging, the resume state). `epochs` may start late: a resumed run."""
+    logging, the resume state), which returns True to stop early (a time limit). `epochs`
+    may start late: a resumed run."""
     bar = tqdm(
         epochs,
         desc=name,
@@ -146,4 +147,6 @@ def fit(
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         stats = train_epoch(engine, loader, f"{name} epoch {epoch}/{total}")
-        end_epoch(epoch, stats, started)
+        if end_epoch(epoch, stats, started):
+            bar.close()
+            return

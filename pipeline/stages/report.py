@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from pipeline.inference.tiling import predict_tiled
 from pipeline.report import plots
 from pipeline.report.html import Alert, Block, Figure, Heading, Table, Text, render_html
 from pipeline.report.palette import PALETTE
+from pipeline.report.recipe import budget_text, recipe_blocks, recipe_sheets, stopped_text
 from pipeline.stages import lifecycle
 from pipeline.tracking.dvc import declared, git_commit
 from pipeline.tracking.registry import Candidate, register
@@ -130,7 +131,9 @@ def changed_params(params: Params) -> pd.DataFrame:
             "default": param_text(default[k]) if k in default else "(not set)",
         }
         for k in keys
-        if k not in now or k not in default or now[k] != default[k]
+        # autoconf's fingerprint and reasons have a section of their own (Recipe)
+        if (k not in now or k not in default or now[k] != default[k])
+        and not k.startswith("autoconf.")
     ]
     return pd.DataFrame(rows, columns=["key", "value", "default"])
 
@@ -167,6 +170,7 @@ def setup_table(
     generated: datetime,
     smoke: bool = False,
     numerics: str = "not recorded",
+    stopped: str | None = None,
 ) -> pd.DataFrame:
     commit = git_commit()
     splits = ", ".join(f"{k} {len(v)}" for k, v in manifest.splits.items())
@@ -178,6 +182,8 @@ def setup_table(
         "input channels": str(manifest.in_channels),
         "training patches": patches_text(params),
         "numerics": numerics,
+        **({"budget": budget_text(params)} if budget_text(params) else {}),
+        **({"stopped early": stopped} if stopped else {}),
         "git commit": commit[:12] if commit else "unknown",
         "generated": f"{generated:%Y-%m-%d %H:%M} UTC",
     }
@@ -240,6 +246,8 @@ class Tables:
     panels: int  # rows in panels.png; 0 = none
     positive: str | None  # binary tasks: the class the binary metrics score
     inference: str  # how full-size images were predicted, in words
+    recipe: list[Block] = field(default_factory=list)  # pipeline.autoconf's, if it chose
+    recipe_sheets: dict[str, pd.DataFrame] = field(default_factory=dict)
     smoke: bool = False  # report.smoke: a smoke test, whose metrics mean nothing
 
 
@@ -257,7 +265,16 @@ def gather(params: Params, manifest: Manifest, panels: int) -> Tables:
     return Tables(
         dataset=manifest.dataset,
         metric=metric,
-        setup=setup_table(manifest, params, datetime.now(UTC), smoke, numerics_text(metrics)),
+        setup=setup_table(
+            manifest,
+            params,
+            datetime.now(UTC),
+            smoke,
+            numerics_text(metrics),
+            stopped_text(metrics),
+        ),
+        recipe=recipe_blocks(params),
+        recipe_sheets=recipe_sheets(params),
         changed=changed_params(params),
         architectures=architecture_table(metrics),
         test=metrics_table(metrics, columns),
@@ -439,6 +456,7 @@ def report_blocks(t: Tables) -> list[Block]:
             Text("Parameters that differ from the built-in defaults (`pipeline/config.py`):"),
             Table(t.changed),
         ]
+    blocks += t.recipe
     input_size = t.pruning["input"].iloc[0]
     blocks += [
         Heading("Architectures"),
@@ -599,6 +617,7 @@ def write_xlsx(t: Tables, path: Path) -> None:
     sheets = {
         "setup": t.setup,
         "changed params": t.changed,
+        **t.recipe_sheets,
         "architectures": t.architectures,
         "test metrics": test,
         "per-class IoU": t.per_class,

@@ -267,6 +267,7 @@ class Progress:
     best_state: dict[str, torch.Tensor] | None = None
     run_id: str | None = None
     train_seconds: float = 0.0
+    stopped: str = ""  # why training ended before params.epochs (budget.train_<arch>_s)
 
 
 class Epochs:
@@ -356,8 +357,9 @@ class Epochs:
             self.run = run
             yield run
 
-    def end(self, epoch: int, stats: dict[str, float], started: float) -> None:
-        """After epoch `epoch`'s pass over the patches (`stats` from `train_epoch`)."""
+    def end(self, epoch: int, stats: dict[str, float], started: float) -> bool:
+        """After epoch `epoch`'s pass over the patches (`stats` from `train_epoch`); True
+        stops training (the time limit)."""
         arch, params, progress = self.arch, self.params, self.progress
         t_val = time.perf_counter()
         # the plain forward: validation ranks epochs, test-time flips would double its cost
@@ -391,10 +393,14 @@ class Epochs:
                 f"training stopped, the last good state (epoch {epoch - 1}) stays in "
                 f"{paths.resume_state(arch)}. Lower lr or set train.grad_clip."
             )
+        limit = params.budget.limit(arch)
         if self.ctx.main:
             _save_resume(arch, params, self.ctx, self.model, self.engine, progress, self.num)
-            _epoch_summary(arch, row, params.epochs, progress)
-        distributed.barrier(self.ctx)
+            _epoch_summary(arch, row, params.epochs, progress, limit)
+            progress.stopped = out_of_time(arch, epoch, params.epochs, progress, limit)
+        # every rank stops where rank 0 does
+        progress.stopped = distributed.broadcast_object(progress.stopped, self.ctx)
+        return bool(progress.stopped)
 
     def stopped(self, exc: NonFiniteLoss) -> PipelineError:
         epoch = self.progress.epoch
@@ -422,6 +428,7 @@ class Epochs:
             **({} if monitor == "last" else {f"best_{monitor}": progress.best}),
             "train_seconds": round(progress.train_seconds, 2),
             "numerics": self.num.describe(),
+            **({"stopped_early": progress.stopped} if progress.stopped else {}),
         }
         if self.ctx.main:
             lat = self.params.pruning  # latency_runs / latency_warmup: one setting for all
@@ -464,10 +471,42 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress, num: Nume
     )
 
 
-def _epoch_summary(arch: str, row: dict[str, Any], epochs: int, progress: Progress) -> None:
-    """One INFO line per epoch (progress bars are hidden when stderr is not a terminal, e.g.
-    under `dvc repro > log`), with the time spent and an ETA for the remaining epochs."""
+def out_of_time(arch: str, epoch: int, epochs: int, progress: Progress, limit: float) -> str:
+    """Why training stops after `epoch`: another epoch, at the pace so far, would end past
+    the stage's time limit (budget.train_<arch>_s; 0 = none); "" to go on."""
     per_epoch = progress.train_seconds / len(progress.rows)
+    if not limit or epoch >= epochs or progress.train_seconds + per_epoch <= limit:
+        return ""
+    kept = "the last epoch" if progress.best_epoch == epoch else f"epoch {progress.best_epoch}"
+    why = (
+        f"stopped after epoch {epoch} of {epochs}: another (~{clock(per_epoch)}) would pass "
+        f"budget.train_{arch}_s ({clock(limit)}) at {clock(progress.train_seconds)}; the best "
+        f"so far ({kept}) is kept"
+    )
+    log.warning("%s %s", arch, why)
+    return why
+
+
+def _epoch_summary(
+    arch: str, row: dict[str, Any], epochs: int, progress: Progress, limit: float = 0.0
+) -> None:
+    """One INFO line per epoch (progress bars are hidden when stderr is not a terminal, e.g.
+    under `dvc repro > log`), with the time spent and an ETA for the remaining epochs; under a
+    time limit (budget.train_<arch>_s) also how the pace compares with it."""
+    per_epoch = progress.train_seconds / len(progress.rows)
+    if limit:
+        projected = progress.train_seconds + per_epoch * (epochs - row["epoch"])
+        if projected > limit:
+            log.warning(
+                "%s is running late: at %s an epoch, its %d epochs end at %s, past "
+                "budget.train_%s_s (%s); it stops before passing it",
+                arch,
+                clock(per_epoch),
+                epochs,
+                clock(projected),
+                arch,
+                clock(limit),
+            )
     log.info(
         "%s epoch %d/%d (elapsed %s, ETA %s): train_loss %.4f val_loss %.4f val_miou %.4f "
         "val_dice %.4f | %.1fs: data %.1fs, compute %.1fs, validation %.1fs; "

@@ -1,0 +1,184 @@
+"""The budget arithmetic: the recipe's widths and epochs from `pipeline.plan`'s timings.
+
+`pipeline.plan.estimate` times the recipe on this machine with one epoch (real training steps
+at the crop and batch, the evaluation of a full-size image of each split, every pruned depth);
+a run's wall time is then linear in the epochs:
+
+    total(E) = rest + compile(E) + E x (UNet's epoch + UNet++'s epoch)
+
+where `rest` is everything else (start-ups, preprocessing, test scoring, pruning, report).
+E is the most epochs whose total stays under TARGET x the budget (the plan is accurate to a
+few percent; the margin absorbs a busier hour). The widest widths (rules.WIDTHS) that buy
+rules.MIN_PASSES passes over the training pixels win; else the narrowest that fits
+MIN_EPOCHS. When even that does not fit, the budget is too small: one line with the minimum.
+Each training stage gets a hard limit of its planned time x TRAIN_SLACK (`budget.train_*_s`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.autoconf.fingerprint import Fingerprint
+from pipeline.autoconf.rules import EVAL_SHARE, MIN_PASSES, WIDTHS, Recipe, passes
+from pipeline.common import PipelineError, clock
+from pipeline.config import Params, parse_params
+from pipeline.preset import merge
+
+log = logging.getLogger(__name__)
+
+TARGET = 0.95  # the share of the budget the plan fills
+MIN_EPOCHS = 3
+TRAIN_SLACK = 1.10  # a training stage stops past its planned time by this factor
+
+
+@dataclass
+class Costs:
+    """One timed candidate: seconds per epoch of each model, compile, and the rest."""
+
+    epoch_s: dict[str, float]
+    compile_s: dict[str, float]
+    rest_s: float
+    plan: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def per_epoch(self) -> float:
+        return sum(self.epoch_s.values())
+
+    def total(self, epochs: int) -> float:
+        return self.rest_s + sum(self.compile_s.values()) + epochs * self.per_epoch()
+
+    def epochs(self, budget_s: float) -> int:
+        """The most epochs that fit TARGET x the budget."""
+        room = TARGET * budget_s - self.rest_s - sum(self.compile_s.values())
+        return max(0, math.floor(room / self.per_epoch()))
+
+
+@dataclass
+class Planned:
+    recipe: Recipe
+    epochs: int
+    costs: Costs
+    passes: float
+    total_s: float
+    tried: list[str]
+
+
+def with_recipe(params: Params, overlay: dict[str, Any]) -> Params:
+    return parse_params(merge(params.model_dump(), overlay), "params.yaml + autoconf")
+
+
+def data_plan(fp: Fingerprint, params: Params, counts: dict[str, int]):
+    """The plan's DataPlan from the fingerprint: the data as preprocess will write it."""
+    from pipeline.common import scaled_size
+    from pipeline.plan import DataPlan
+
+    scale = params.preprocess.scale
+    full = tuple(fp.size)
+    return DataPlan(
+        dataset=params.dataset.name,
+        in_channels=fp.channels,
+        num_classes=len(fp.classes),
+        patches=params.preprocess.patches_per_epoch,
+        sizes=dict.fromkeys(counts, scaled_size(*full, scale)),
+        counts=dict(counts),
+        source="the fingerprint",
+        label_sizes=dict.fromkeys(counts, full),
+    )
+
+
+def time_recipe(params: Params, data, seconds: float, timer=None) -> Costs:
+    """The recipe timed by pipeline.plan with one epoch; `timer` replaces plan.estimate
+    (tests)."""
+    from pipeline.plan import estimate
+
+    one = params.model_copy(update={"epochs": 1})
+    plan = (timer or estimate)(one, seconds, data)
+    epoch = {a: v["epoch_s"] for a, v in plan["archs"].items()}
+    compiled = {a: v.get("compile_s", 0.0) for a, v in plan["archs"].items()}
+    rest = plan["total"] - sum(epoch.values()) - sum(compiled.values())
+    return Costs(epoch, compiled, rest, plan)
+
+
+def _compile(params: Params, epochs: int, costs: Costs) -> Costs:
+    """The compile decision at `epochs` (it depends on the steps a run makes)."""
+    from pipeline.plan import compile_seconds
+
+    run = params.model_copy(update={"epochs": max(epochs, 1)})
+    patches = params.preprocess.patches_per_epoch
+    compiled = {a: compile_seconds(a, run, patches) for a in costs.epoch_s}
+    return Costs(costs.epoch_s, compiled, costs.rest_s, costs.plan)
+
+
+def fit_epochs(params: Params, costs: Costs, budget_s: float) -> tuple[int, Costs]:
+    """The most epochs under the budget, with the compile decision they lead to."""
+    epochs = costs.epochs(budget_s)
+    for _ in range(3):  # compiling costs seconds but depends on the epochs: settle both
+        costs = _compile(params, epochs, costs)
+        settled = costs.epochs(budget_s)
+        if settled == epochs:
+            break
+        epochs = settled
+    return epochs, costs
+
+
+def choose(
+    fp: Fingerprint,
+    params: Params,
+    base: Recipe,
+    counts: dict[str, int],
+    budget_s: float,
+    seconds: float = 1.0,
+    timer=None,
+) -> Planned:
+    """The widest widths that buy MIN_PASSES in the budget, else the narrowest that fits."""
+    tried: list[str] = []
+    best: Planned | None = None
+    for unet, unetpp in WIDTHS:
+        recipe = copy.deepcopy(base)
+        why = f"widest that buys {MIN_PASSES} passes over the training pixels in the budget"
+        recipe.set("unet.base_channels", unet, why)
+        recipe.set("unetpp.base_channels", unetpp, why)
+        run = with_recipe(params, recipe.overlay)
+        costs = time_recipe(run, data_plan(fp, run, counts), seconds, timer)
+        if costs.rest_s > EVAL_SHARE * budget_s and run.inference.tta != "none":
+            why = f"evaluation would pass {EVAL_SHARE:.0%} of the budget"
+            recipe.set("inference.tta", "none", why)
+            run = with_recipe(params, recipe.overlay)
+            costs = time_recipe(run, data_plan(fp, run, counts), seconds, timer)
+        epochs, costs = fit_epochs(run, costs, budget_s)
+        made = passes(fp, recipe, counts["train"], epochs)
+        tried.append(
+            f"base {unet}/{unetpp}: {clock(costs.per_epoch())} per epoch, {epochs} epochs, "
+            f"{made:.0f} passes"
+        )
+        log.info("candidate %s", tried[-1])
+        if epochs >= MIN_EPOCHS:
+            best = Planned(recipe, epochs, costs, made, costs.total(epochs), list(tried))
+            if made >= MIN_PASSES:
+                return best
+    if best is None:
+        need = costs.total(MIN_EPOCHS) / TARGET
+        raise PipelineError(
+            f"--budget {clock(budget_s)} is too small for this dataset on this machine: the "
+            f"smallest sensible recipe (base {WIDTHS[-1][0]}, {MIN_EPOCHS} epochs) needs about "
+            f"{clock(need)}; give --budget {math.ceil(need / 60)}m or more"
+        )
+    best.tried = tried
+    return best
+
+
+def finish(planned: Planned, params: Params, budget_s: float) -> dict[str, Any]:
+    """The recipe's overlay with the epochs, the training stages' hard limits, and the
+    autoconf section (budget, plan, reasons)."""
+    r = planned.recipe
+    why = f"fill {TARGET:.0%} of the budget ({planned.passes:.0f} passes)"
+    r.set("epochs", planned.epochs, why)
+    costs = planned.costs
+    for arch in costs.epoch_s:
+        train_s = costs.compile_s[arch] + planned.epochs * costs.epoch_s[arch]
+        limit = round(TRAIN_SLACK * train_s, 1)
+        r.set(f"budget.train_{arch}_s", limit, f"{TRAIN_SLACK:.2f} x its planned {clock(train_s)}")
+    return r.overlay

@@ -1,0 +1,73 @@
+"""The report's account of a budgeted run: the recipe `python -m pipeline.autoconf` chose (its
+fingerprint of the data and one reason per param, from params.yaml's `autoconf` section) and
+the training stages that stopped at their time limit (metrics.json's `stopped_early`)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.common import clock
+from pipeline.config import Params
+from pipeline.report.html import Block, Heading, Table, Text
+
+
+def budget_text(params: Params) -> str | None:
+    """The setup row: the budget and the plan, or None without autoconf."""
+    ac = params.autoconf
+    if not ac.budget_s:
+        return None
+    return (
+        f"pipeline.autoconf --budget {clock(ac.budget_s)}: `dvc repro` planned at "
+        f"{clock(ac.planned_s)}"
+    )
+
+
+def stopped_text(metrics: dict[str, dict]) -> str | None:
+    """The setup row: which models stopped at their time limit (budget.train_<arch>_s)."""
+    stopped = {name: m["stopped_early"] for name, m in metrics.items() if m.get("stopped_early")}
+    if not stopped:
+        return None
+    return "; ".join(f"{name}: {why}" for name, why in stopped.items())
+
+
+def reasons_table(reasons: list[str]) -> pd.DataFrame:
+    """'key value: why' lines -> a (param, value, why) table."""
+    rows = []
+    for line in reasons:
+        head, _, why = line.partition(": ")
+        key, _, value = head.partition(" ")
+        rows.append({"param": key, "value": value, "why": why})
+    return pd.DataFrame(rows, columns=["param", "value", "why"])
+
+
+def fingerprint_table(fingerprint: dict) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"measure": list(fingerprint), "value": [str(v) for v in fingerprint.values()]}
+    )
+
+
+def recipe_sheets(params: Params) -> dict[str, pd.DataFrame]:
+    """The report.xlsx sheets of the recipe; none without autoconf."""
+    ac = params.autoconf
+    if not ac.budget_s:
+        return {}
+    return {"fingerprint": fingerprint_table(ac.fingerprint), "recipe": reasons_table(ac.reasons)}
+
+
+def recipe_blocks(params: Params) -> list[Block]:
+    """The report's "Recipe" section; none without autoconf."""
+    ac = params.autoconf
+    if not ac.budget_s:
+        return []
+    return [
+        Heading("Recipe"),
+        Text(
+            f"Chosen by `python -m pipeline.autoconf --budget {clock(ac.budget_s)}` from the "
+            "training data's fingerprint and this machine's timings (the rules: "
+            "`pipeline/autoconf/rules.py`); the plan put `dvc repro` at "
+            f"{clock(ac.planned_s)}. The fingerprint:"
+        ),
+        Table(fingerprint_table(ac.fingerprint)),
+        Text("Each choice and its reason:"),
+        Table(reasons_table(ac.reasons)),
+    ]
