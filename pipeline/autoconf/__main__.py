@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_json(args.json, out)
     if args.apply:
-        check_keys(out["overlay"], load_yaml(paths.PARAMS.read_text()) or {}, "autoconf")
+        checked = copy.deepcopy(out["overlay"])  # the mappings written whole may hold new keys
+        checked["autoconf"].pop("fingerprint")
+        checked.get("dataset", {}).get("folder", {}).pop("mapping", None)
+        check_keys(checked, load_yaml(paths.PARAMS.read_text()) or {}, "autoconf")
         apply(out["overlay"], whole=WHOLE)
         log.info("recipe written to %s; now run: dvc repro", paths.PARAMS)
     else:

@@ -472,14 +472,14 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress, num: Nume
 
 
 def out_of_time(arch: str, epoch: int, epochs: int, progress: Progress, limit: float) -> str:
-    """Why training stops after `epoch`: another epoch, at the pace so far, would end past
-    the stage's time limit (budget.train_<arch>_s; 0 = none); "" to go on."""
-    per_epoch = progress.train_seconds / len(progress.rows)
-    if not limit or epoch >= epochs or progress.train_seconds + per_epoch <= limit:
+    """Why training stops after `epoch`: another epoch, as long as the last one, would end
+    past the stage's time limit (budget.train_<arch>_s; 0 = none); "" to go on."""
+    last = progress.rows[-1]["seconds"]  # the first epoch's warm-up is not the pace
+    if not limit or epoch >= epochs or progress.train_seconds + last <= limit:
         return ""
     kept = "the last epoch" if progress.best_epoch == epoch else f"epoch {progress.best_epoch}"
     why = (
-        f"stopped after epoch {epoch} of {epochs}: another (~{clock(per_epoch)}) would pass "
+        f"stopped after epoch {epoch} of {epochs}: another (~{clock(last)}) would pass "
         f"budget.train_{arch}_s ({clock(limit)}) at {clock(progress.train_seconds)}; the best "
         f"so far ({kept}) is kept"
     )
@@ -487,28 +487,27 @@ def out_of_time(arch: str, epoch: int, epochs: int, progress: Progress, limit: f
     return why
 
 
+def pace(epochs: int, progress: Progress, limit: float) -> str:
+    """The epoch line's note on the time limit: the limit, and whether the remaining epochs,
+    at the last one's pace, end past it."""
+    if not limit:
+        return ""
+    done = progress.rows[-1]["epoch"]
+    projected = progress.train_seconds + progress.rows[-1]["seconds"] * (epochs - done)
+    if projected <= limit:
+        return f", limit {clock(limit)}"
+    return f", limit {clock(limit)}: LATE, at this pace the run ends at {clock(projected)}"
+
+
 def _epoch_summary(
     arch: str, row: dict[str, Any], epochs: int, progress: Progress, limit: float = 0.0
 ) -> None:
     """One INFO line per epoch (progress bars are hidden when stderr is not a terminal, e.g.
     under `dvc repro > log`), with the time spent and an ETA for the remaining epochs; under a
-    time limit (budget.train_<arch>_s) also how the pace compares with it."""
+    time limit (budget.train_<arch>_s) also whether the pace keeps to it."""
     per_epoch = progress.train_seconds / len(progress.rows)
-    if limit:
-        projected = progress.train_seconds + per_epoch * (epochs - row["epoch"])
-        if projected > limit:
-            log.warning(
-                "%s is running late: at %s an epoch, its %d epochs end at %s, past "
-                "budget.train_%s_s (%s); it stops before passing it",
-                arch,
-                clock(per_epoch),
-                epochs,
-                clock(projected),
-                arch,
-                clock(limit),
-            )
     log.info(
-        "%s epoch %d/%d (elapsed %s, ETA %s): train_loss %.4f val_loss %.4f val_miou %.4f "
+        "%s epoch %d/%d (elapsed %s, ETA %s%s): train_loss %.4f val_loss %.4f val_miou %.4f "
         "val_dice %.4f | %.1fs: data %.1fs, compute %.1fs, validation %.1fs; "
         "loader %.0f img/s vs step %.0f img/s",
         arch,
@@ -516,6 +515,7 @@ def _epoch_summary(
         epochs,
         clock(progress.train_seconds),
         clock(per_epoch * (epochs - row["epoch"])),
+        pace(epochs, progress, limit),
         row["train_loss"],
         row["val_loss"],
         row["val_miou"],
