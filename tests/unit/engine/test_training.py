@@ -4,6 +4,7 @@ non-finite losses, the epoch log's timings, every precision and loss option on C
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -355,3 +356,19 @@ def test_a_compiled_run_drops_the_partial_batch_and_says_it_compiled(data, monke
         json.loads((paths.arch_reports("unet") / "metrics.json").read_text())["numerics"]
         == (metrics["numerics"])
     )
+
+
+def test_a_stage_past_its_time_limit_stops_and_keeps_the_best_epoch_so_far(data, caplog):
+    """budget.train_<arch>_s: no epoch starts that would end past the limit (at the last
+    epoch's pace); the best epoch so far is scored, and metrics.json says why it stopped."""
+    caplog.set_level(logging.INFO, logger="pipeline.stages.train")
+    limited = _params(epochs=5, budget={"train_unet_s": 1e-3, "train_unetpp_s": 0.0})
+    metrics = tr.train("unet", limited)
+    assert "stopped after epoch 1 of 5" in metrics["stopped_early"]
+    assert "budget.train_unet_s" in metrics["stopped_early"]
+    assert metrics["best_epoch"] == 1
+    saved = json.loads((paths.arch_reports("unet") / "metrics.json").read_text())
+    assert saved["stopped_early"] == metrics["stopped_early"]
+    assert "LATE" in caplog.text  # the epoch line said so first
+    free = tr.train("unetpp", limited)  # 0: no limit
+    assert "stopped_early" not in free and free["best_epoch"] >= 1
