@@ -59,11 +59,10 @@ def final_plan(planned: budget.Planned) -> dict[str, Any]:
     plan = copy.deepcopy(costs.plan)
     plan["epochs"] = epochs
     for arch, a in plan["archs"].items():
+        timed = plan["stages"][f"train_{arch}"] - a.get("compile_s", 0.0)  # one epoch's stage
         a["compile_s"] = costs.compile_s[arch]
         extra = (epochs - 1) * costs.epoch_s[arch] + costs.compile_s[arch]
-        plan["stages"][f"train_{arch}"] = round(
-            plan["stages"][f"train_{arch}"] - a.get("compile_s", 0.0) + extra, 1
-        )
+        plan["stages"][f"train_{arch}"] = round(timed + extra, 1)
     plan["total"] = round(costs.total(epochs), 1)
     return plan
 

@@ -4,16 +4,19 @@ the training stages that stopped at their time limit (metrics.json's `stopped_ea
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from pipeline.common import clock
-from pipeline.config import Params
 from pipeline.report.html import Block, Heading, Table, Text
 
+# `ac` below: params.autoconf (budget_s, planned_s, fingerprint, reasons); this package knows
+# nothing of params
 
-def budget_text(params: Params) -> str | None:
+
+def budget_text(ac: Any) -> str | None:
     """The setup row: the budget and the plan, or None without autoconf."""
-    ac = params.autoconf
     if not ac.budget_s:
         return None
     return (
@@ -46,17 +49,15 @@ def fingerprint_table(fingerprint: dict) -> pd.DataFrame:
     )
 
 
-def recipe_sheets(params: Params) -> dict[str, pd.DataFrame]:
+def recipe_sheets(ac: Any) -> dict[str, pd.DataFrame]:
     """The report.xlsx sheets of the recipe; none without autoconf."""
-    ac = params.autoconf
     if not ac.budget_s:
         return {}
     return {"fingerprint": fingerprint_table(ac.fingerprint), "recipe": reasons_table(ac.reasons)}
 
 
-def recipe_blocks(params: Params) -> list[Block]:
+def recipe_blocks(ac: Any) -> list[Block]:
     """The report's "Recipe" section; none without autoconf."""
-    ac = params.autoconf
     if not ac.budget_s:
         return []
     return [

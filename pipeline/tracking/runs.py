@@ -162,6 +162,14 @@ def init_store(params: Params) -> str:
             ) from None
 
 
+MAX_PARAM = 6000  # characters MLflow 3 keeps in a param's value
+
+
+def param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM else text[: MAX_PARAM - 1] + "…"
+
+
 def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
     """The parent run of one pipeline execution: found by its key, else created with every
     param of params.yaml (flattened) and the execution's tags."""
@@ -181,7 +189,9 @@ def parent_run(params: Params, exp_id: str, key: str, command: str) -> str:
         if is_smoke(params):
             tags |= {SMOKE_TAG: "true", NOTE_TAG: SMOKE_NOTE}
         run_id = retry_busy(lambda: client.create_run(exp_id, run_name=name, tags=tags)).info.run_id
-        everything = [Param(k, str(v)) for k, v in flatten(params).items()]
+        # every param, autoconf's fingerprint and reasons included (a value past MLflow's
+        # 6,000 characters is cut, not refused)
+        everything = [Param(k, param_value(v)) for k, v in flatten(params).items()]
         retry_busy(lambda: client.log_batch(run_id, params=everything))  # MLflow splits batches
     log.info("MLflow parent run %s (%s) for this pipeline execution", run_id, name)
     return run_id

@@ -28,6 +28,8 @@ ALLOWED = {
     "preset": {"common", "paths", "config"},
     "baseline": {"common", "paths", "config", "preset"},
     "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
+    # a tool on top: it reads the raw data as the download stage fetches it, and times with plan
+    "autoconf": {"common", "paths", "config", "data", "plan", "preset", "stages"},
     "stages": {
         "common",
         "paths",

@@ -114,3 +114,26 @@ def test_the_readme_keeps_every_run(finished_run):
     results.main(["collect", "--name", "b"])
     readme = (finished_run / "reports/results/README.md").read_text()
     assert "## a: drive" in readme and "## b: drive" in readme
+
+
+def test_an_autoconf_run_records_its_budget_plan_and_actual_time(finished_run):
+    """`bench/results.py run --autoconf 20m`: params.yaml's autoconf section (the recipe
+    pipeline.autoconf wrote) and a stage that stopped at its limit reach the result."""
+    (finished_run / "params.yaml").write_text(
+        yaml.safe_dump({"epochs": 7, "autoconf": {"budget_s": 600.0, "planned_s": 570.0,
+                        "fingerprint": {"blobs": False}, "reasons": ["epochs 7: fill"]}})
+    )  # fmt: skip
+    metrics = finished_run / "reports/unetpp/metrics.json"
+    metrics.write_text(json.dumps({**METRICS, "stopped_early": "stopped after epoch 6 of 7"}))
+    lock = yaml.safe_load((finished_run / "dvc.lock").read_text())
+    for out in lock["stages"]["s"]["outs"]:
+        if out["path"] == "reports/unetpp/metrics.json":
+            out["md5"] = md5(metrics)
+    (finished_run / "dvc.lock").write_text(yaml.safe_dump(lock))
+    log = finished_run / "reports/results/runs/drive-cpu.log"
+    results.main(["collect", "--name", "auto-10m", "--log", str(log)])
+    out = json.loads((finished_run / "reports/results/auto-10m.json").read_text())
+    assert out["autoconf"]["budget_s"] == 600.0 and out["autoconf"]["reasons"] == ["epochs 7: fill"]
+    assert out["stopped_early"] == {"unetpp": "stopped after epoch 6 of 7"}
+    readme = (finished_run / "reports/results/README.md").read_text()
+    assert "for a 10m00s budget, planned at 9m30s, ran in 9m40s (97% of the budget)" in readme

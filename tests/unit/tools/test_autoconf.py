@@ -323,6 +323,9 @@ def test_apply_writes_the_recipe_the_mapping_and_the_reasons(folder_project, tmp
     assert p.budget.train_unet_s > 0 and p.budget.train_unetpp_s > 0
     written = json.loads(out.read_text())
     assert written["plan"]["total"] == pytest.approx(p.autoconf.planned_s)
+    # the stages at the chosen epochs add up to the total the budget was checked against
+    assert sum(written["plan"]["stages"].values()) == pytest.approx(written["plan"]["total"], abs=1)
+    assert written["plan"]["epochs"] == p.epochs
     # a second run replaces the fingerprint and keeps params.yaml loadable
     main(["--budget", "4m", "--apply", *FAST])
     assert load_params().autoconf.budget_s == 240

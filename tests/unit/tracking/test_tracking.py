@@ -413,3 +413,29 @@ def test_a_store_that_refuses_writes_is_one_line_naming_it(clean_env, store, tmp
         "permissions), or set mlflow.enabled: false"
     )
     assert (tmp_path / "mlflow.db.lock").exists()  # the lock beside the store, not in "file:"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_parent_run_holds_autoconfs_fingerprint_and_reasons(clean_env, store):
+    """pipeline.autoconf writes them into params.yaml; the parent run logs every param, and a
+    value past MLflow's limit is cut rather than failing the stage."""
+    from pipeline.config import parse_params
+
+    base = _params(experiment="pipeline").model_dump()
+    base["autoconf"] = {
+        "budget_s": 1200.0,
+        "planned_s": 1100.0,
+        "fingerprint": {"size": [584, 565], "blobs": False, "thickness_px": 2.0},
+        "reasons": ["preprocess.scale 1.0: structures 2 px wide", "x" * 7000],
+    }
+    clean_env.setenv("PIPELINE_EXECUTION", "exec-auto")
+    _stage(parse_params(base), "train_unet", used={"lr": 0.1})
+    exp = store.get_experiment_by_name("pipeline").experiment_id
+    parent = next(
+        r for r in store.search_runs([exp]) if r.data.tags.get(tracking.ROLE_TAG) == "execution"
+    )
+    logged = parent.data.params
+    assert logged["autoconf.budget_s"] == "1200.0"
+    assert logged["autoconf.fingerprint.thickness_px"] == "2.0"
+    assert "structures 2 px wide" in logged["autoconf.reasons"]
+    assert len(logged["autoconf.reasons"]) == tracking.MAX_PARAM
