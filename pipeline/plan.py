@@ -81,6 +81,10 @@ FILE_S = 0.001
 # them: about 2 decodes per pixel written, shared by the workers
 PREPROCESS_DECODES = 2
 MLFLOW = {"download": 4.0, "preprocess": 2.5, "train": 5.0, "prune": 2.5, "report": 2.5}
+# a compiled UNet++ step on a CPU (bf16, NHWC), as a share of the eager one the plan times:
+# 0.90 at batch 8 x 64 px (reports/benchmarks/cpu_step.md), 0.78 at 8 x 96 px (DRIVE's epochs,
+# reports/results/drive-auto-20m-v1.json); the middle of the two
+COMPILED_STEP = 0.85
 # ONNX export (pipeline.export): importing onnx/onnxruntime once, then per model a fixed cost
 # plus tracing and checking onnxruntime against torch at two input sizes, about 12 full-size
 # forwards (measured on DRIVE: 4 s for L1 to 17 s for L4)
@@ -411,7 +415,8 @@ def estimate(params: Params, seconds: float = 2.0, data: DataPlan | None = None)
     for arch in ("unet", "unetpp"):
         a = plan_arch(arch, params, data, seconds)
         a.compile_s = compile_seconds(arch, params, data.patches)
-        a.epoch_s = a.steps_per_epoch * a.step_s + data.counts["val"] * a.eval_image_s["val"]
+        step = a.step_s * (COMPILED_STEP if a.compile_s else 1.0)  # timed eager
+        a.epoch_s = a.steps_per_epoch * step + data.counts["val"] * a.eval_image_s["val"]
         a.stage_s = (
             fixed("train")
             + a.compile_s
@@ -458,8 +463,7 @@ def estimate(params: Params, seconds: float = 2.0, data: DataPlan | None = None)
 
 def compile_seconds(arch: str, params: Params, patches: int) -> float:
     """train.compile's cost, decided as the training stage does (on the epochs' full batches);
-    the compiled steps are counted at the eager rate (the ~15% a compiled UNet++ step saves
-    on a CPU is left as margin)."""
+    the compiled steps are timed eager and counted at COMPILED_STEP of that rate."""
     from pipeline.engine.numerics import CPU_COMPILE_S, compile_decision
 
     steps = patches // params.batch_size * params.epochs

@@ -59,10 +59,11 @@ def final_plan(planned: budget.Planned) -> dict[str, Any]:
     plan = copy.deepcopy(costs.plan)
     plan["epochs"] = epochs
     for arch, a in plan["archs"].items():
-        timed = plan["stages"][f"train_{arch}"] - a.get("compile_s", 0.0)  # one epoch's stage
+        stage = f"train_{arch}"
+        fixed = plan["stages"][stage] - a.get("compile_s", 0.0) - a["epoch_s"]  # test, start-up
         a["compile_s"] = costs.compile_s[arch]
-        extra = (epochs - 1) * costs.epoch_s[arch] + costs.compile_s[arch]
-        plan["stages"][f"train_{arch}"] = round(timed + extra, 1)
+        a["epoch_s"] = costs.epoch_s[arch]
+        plan["stages"][stage] = round(fixed + a["compile_s"] + epochs * a["epoch_s"], 1)
     plan["total"] = round(costs.total(epochs), 1)
     return plan
 

@@ -206,7 +206,8 @@ def fake_timer(epoch_s=None, rest=60.0):
         if params.unet.base_channels == 8:
             unet /= 2
         archs = {
-            a: {"epoch_s": e, "compile_s": 0.0} for a, e in (("unet", unet), ("unetpp", unetpp))
+            a: {"epoch_s": e, "compile_s": 0.0, "steps_per_epoch": 10, "step_s": e / 10}
+            for a, e in (("unet", unet), ("unetpp", unetpp))
         }
         stages = {"train_unet": 10 + unet, "train_unetpp": 10 + unetpp, "rest": rest - 20}
         return {"archs": archs, "stages": stages, "total": rest + unet + unetpp, "epochs": 1}
@@ -258,6 +259,8 @@ def test_a_compiled_unetpp_pays_its_compile_out_of_the_budget(cells, monkeypatch
     monkeypatch.setattr(plan, "compile_seconds", lambda arch, p, n: 35.0 if arch == "unetpp" else 0)
     planned = plan_for(cells, 1800)
     assert planned.costs.compile_s["unetpp"] == 35.0
+    # its steps count at the compiled rate, validation as it was
+    assert planned.costs.epoch_s["unetpp"] == pytest.approx(60.0 * plan.COMPILED_STEP)
     assert planned.total_s <= budget.TARGET * 1800
 
 
