@@ -9,10 +9,12 @@ a run's wall time is then linear in the epochs:
 where `rest` is everything else (start-ups, preprocessing, test scoring, pruning, report).
 E is the most epochs whose total stays within the budget (TARGET); a compiled model's steps
 count at plan.COMPILED_STEP of the eager rate the plan times. The widest widths
-(rules.WIDTHS) that buy rules.MIN_PASSES passes over the training pixels win; else the
-narrowest that fits MIN_EPOCHS. When even that does not fit, the budget is too small: one
-line with the minimum. Each training stage gets a hard limit of its planned time x
-TRAIN_SLACK (`budget.train_*_s`).
+(rules.WIDTHS) that buy rules.MIN_PASSES passes over the training pixels win; else the ones
+that buy the most passes in MIN_EPOCHS or more (a narrower model is not always faster on a
+CPU: narrow convolutions leave cores idle). The last epoch is not left mostly unused: one
+more epoch, each of fewer patches (`trim`). When even the narrowest does not fit, the budget
+is too small: one line with the minimum. Each training stage gets a hard limit of its planned
+time x TRAIN_SLACK (`budget.train_*_s`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.autoconf import rules
 from pipeline.autoconf.fingerprint import Fingerprint
 from pipeline.autoconf.rules import EVAL_SHARE, MIN_PASSES, WIDTHS, Recipe, passes
 from pipeline.common import PipelineError, clock
@@ -141,6 +144,33 @@ def fit_epochs(params: Params, costs: Costs, budget_s: float) -> tuple[int, Cost
     return epochs, costs
 
 
+def trim(
+    params: Params, recipe: Recipe, costs: Costs, epochs: int, budget_s: float
+) -> tuple[int, Costs]:
+    """One epoch more, each of fewer patches, so that the epochs fill the budget instead of
+    leaving most of an epoch of it unused (a large dataset's epoch is minutes): the patches per
+    epoch shrink by at least epochs / (epochs + 1). Returns the epochs and costs kept."""
+    more = epochs + 1
+    steps = sum(costs.epoch_s[a] - costs.val_s[a] for a in costs.steps_s)  # at their rates
+    room = TARGET * budget_s - costs.rest_s - sum(costs.compile_s.values())
+    share = (room - more * sum(costs.val_s.values())) / (more * steps)
+    patches = math.floor(recipe.get("preprocess.patches_per_epoch") * min(share, 1.0))
+    if not 0 < share < 1 or patches < 1:
+        return epochs, costs
+    scaled = {a: v * share for a, v in costs.steps_s.items()}
+    trimmed = Costs(scaled, costs.val_s, costs.compile_s, costs.rest_s, costs.plan)
+    run = params.model_copy(
+        update={"preprocess": params.preprocess.model_copy(update={"patches_per_epoch": patches})}
+    )
+    trimmed = _compile(run, more, trimmed)
+    if trimmed.total(more) > TARGET * budget_s:  # compiling now pays off, and does not fit
+        return epochs, costs
+    coverage = rules.COVERAGE * patches / recipe.get("preprocess.patches_per_epoch")
+    why = f"each training pixel in ~{coverage:.1f} windows an epoch ({rules.COVERAGE:.0f}, "
+    recipe.set("preprocess.patches_per_epoch", patches, why + "trimmed to fill the budget)")
+    return more, trimmed
+
+
 def choose(
     fp: Fingerprint,
     params: Params,
@@ -150,7 +180,8 @@ def choose(
     seconds: float = 1.0,
     timer=None,
 ) -> Planned:
-    """The widest widths that buy MIN_PASSES in the budget, else the narrowest that fits."""
+    """The widest widths that buy MIN_PASSES in the budget; else, of those that fit
+    MIN_EPOCHS, the one buying the most passes (a narrower one only for 5% more)."""
     tried: list[str] = []
     best: Planned | None = None
     for unet, unetpp in WIDTHS:
@@ -166,6 +197,8 @@ def choose(
             run = with_recipe(params, recipe.overlay)
             costs = time_recipe(run, data_plan(fp, run, counts), seconds, timer)
         epochs, costs = fit_epochs(run, costs, budget_s)
+        if epochs:
+            epochs, costs = trim(run, recipe, costs, epochs, budget_s)
         made = passes(fp, recipe, counts["train"], epochs)
         tried.append(
             f"base {unet}/{unetpp}: {clock(costs.per_epoch())} per epoch, {epochs} epochs, "
@@ -173,9 +206,11 @@ def choose(
         )
         log.info("candidate %s", tried[-1])
         if epochs >= MIN_EPOCHS:
-            best = Planned(recipe, epochs, costs, made, costs.total(epochs), list(tried))
+            found = Planned(recipe, epochs, costs, made, costs.total(epochs), list(tried))
             if made >= MIN_PASSES:
-                return best
+                return found
+            if best is None or made > best.passes * 1.05:  # a narrower one must buy more
+                best = found
     if best is None:
         need = costs.total(MIN_EPOCHS) / TARGET
         raise PipelineError(

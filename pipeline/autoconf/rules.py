@@ -17,8 +17,9 @@ Every rule gives its reason in the recipe (params.yaml's `autoconf.reasons`, the
 - **batch** 8: on a CPU the step costs the same per pixel as 16 of a smaller crop, and more
   steps per epoch suit the short schedules a budget allows.
 - **widths**: base 16 for both models (the presets' widths) while the budget buys at least
-  MIN_PASSES passes over the training pixels; else UNet++ narrows to 8 (it costs ~2.7x UNet
-  per step), then both. Same data and epochs for both: they stay comparable.
+  MIN_PASSES passes over the training pixels; else UNet++ base 8, then both, whichever buys
+  the most passes as timed on this machine (narrow convolutions can leave a CPU's cores idle:
+  base 8 is not always faster). Same data and epochs for both: they stay comparable.
 - **CLAHE** 2.0 for thin (<= THIN px), faint (contrast < FAINT background stds) structures: it
   brings out the thin vessels of fundus images (UNet F1 +0.4 points on DRIVE); off otherwise.
 - **augmentation**: `scene` (horizontal flips, zoom, light) when the images have an up (class

@@ -248,6 +248,16 @@ def test_a_tighter_budget_narrows_unetpp_before_the_epochs_drop_under_the_passes
     assert len(tight.tried) >= 2  # the wider candidate was timed and set aside
 
 
+def test_the_last_epoch_is_not_left_mostly_unused(cells):
+    """7 epochs of 80 s leave 50 s of a 610 s room: 8 epochs of fewer patches fill it."""
+    planned = plan_for(cells, 670, epoch_s={16: 60.0, 8: 25.0})
+    full = rules.patches_per_epoch(cells, 1.0, planned.recipe.get("preprocess.crop_size"), 50)
+    assert planned.epochs == 8 and planned.recipe.get("unetpp.base_channels") == 16
+    assert planned.recipe.get("preprocess.patches_per_epoch") < full
+    assert planned.total_s == pytest.approx(budget.TARGET * 670, rel=0.01)
+    assert any("trimmed to fill the budget" in r for r in planned.recipe.reasons)
+
+
 def test_a_budget_too_small_is_one_line_with_the_minimum(cells):
     with pytest.raises(PipelineError, match=r"too small .* needs about .*--budget \d+m or more"):
         plan_for(cells, 60)
@@ -259,8 +269,9 @@ def test_a_compiled_unetpp_pays_its_compile_out_of_the_budget(cells, monkeypatch
     monkeypatch.setattr(plan, "compile_seconds", lambda arch, p, n: 35.0 if arch == "unetpp" else 0)
     planned = plan_for(cells, 1800)
     assert planned.costs.compile_s["unetpp"] == 35.0
-    # its steps count at the compiled rate, validation as it was
-    assert planned.costs.epoch_s["unetpp"] == pytest.approx(60.0 * plan.COMPILED_STEP)
+    # its steps count at the compiled rate (and the epoch's share of the patches it keeps)
+    share = planned.costs.steps_s["unetpp"] / 60.0
+    assert planned.costs.epoch_s["unetpp"] == pytest.approx(60.0 * share * plan.COMPILED_STEP)
     assert planned.total_s <= budget.TARGET * 1800
 
 
