@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -58,11 +59,14 @@ def final_plan(planned: budget.Planned) -> dict[str, Any]:
     costs, epochs = planned.costs, planned.epochs
     plan = copy.deepcopy(costs.plan)
     plan["epochs"] = epochs
+    patches = planned.recipe.get("preprocess.patches_per_epoch")
+    plan["data"]["patches"] = patches  # `trim` may have cut them
     for arch, a in plan["archs"].items():
         stage = f"train_{arch}"
         fixed = plan["stages"][stage] - a.get("compile_s", 0.0) - a["epoch_s"]  # test, start-up
         a["compile_s"] = costs.compile_s[arch]
         a["epoch_s"] = costs.epoch_s[arch]
+        a["steps_per_epoch"] = math.ceil(patches / planned.recipe.get("batch_size"))
         plan["stages"][stage] = round(fixed + a["compile_s"] + epochs * a["epoch_s"], 1)
     plan["total"] = round(costs.total(epochs), 1)
     return plan

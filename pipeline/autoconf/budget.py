@@ -186,7 +186,7 @@ def choose(
     best: Planned | None = None
     for unet, unetpp in WIDTHS:
         recipe = copy.deepcopy(base)
-        why = f"widest that buys {MIN_PASSES} passes over the training pixels in the budget"
+        why = f"the widest that buys {MIN_PASSES} passes over the training pixels in the budget"
         recipe.set("unet.base_channels", unet, why)
         recipe.set("unetpp.base_channels", unetpp, why)
         run = with_recipe(params, recipe.overlay)
@@ -219,6 +219,12 @@ def choose(
             f"{clock(need)}; give --budget {math.ceil(need / 60)}m or more"
         )
     best.tried = tried
+    why = (
+        f"no widths buy {MIN_PASSES} passes in the budget: these buy the most "
+        f"({best.passes:.0f}) of the {len(tried)} timed"
+    )
+    for arch in ("unet", "unetpp"):
+        best.recipe.set(f"{arch}.base_channels", best.recipe.get(f"{arch}.base_channels"), why)
     return best
 
 
