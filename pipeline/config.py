@@ -374,11 +374,8 @@ class BudgetParams(Section):
     limit stops after the epoch that crossed it, keeps its best epoch so far, and says so in its
     metrics and the report. `python -m pipeline.autoconf --apply` sets them from its plan."""
 
-    train_unet_s: NonNegFloat = 0.0
+    train_unet_s: NonNegFloat = 0.0  # read by name (train_<arch>_s): each stage lists its own
     train_unetpp_s: NonNegFloat = 0.0
-
-    def limit(self, arch: str) -> float:
-        return {"unet": self.train_unet_s, "unetpp": self.train_unetpp_s}[arch]
 
 
 class AutoconfParams(Section):

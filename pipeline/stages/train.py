@@ -393,7 +393,7 @@ class Epochs:
                 f"training stopped, the last good state (epoch {epoch - 1}) stays in "
                 f"{paths.resume_state(arch)}. Lower lr or set train.grad_clip."
             )
-        limit = params.budget.limit(arch)
+        limit = getattr(params.budget, f"train_{arch}_s")  # dvc.yaml lists each stage's own
         if self.ctx.main:
             _save_resume(arch, params, self.ctx, self.model, self.engine, progress, self.num)
             _epoch_summary(arch, row, params.epochs, progress, limit)
