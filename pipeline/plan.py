@@ -360,6 +360,8 @@ def plan_arch(arch: str, params: Params, data: DataPlan, seconds: float) -> Arch
     )
     b, crop = params.batch_size, params.preprocess.crop_size
     batch = (torch.randn(b, data.in_channels, crop, crop), _labels(data.num_classes, b, crop, crop))
+    if params.preprocess.border_weights.enabled:  # the loss then weights every pixel
+        batch += (torch.rand(b, crop, crop) + 1,)
     step = time_steps(engine, batch, seconds)
     loader = time_loader(manifest, params)
     workers = params.train.num_workers

@@ -72,7 +72,7 @@ def final_plan(planned: budget.Planned) -> dict[str, Any]:
     return plan
 
 
-def autoconf(params, budget_s: float, seconds: float = 1.0) -> dict[str, Any]:
+def autoconf(params, budget_s: float, seconds: float = 2.0) -> dict[str, Any]:
     """Everything autoconf finds and chooses, as --json writes it."""
     fp, check, read = fingerprint(params)
     kind = params.dataset.name
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--apply", action="store_true", help="write the recipe to params.yaml")
     parser.add_argument("--json", type=Path, help="also write everything to this JSON file")
     parser.add_argument(
-        "--seconds", type=float, default=1.0, help="time spent timing steps, per candidate"
+        "--seconds", type=float, default=2.0, help="time spent timing steps, per candidate"
     )
     args = parser.parse_args(argv)
     budget_s = parse_budget(args.budget)
