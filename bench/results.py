@@ -200,6 +200,26 @@ def training_data(result: dict[str, Any]) -> str:
     return f"{n if n else 'grid-many'} training patches per epoch ({sampling})"
 
 
+def budgeted(params, locked: dict[str, str]) -> dict[str, Any]:
+    """An autoconf run's budget, plan and reasons, and the stages that stopped at their time
+    limit (both absent otherwise)."""
+    out: dict[str, Any] = {}
+    stopped = {}
+    for arch in ("unet", "unetpp"):
+        why = read_locked(f"reports/{arch}/metrics.json", locked).get("stopped_early")
+        if why:
+            stopped[arch] = why
+    if stopped:
+        out["stopped_early"] = stopped
+    if params.autoconf.budget_s:
+        out["autoconf"] = {
+            "budget_s": params.autoconf.budget_s,
+            "planned_s": params.autoconf.planned_s,
+            "reasons": params.autoconf.reasons,
+        }
+    return out
+
+
 def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[str, Any]:
     from pipeline.config import load_params
 
@@ -229,11 +249,6 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         for r in read_locked("reports/pruning.csv", locked)
     ]
     observer = manifest.get("second_observer")
-    stopped = {
-        a: m["stopped_early"]
-        for a in archs
-        if (m := read_locked(f"reports/{a}/metrics.json", locked)).get("stopped_early")
-    }
     result: dict[str, Any] = {
         "name": name,
         "dataset": manifest["dataset"],
@@ -261,14 +276,8 @@ def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[st
         "pruned": depths,
         "best_depth": read_locked("reports/pruning.json", locked).get("best_depth"),
         "second_observer": _pick(observer) if observer else None,
-        **({"stopped_early": stopped} if stopped else {}),
     }
-    if params.autoconf.budget_s:
-        result["autoconf"] = {
-            "budget_s": params.autoconf.budget_s,
-            "planned_s": params.autoconf.planned_s,
-            "reasons": params.autoconf.reasons,
-        }
+    result.update(budgeted(params, locked))
     if log_path is not None:
         seconds = stage_seconds(log_path)
         result["stage_seconds"] = seconds

@@ -379,13 +379,14 @@ class BudgetParams(Section):
 
 
 class AutoconfParams(Section):
-    """What `python -m pipeline.autoconf --apply` measured and chose: read by the report only
-    (and logged with every param on the MLflow parent run); empty when no recipe was planned."""
+    """What `python -m pipeline.autoconf --apply` measured and chose: shown by the report and
+    bench/results.py, logged with every param on the MLflow parent run; no stage computes with
+    it. Empty when no recipe was planned (a preset applied afterwards empties it)."""
 
     budget_s: NonNegFloat = 0.0  # the budget of `dvc repro` the recipe was planned for
     planned_s: NonNegFloat = 0.0  # the plan's estimate of that `dvc repro`
     fingerprint: dict[str, Any] = {}  # the training data's fingerprint (pipeline.autoconf)
-    reasons: list[str] = []  # "key value: why", one per choice
+    reasons: list[str] = []  # "key: why", one per choice (the value: the param itself)
 
 
 class Params(Section):

@@ -130,7 +130,14 @@ def quote(text: str) -> str:
     return "'" + text.replace("${", "\\${") + "'"
 
 
-def set_args(overlay: dict[str, Any], whole: tuple[str, ...] = ()) -> list[str]:
+# mappings replaced whole, never merged key by key: a label mapping, autoconf's fingerprint
+WHOLE = ("dataset.folder.mapping", "autoconf.fingerprint")
+# what a recipe of its own leaves behind (pipeline.autoconf's time limits and account): reset
+# when a preset that does not set them is applied, so they do not outlive their recipe
+RECIPE_SECTIONS = ("budget", "autoconf")
+
+
+def set_args(overlay: dict[str, Any], whole: tuple[str, ...] = WHOLE) -> list[str]:
     """`key=value` for every leaf, as `dvc exp run -S` takes them. The mappings named in
     `whole` (dotted keys) are replaced as one value, `~key` then `+key=value`: a leaf-by-leaf
     override could only change the keys they already have, and would keep the others."""
@@ -162,6 +169,10 @@ def resolve(
         raise PipelineError(f"{params_path}: cannot read ({str(exc).splitlines()[0]})") from None
     label = f"preset {name}"
     check_keys(overlay, base, label)
+    defaults = parse_params({}).model_dump()
+    for section in RECIPE_SECTIONS:  # an earlier autoconf recipe's limits and account
+        if section in base and section not in overlay and base[section] != defaults[section]:
+            overlay[section] = defaults[section]
     if source is not None:
         overlay.setdefault("dataset", {}).update(source=source, sha256=sha256)
     dataset = overlay.get("dataset", {}).get("name")
@@ -220,7 +231,7 @@ def shell_join(args: list[str]) -> str:
 
 @contextlib.contextmanager
 def rendered(
-    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = ()
+    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = WHOLE
 ) -> Iterator[Path]:
     """A temporary copy of params.yaml with the overlay applied by DVC's own `-S` code (its
     comments and key order stay), checked by the stages' loader: what `dvc exp run -S` will
@@ -246,7 +257,7 @@ def rendered(
 
 
 def apply(
-    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = ()
+    overlay: dict[str, Any], params_path: Path | None = None, whole: tuple[str, ...] = WHOLE
 ) -> Path:
     """Write params.yaml with the overlay applied, atomically: the checked temporary copy is
     renamed over the original, so a failure leaves params.yaml untouched."""

@@ -36,8 +36,6 @@ from pipeline.preset import apply, check_keys
 
 log = logging.getLogger(__name__)
 
-# mappings written whole: a proposed label mapping or a new fingerprint replaces the old one
-WHOLE = ("dataset.folder.mapping", "autoconf.fingerprint")
 _UNITS = {"h": 3600, "m": 60, "s": 1}
 
 
@@ -82,6 +80,7 @@ def autoconf(params, budget_s: float, seconds: float = 2.0) -> dict[str, Any]:
     if check is not None and not check.ok:
         base.set("dataset.folder.mapping", check.proposal, check.reason)
         base.set("dataset.folder.class_names", check.class_names, "the proposal's classes")
+        base.set("dataset.folder.positive", "", "the second class (index 1)")
     planned = budget.choose(fp, read, base, counts, budget_s, seconds)
     overlay = budget.finish(planned, read, budget_s)
     plan = final_plan(planned)
@@ -97,6 +96,7 @@ def autoconf(params, budget_s: float, seconds: float = 2.0) -> dict[str, Any]:
         "labels": check.message() if check is not None else "",
         "overlay": overlay,
         "reasons": planned.recipe.reasons,
+        "recipe": planned.recipe.shown(),
         "candidates": planned.tried,
         "plan": plan,
     }
@@ -109,7 +109,7 @@ def report(out: dict[str, Any]) -> str:
     if out["labels"]:
         lines.append(f"labels: {out['labels']}")
     lines.append("recipe (key value: why):")
-    lines += [f"  {r}" for r in out["reasons"]]
+    lines += [f"  {r}" for r in out["recipe"]]
     lines.append("candidates: " + "; ".join(out["candidates"]))
     lines.append(format_plan(out["plan"]))
     lines.append(
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         checked["autoconf"].pop("fingerprint")
         checked.get("dataset", {}).get("folder", {}).pop("mapping", None)
         check_keys(checked, load_yaml(paths.PARAMS.read_text()) or {}, "autoconf")
-        apply(out["overlay"], whole=WHOLE)
+        apply(out["overlay"])  # a proposed mapping and the fingerprint replace the old whole
         log.info("recipe written to %s; now run: dvc repro", paths.PARAMS)
     else:
         log.info("nothing written; --apply writes the recipe to params.yaml")

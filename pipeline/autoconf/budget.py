@@ -84,6 +84,14 @@ class Planned:
     tried: list[str]
 
 
+def evaluation_s(plan: dict[str, Any]) -> float:
+    """The plan's seconds that test-time augmentation multiplies: scoring the test split (both
+    models), every pruned depth, and the report's panels."""
+    tests = plan.get("data", {}).get("counts", {}).get("test", 0)
+    scoring = sum(tests * a["eval_image_s"]["test"] for a in plan["archs"].values())
+    return scoring + plan["stages"].get("prune", 0.0) + plan["stages"].get("report", 0.0)
+
+
 def with_recipe(params: Params, overlay: dict[str, Any]) -> Params:
     return parse_params(merge(params.model_dump(), overlay), "params.yaml + autoconf")
 
@@ -134,15 +142,18 @@ def _compile(params: Params, epochs: int, costs: Costs) -> Costs:
 
 
 def fit_epochs(params: Params, costs: Costs, budget_s: float) -> tuple[int, Costs]:
-    """The most epochs under the budget, with the compile decision they lead to."""
-    epochs = costs.epochs(budget_s)
-    for _ in range(3):  # compiling costs seconds but depends on the epochs: settle both
-        costs = _compile(params, epochs, costs)
-        settled = costs.epochs(budget_s)
-        if settled == epochs:
-            break
-        epochs = settled
-    return epochs, costs
+    """The most epochs within the budget, with the compile decision they lead to (compiling
+    depends on the steps a run makes, and changes both its cost and its step rate): from an
+    upper bound down, the first number of epochs whose total fits."""
+    from pipeline.plan import COMPILED_STEP
+
+    fastest = {a: v * COMPILED_STEP for a, v in costs.steps_s.items()}  # were all compiled
+    bound = Costs(fastest, costs.val_s, dict.fromkeys(costs.steps_s, 0.0), costs.rest_s)
+    for epochs in range(bound.epochs(budget_s), 0, -1):
+        fitted = _compile(params, epochs, costs)
+        if fitted.total(epochs) <= TARGET * budget_s:
+            return epochs, fitted
+    return 0, _compile(params, 1, costs)
 
 
 def trim(
@@ -185,6 +196,7 @@ def choose(
     MIN_EPOCHS, the one buying the most passes (a narrower one only for 5% more)."""
     tried: list[str] = []
     best: Planned | None = None
+    need = math.inf  # the cheapest candidate's MIN_EPOCHS
     for unet, unetpp in WIDTHS:
         recipe = copy.deepcopy(base)
         why = f"the widest that buys {MIN_PASSES} passes over the training pixels in the budget"
@@ -192,7 +204,7 @@ def choose(
         recipe.set("unetpp.base_channels", unetpp, why)
         run = with_recipe(params, recipe.overlay)
         costs = time_recipe(run, data_plan(fp, run, counts), seconds, timer)
-        if costs.rest_s > EVAL_SHARE * budget_s and run.inference.tta != "none":
+        if evaluation_s(costs.plan) > EVAL_SHARE * budget_s and run.inference.tta != "none":
             why = f"evaluation would pass {EVAL_SHARE:.0%} of the budget"
             recipe.set("inference.tta", "none", why)
             run = with_recipe(params, recipe.overlay)
@@ -201,6 +213,7 @@ def choose(
         if epochs:
             epochs, costs = trim(run, recipe, costs, epochs, budget_s)
         made = passes(fp, recipe, counts["train"], epochs)
+        need = min(need, _compile(run, MIN_EPOCHS, costs).total(MIN_EPOCHS) / TARGET)
         tried.append(
             f"base {unet}/{unetpp}: {clock(costs.per_epoch())} per epoch, {epochs} epochs, "
             f"{made:.0f} passes"
@@ -213,10 +226,9 @@ def choose(
             if best is None or made > best.passes * 1.05:  # a narrower one must buy more
                 best = found
     if best is None:
-        need = costs.total(MIN_EPOCHS) / TARGET
         raise PipelineError(
             f"--budget {clock(budget_s)} is too small for this dataset on this machine: the "
-            f"smallest sensible recipe (base {WIDTHS[-1][0]}, {MIN_EPOCHS} epochs) needs about "
+            f"smallest sensible recipe (the cheapest widths, {MIN_EPOCHS} epochs) needs about "
             f"{clock(need)}; give --budget {math.ceil(need / 60)}m or more"
         )
     best.tried = tried

@@ -101,6 +101,8 @@ def fingerprint(params: Params) -> tuple[Fingerprint, MappingCheck | None, Param
             params = with_mapping(params, check)
             ds = OPENERS[name](params, root)
         items = _sample(ds.splits["train"], params.dataset.seed)
+        if not items:
+            raise PipelineError(f"{root}: no training images to measure")
         log.info("measuring %d of %d training images", len(items), len(ds.splits["train"]))
         samples = ((s.image, s.label) for s in map(ds.read, items))
         counts = {s: len(v) for s, v in ds.splits.items()}

@@ -101,7 +101,9 @@ class Fingerprint:
             "bit_depth": self.bit_depth,
             "lightness_range": r3(self.lightness_range),
             "ignore": r3(self.ignore),
-            "class_frequency": {c.name: r3(c.frequency) for c in self.classes},
+            # lists, not a mapping by name: class names are no MLflow or Hydra keys
+            "classes": [c.name for c in self.classes],
+            "class_frequency": [r3(c.frequency) for c in self.classes],
             "thickness_px": r3(self.thickness()),
             "object_diameter_px": r3(self.diameter()),
             "blobs": self.blobs(),

@@ -7,7 +7,7 @@ choice to the user (an error with both mappings to copy), never picking one sile
 - two values: the lower is the background, the higher the foreground (0/1, 0/255, 0/38 ...),
   unless the higher covers most pixels (then either could be the object: ambiguous);
 - consecutive values 0..K-1 (K <= MAX_CLASSES): class indices as they are;
-- values near 0 and 255 only, plus a few in between (a lossy-saved binary mask): threshold
+- many values, nearly all near 0 and 255 (a binary mask saved lossily, as JPEG): threshold
   at 128;
 - anything else, e.g. 0/128/255 (three classes, or 128 an uncertain border to ignore?):
   ambiguous.
@@ -55,6 +55,15 @@ def _names(k: int, current: list[str]) -> list[str]:
     return [f"class{i}" for i in range(k)]
 
 
+def _lossy(values: dict[int, int], keys: list[int], total: int) -> bool:
+    """A binary 0/255 mask saved lossily (JPEG): both extremes there, more values than a few
+    meaningful ones (0/128/255 is not this), and nearly every pixel near one extreme."""
+    if len(keys) <= 3 or keys[0] > EDGE or keys[-1] < 255 - EDGE:
+        return False
+    edges = sum(n for v, n in values.items() if v <= EDGE or v >= 255 - EDGE)
+    return edges / total >= LOSSY
+
+
 def check_mapping(
     values: dict[int, int], mapping: dict[int, int], class_names: list[str]
 ) -> MappingCheck:
@@ -79,11 +88,11 @@ def check_mapping(
     elif keys == list(range(len(keys))) and len(keys) <= MAX_CLASSES:
         check.proposal = {v: v for v in keys}
         check.reason = f"{len(keys)} class indices 0..{len(keys) - 1}"
-    elif sum(n for v, n in values.items() if v <= EDGE or v >= 255 - EDGE) / total >= LOSSY:
+    elif _lossy(values, keys, total):
         check.proposal = {v: int(v >= 128) for v in keys}
         check.reason = "a binary mask saved lossily (values near 0 and 255): thresholded at 128"
     else:
-        middle = [v for v in keys if 0 < v < max(keys)]
+        middle = keys[1:-1]
         check.readings = [
             "{" + ", ".join(f"{v}: {i}" for i, v in enumerate(keys)) + f"}} ({len(keys)} classes)"
         ]

@@ -70,7 +70,7 @@ class Recipe:
     """The chosen params (a params.yaml overlay) and one reason per choice."""
 
     overlay: dict[str, Any] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # dotted key -> reason, in order set
 
     def set(self, key: str, value: Any, why: str) -> None:
         node = self.overlay
@@ -78,9 +78,22 @@ class Recipe:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-        shown = value if not isinstance(value, float) else round(value, 4)
-        self.reasons = [r for r in self.reasons if not r.startswith(f"{key} ")]
-        self.reasons.append(f"{key} {shown}: {why}")
+        self.why.pop(key, None)
+        self.why[key] = why
+
+    @property
+    def reasons(self) -> list[str]:
+        """ "key: why" lines, as params.yaml keeps them (the value is the param's own)."""
+        return [f"{key}: {why}" for key, why in self.why.items()]
+
+    def shown(self) -> list[str]:
+        """ "key value: why" lines, for people."""
+        out = []
+        for key, why in self.why.items():
+            value = self.get(key)
+            value = round(value, 4) if isinstance(value, float) else value
+            out.append(f"{key} {'null' if value is None else value}: {why}")
+        return out
 
     def get(self, key: str, default: Any = None) -> Any:
         node: Any = self.overlay

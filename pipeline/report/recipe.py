@@ -33,13 +33,22 @@ def stopped_text(metrics: dict[str, dict]) -> str | None:
     return "; ".join(f"{name}: {why}" for name, why in stopped.items())
 
 
-def reasons_table(reasons: list[str]) -> pd.DataFrame:
-    """'key value: why' lines -> a (param, value, why) table."""
+def _lookup(values: dict[str, Any], key: str) -> str:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "(not a param)"
+        node = node[part]
+    return "null" if node is None else str(node)
+
+
+def reasons_table(reasons: list[str], values: dict[str, Any]) -> pd.DataFrame:
+    """'key: why' lines (a dotted key holds no ": ") -> a (param, value, why) table, the value
+    as params.yaml has it now (`values`: the params as nested dicts)."""
     rows = []
     for line in reasons:
-        head, _, why = line.partition(": ")
-        key, _, value = head.partition(" ")
-        rows.append({"param": key, "value": value, "why": why})
+        key, _, why = line.partition(": ")
+        rows.append({"param": key, "value": _lookup(values, key), "why": why})
     return pd.DataFrame(rows, columns=["param", "value", "why"])
 
 
@@ -49,14 +58,17 @@ def fingerprint_table(fingerprint: dict) -> pd.DataFrame:
     )
 
 
-def recipe_sheets(ac: Any) -> dict[str, pd.DataFrame]:
+def recipe_sheets(ac: Any, values: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """The report.xlsx sheets of the recipe; none without autoconf."""
     if not ac.budget_s:
         return {}
-    return {"fingerprint": fingerprint_table(ac.fingerprint), "recipe": reasons_table(ac.reasons)}
+    return {
+        "fingerprint": fingerprint_table(ac.fingerprint),
+        "recipe": reasons_table(ac.reasons, values),
+    }
 
 
-def recipe_blocks(ac: Any) -> list[Block]:
+def recipe_blocks(ac: Any, values: dict[str, Any]) -> list[Block]:
     """The report's "Recipe" section; none without autoconf."""
     if not ac.budget_s:
         return []
@@ -70,5 +82,5 @@ def recipe_blocks(ac: Any) -> list[Block]:
         ),
         Table(fingerprint_table(ac.fingerprint)),
         Text("Each choice and its reason:"),
-        Table(reasons_table(ac.reasons)),
+        Table(reasons_table(ac.reasons, values)),
     ]

@@ -473,9 +473,14 @@ def _save_resume(arch, params, ctx, model, engine, progress: Progress, num: Nume
 
 def out_of_time(arch: str, epoch: int, epochs: int, progress: Progress, limit: float) -> str:
     """Why training stops after `epoch`: another epoch, as long as the last one, would end
-    past the stage's time limit (budget.train_<arch>_s; 0 = none); "" to go on."""
-    last = progress.rows[-1]["seconds"]  # the first epoch's warm-up is not the pace
-    if not limit or epoch >= epochs or progress.train_seconds + last <= limit:
+    past the stage's time limit (budget.train_<arch>_s; 0 = none); "" to go on. After the
+    first epoch (warm-up, compiling) only a limit already passed stops it."""
+    if not limit or epoch >= epochs:
+        return ""
+    last = progress.rows[-1]["seconds"]
+    if len(progress.rows) == 1:  # its warm-up (and compiling) is no pace: stop only past it
+        last = 0.0
+    if progress.train_seconds + last <= limit:
         return ""
     kept = "the last epoch" if progress.best_epoch == epoch else f"epoch {progress.best_epoch}"
     why = (
@@ -494,7 +499,7 @@ def pace(epochs: int, progress: Progress, limit: float) -> str:
         return ""
     done = progress.rows[-1]["epoch"]
     projected = progress.train_seconds + progress.rows[-1]["seconds"] * (epochs - done)
-    if projected <= limit:
+    if projected <= limit or len(progress.rows) == 1:  # the first epoch warms up: no pace yet
         return f", limit {clock(limit)}"
     return f", limit {clock(limit)}: LATE, at this pace the run ends at {clock(projected)}"
 

@@ -78,7 +78,7 @@ def test_the_recipe_is_written_with_its_reasons_and_the_mapping(planned):
     assert ac["fingerprint"]["blobs"] is True
     reasons = "\n".join(ac["reasons"])
     for key in ("preprocess.scale", "preprocess.crop_size", "epochs", "train.augment"):
-        assert f"{key} " in reasons
+        assert f"{key}: " in reasons
     assert params["budget"]["train_unet_s"] > 0
     assert "planned at" in out and "recipe (key value: why)" in out
 

@@ -360,7 +360,8 @@ def test_a_compiled_run_drops_the_partial_batch_and_says_it_compiled(data, monke
 
 def test_a_stage_past_its_time_limit_stops_and_keeps_the_best_epoch_so_far(data, caplog):
     """budget.train_<arch>_s: no epoch starts that would end past the limit (at the last
-    epoch's pace); the best epoch so far is scored, and metrics.json says why it stopped."""
+    epoch's pace; the first epoch only once the limit is passed); the best epoch so far is
+    scored, and metrics.json says why it stopped."""
     caplog.set_level(logging.INFO, logger="pipeline.stages.train")
     limited = _params(epochs=5, budget={"train_unet_s": 1e-3, "train_unetpp_s": 0.0})
     metrics = tr.train("unet", limited)
@@ -369,6 +370,23 @@ def test_a_stage_past_its_time_limit_stops_and_keeps_the_best_epoch_so_far(data,
     assert metrics["best_epoch"] == 1
     saved = json.loads((paths.arch_reports("unet") / "metrics.json").read_text())
     assert saved["stopped_early"] == metrics["stopped_early"]
-    assert "LATE" in caplog.text  # the epoch line said so first
+    assert "stopped after epoch 1 of 5" in caplog.text  # a warning says so
     free = tr.train("unetpp", limited)  # 0: no limit
     assert "stopped_early" not in free and free["best_epoch"] >= 1
+
+
+def test_the_pace_counts_from_the_second_epoch_and_says_late():
+    """The epoch line's note: the limit, and LATE when the remaining epochs at the last one's
+    pace end past it; the first epoch (warm-up, compiling) sets no pace, and stops training
+    only when the limit is already passed."""
+    progress = tr.Progress()
+    progress.rows = [{"epoch": 1, "seconds": 50.0}]
+    progress.train_seconds = 50.0
+    assert tr.pace(10, progress, 200.0) == ", limit 3m20s"  # 10 x 50 s > 200 s, yet no pace
+    assert tr.out_of_time("unet", 1, 10, progress, 200.0) == ""
+    progress.rows.append({"epoch": 2, "seconds": 30.0})
+    progress.train_seconds = 80.0
+    assert "LATE, at this pace the run ends at 5m20s" in tr.pace(10, progress, 200.0)
+    progress.best_epoch = 2
+    assert tr.out_of_time("unet", 2, 10, progress, 100.0).startswith("stopped after epoch 2")
+    assert tr.out_of_time("unet", 2, 10, progress, 0.0) == ""  # 0: no limit

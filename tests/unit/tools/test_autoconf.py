@@ -206,11 +206,19 @@ def fake_timer(epoch_s=None, rest=60.0):
         if params.unet.base_channels == 8:
             unet /= 2
         archs = {
-            a: {"epoch_s": e, "compile_s": 0.0, "steps_per_epoch": 10, "step_s": e / 10}
+            a: {
+                "epoch_s": e,
+                "compile_s": 0.0,
+                "steps_per_epoch": 10,
+                "step_s": e / 10,
+                "eval_image_s": {"test": 0.5},
+            }
             for a, e in (("unet", unet), ("unetpp", unetpp))
         }
-        stages = {"train_unet": 10 + unet, "train_unetpp": 10 + unetpp, "rest": rest - 20}
-        return {"archs": archs, "stages": stages, "total": rest + unet + unetpp, "epochs": 1}
+        stages = {"train_unet": 10 + unet, "train_unetpp": 10 + unetpp, "prune": rest - 20}
+        data = {"counts": {"train": 50, "val": 5, "test": 10}, "patches": 100}
+        total = rest + unet + unetpp
+        return {"archs": archs, "stages": stages, "total": total, "epochs": 1, "data": data}
 
     return estimate
 
@@ -333,7 +341,7 @@ def test_apply_writes_the_recipe_the_mapping_and_the_reasons(folder_project, tmp
     assert p.dataset.folder.mapping == {0: 0, 1: 1}  # the labels hold 0/1, proposed and written
     assert p.autoconf.budget_s == 300 and 0 < p.autoconf.planned_s <= 300
     assert p.autoconf.fingerprint["images"]["train"] > 0
-    assert any(r.startswith("epochs ") for r in p.autoconf.reasons)
+    assert any(r.startswith("epochs: ") for r in p.autoconf.reasons)
     assert p.budget.train_unet_s > 0 and p.budget.train_unetpp_s > 0
     written = json.loads(out.read_text())
     assert written["plan"]["total"] == pytest.approx(p.autoconf.planned_s)
@@ -366,3 +374,63 @@ def test_a_budget_too_small_writes_nothing(folder_project):
     with pytest.raises(PipelineError, match="too small"):
         main(["--budget", "10s", "--apply", *FAST])
     assert (folder_project / "params.yaml").read_text() == before
+
+
+def test_a_thin_middle_value_is_still_two_readings_not_a_lossy_mask():
+    """0/128/255 with the 128 border under 1% of the pixels: three classes, or an ignored
+    border? Not a JPEG-damaged 0/255 mask (that has many values)."""
+    thin = check_mapping({0: 9000, 128: 50, 255: 950}, {0: 0, 255: 1}, ["bg", "fg"])
+    assert thin.proposal is None and len(thin.readings) == 2
+    trimap = check_mapping({1: 500, 2: 300, 3: 200}, {0: 0, 255: 1}, ["bg", "fg"])
+    assert trimap.proposal is None and "{1: 0, 2: 255, 3: 1}" in trimap.message()
+
+
+def test_the_reports_recipe_table_keeps_values_with_colons_whole():
+    from pipeline.report.recipe import reasons_table
+
+    values = {"dataset": {"folder": {"mapping": {0: 0, 1: 1}}}, "lr": 0.002, "loss": {"x": None}}
+    reasons = ["dataset.folder.mapping: 1 the object: 22% of the pixels", "lr: Adam at batch 8"]
+    table = reasons_table([*reasons, "loss.x: off"], values)
+    assert table.to_dict("records") == [
+        {"param": "dataset.folder.mapping", "value": "{0: 0, 1: 1}",
+         "why": "1 the object: 22% of the pixels"},
+        {"param": "lr", "value": "0.002", "why": "Adam at batch 8"},
+        {"param": "loss.x", "value": "null", "why": "off"},
+    ]  # fmt: skip
+
+
+def test_the_epochs_and_the_compile_decision_they_lead_to_agree(cells, monkeypatch):
+    """Compiling from 9 epochs on (its steps repay it) makes the steps faster but costs 35 s:
+    whatever the epochs found, the costs returned are those of that many epochs."""
+    import pipeline.plan as plan
+
+    monkeypatch.setattr(
+        plan,
+        "compile_seconds",
+        lambda arch, p, n: 35.0 if arch == "unetpp" and p.epochs >= 9 else 0,
+    )
+    for budget_s in (700, 760, 800, 900, 1000):
+        planned = plan_for(cells, budget_s)
+        compiled = planned.costs.compile_s["unetpp"] > 0
+        assert compiled == (planned.epochs >= 9), budget_s
+        assert planned.total_s <= budget.TARGET * budget_s
+
+
+def test_a_preset_applied_after_autoconf_clears_its_limits_and_account(folder_project):
+    from pipeline import preset
+
+    main(["--budget", "5m", "--apply", *FAST])
+    assert load_params().budget.train_unet_s > 0
+    overlay, _ = preset.resolve("ci-cpu")
+    preset.apply(overlay)
+    p = load_params()
+    assert p.budget.train_unet_s == 0 and p.budget.train_unetpp_s == 0
+    assert p.autoconf.budget_s == 0 and p.autoconf.fingerprint == {} and p.autoconf.reasons == []
+
+
+def test_a_new_fingerprint_replaces_the_old_one_whole(folder_project):
+    from pipeline import preset
+
+    preset.apply({"autoconf": {"fingerprint": {"a": 1, "b": {"c": 2}}}})
+    preset.apply({"autoconf": {"fingerprint": {"d": 3}}})
+    assert load_params().autoconf.fingerprint == {"d": 3}
