@@ -385,7 +385,9 @@ class AutoconfParams(Section):
 
     budget_s: NonNegFloat = 0.0  # the budget of `dvc repro` the recipe was planned for
     planned_s: NonNegFloat = 0.0  # the plan's estimate of that `dvc repro`
-    fingerprint: dict[str, Any] = {}  # the training data's fingerprint (pipeline.autoconf)
+    # the training data's fingerprint (pipeline.autoconf) as one JSON object: a single value
+    # for DVC's YAML writer (which mangles an emptied block mapping) and for MLflow
+    fingerprint: str = ""
     reasons: list[str] = []  # "key: why", one per choice (the value: the param itself)
 
 

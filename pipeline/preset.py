@@ -130,8 +130,8 @@ def quote(text: str) -> str:
     return "'" + text.replace("${", "\\${") + "'"
 
 
-# mappings replaced whole, never merged key by key: a label mapping, autoconf's fingerprint
-WHOLE = ("dataset.folder.mapping", "autoconf.fingerprint")
+# mappings replaced whole, never merged key by key: a label mapping
+WHOLE = ("dataset.folder.mapping",)
 # what a recipe of its own leaves behind (pipeline.autoconf's time limits and account): reset
 # when a preset that does not set them is applied, so they do not outlive their recipe
 RECIPE_SECTIONS = ("budget", "autoconf")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import re
@@ -87,7 +88,7 @@ def autoconf(params, budget_s: float, seconds: float = 2.0) -> dict[str, Any]:
     overlay["autoconf"] = {
         "budget_s": float(budget_s),
         "planned_s": float(plan["total"]),
-        "fingerprint": fp.summary(),
+        "fingerprint": json.dumps(fp.summary(), separators=(", ", ": ")),
         "reasons": list(planned.recipe.reasons),
     }
     return {
@@ -103,7 +104,7 @@ def autoconf(params, budget_s: float, seconds: float = 2.0) -> dict[str, Any]:
 
 
 def report(out: dict[str, Any]) -> str:
-    fp = out["overlay"]["autoconf"]["fingerprint"]
+    fp = json.loads(out["overlay"]["autoconf"]["fingerprint"])
     lines = ["fingerprint of the training data:"]
     lines += [f"  {k}: {v}" for k, v in fp.items()]
     if out["labels"]:
@@ -136,11 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_json(args.json, out)
     if args.apply:
-        checked = copy.deepcopy(out["overlay"])  # the mappings written whole may hold new keys
-        checked["autoconf"].pop("fingerprint")
+        checked = copy.deepcopy(out["overlay"])  # a mapping written whole may hold new keys
         checked.get("dataset", {}).get("folder", {}).pop("mapping", None)
         check_keys(checked, load_yaml(paths.PARAMS.read_text()) or {}, "autoconf")
-        apply(out["overlay"])  # a proposed mapping and the fingerprint replace the old whole
+        apply(out["overlay"])  # a proposed mapping replaces the old one whole
         log.info("recipe written to %s; now run: dvc repro", paths.PARAMS)
     else:
         log.info("nothing written; --apply writes the recipe to params.yaml")

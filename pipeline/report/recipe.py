@@ -4,6 +4,7 @@ the training stages that stopped at their time limit (metrics.json's `stopped_ea
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
@@ -52,10 +53,10 @@ def reasons_table(reasons: list[str], values: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["param", "value", "why"])
 
 
-def fingerprint_table(fingerprint: dict) -> pd.DataFrame:
-    return pd.DataFrame(
-        {"measure": list(fingerprint), "value": [str(v) for v in fingerprint.values()]}
-    )
+def fingerprint_table(fingerprint: str) -> pd.DataFrame:
+    """params.yaml's autoconf.fingerprint (one JSON object) as a (measure, value) table."""
+    found = json.loads(fingerprint) if fingerprint else {}
+    return pd.DataFrame({"measure": list(found), "value": [str(v) for v in found.values()]})
 
 
 def recipe_sheets(ac: Any, values: dict[str, Any]) -> dict[str, pd.DataFrame]:

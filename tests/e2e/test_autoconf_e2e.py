@@ -75,7 +75,7 @@ def test_the_recipe_is_written_with_its_reasons_and_the_mapping(planned):
     assert params["dataset"]["folder"]["mapping"] == {0: 0, 1: 1}  # proposed from the 0/1 masks
     ac = params["autoconf"]
     assert ac["budget_s"] == 60 and 0 < ac["planned_s"] <= 60
-    assert ac["fingerprint"]["blobs"] is True
+    assert json.loads(ac["fingerprint"])["blobs"] is True
     reasons = "\n".join(ac["reasons"])
     for key in ("preprocess.scale", "preprocess.crop_size", "epochs", "train.augment"):
         assert f"{key}: " in reasons

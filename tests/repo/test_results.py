@@ -121,7 +121,7 @@ def test_an_autoconf_run_records_its_budget_plan_and_actual_time(finished_run):
     pipeline.autoconf wrote) and a stage that stopped at its limit reach the result."""
     (finished_run / "params.yaml").write_text(
         yaml.safe_dump({"epochs": 7, "autoconf": {"budget_s": 600.0, "planned_s": 570.0,
-                        "fingerprint": {"blobs": False}, "reasons": ["epochs 7: fill"]}})
+                        "fingerprint": '{"blobs": false}', "reasons": ["epochs 7: fill"]}})
     )  # fmt: skip
     metrics = finished_run / "reports/unetpp/metrics.json"
     metrics.write_text(json.dumps({**METRICS, "stopped_early": "stopped after epoch 6 of 7"}))

@@ -340,7 +340,7 @@ def test_apply_writes_the_recipe_the_mapping_and_the_reasons(folder_project, tmp
     p = load_params()
     assert p.dataset.folder.mapping == {0: 0, 1: 1}  # the labels hold 0/1, proposed and written
     assert p.autoconf.budget_s == 300 and 0 < p.autoconf.planned_s <= 300
-    assert p.autoconf.fingerprint["images"]["train"] > 0
+    assert json.loads(p.autoconf.fingerprint)["images"]["train"] > 0
     assert any(r.startswith("epochs: ") for r in p.autoconf.reasons)
     assert p.budget.train_unet_s > 0 and p.budget.train_unetpp_s > 0
     written = json.loads(out.read_text())
@@ -425,12 +425,12 @@ def test_a_preset_applied_after_autoconf_clears_its_limits_and_account(folder_pr
     preset.apply(overlay)
     p = load_params()
     assert p.budget.train_unet_s == 0 and p.budget.train_unetpp_s == 0
-    assert p.autoconf.budget_s == 0 and p.autoconf.fingerprint == {} and p.autoconf.reasons == []
+    assert p.autoconf.budget_s == 0 and p.autoconf.fingerprint == "" and p.autoconf.reasons == []
 
 
-def test_a_new_fingerprint_replaces_the_old_one_whole(folder_project):
+def test_a_proposed_mapping_replaces_the_old_one_whole(folder_project):
+    """{0: 0, 255: 1} -> {0: 0, 1: 1}, not their union (a leaf-by-leaf -S would merge)."""
     from pipeline import preset
 
-    preset.apply({"autoconf": {"fingerprint": {"a": 1, "b": {"c": 2}}}})
-    preset.apply({"autoconf": {"fingerprint": {"d": 3}}})
-    assert load_params().autoconf.fingerprint == {"d": 3}
+    preset.apply({"dataset": {"folder": {"mapping": {0: 0, 1: 1}}}})
+    assert load_params().dataset.folder.mapping == {0: 0, 1: 1}

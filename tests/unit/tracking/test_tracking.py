@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -425,7 +426,7 @@ def test_the_parent_run_holds_autoconfs_fingerprint_and_reasons(clean_env, store
     base["autoconf"] = {
         "budget_s": 1200.0,
         "planned_s": 1100.0,
-        "fingerprint": {"size": [584, 565], "blobs": False, "thickness_px": 2.0},
+        "fingerprint": '{"size": [584, 565], "blobs": false, "thickness_px": 2.0}',
         "reasons": ["preprocess.scale 1.0: structures 2 px wide", "x" * 7000],
     }
     clean_env.setenv("PIPELINE_EXECUTION", "exec-auto")
@@ -436,6 +437,6 @@ def test_the_parent_run_holds_autoconfs_fingerprint_and_reasons(clean_env, store
     )
     logged = parent.data.params
     assert logged["autoconf.budget_s"] == "1200.0"
-    assert logged["autoconf.fingerprint.thickness_px"] == "2.0"
+    assert json.loads(logged["autoconf.fingerprint"])["thickness_px"] == 2.0
     assert "structures 2 px wide" in logged["autoconf.reasons"]
     assert len(logged["autoconf.reasons"]) == tracking.MAX_PARAM
