@@ -175,7 +175,7 @@ class _Accumulator:
         sides = ("top", "bottom", "left", "right")
         self.thirds = {s: np.zeros(num_classes, np.int64) for s in sides}
         self.widths: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-        self.diameters: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self.areas: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
         self.ratios: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
         self.count = np.zeros(num_classes, np.int64)
         self.merged = 0
@@ -225,7 +225,7 @@ class _Accumulator:
             widths, edt = _widths(mask, self.rng)
             self.widths[c].append(4 * widths - 2)
             area, ratio, merged = _components(mask, edt)
-            self.diameters[c].append(area)
+            self.areas[c].append(area)
             self.ratios[c].append(ratio)
             self.count[c] += area.size
             if self.k == 2:
@@ -249,7 +249,7 @@ class _Accumulator:
         classes = []
         for c, name in enumerate(names):
             widths = np.concatenate(self.widths[c]) if self.widths[c] else np.zeros(0)
-            area = np.concatenate(self.diameters[c]) if self.diameters[c] else np.zeros(0)
+            area = np.concatenate(self.areas[c]) if self.areas[c] else np.zeros(0)
             ratio = np.concatenate(self.ratios[c]) if self.ratios[c] else np.zeros(0)
             blob = weighted_median(ratio, area)
             classes.append(
