@@ -1,2 +1,4 @@
-"""What users read: the HTML rendering (`html`), the figures (`plots`) and the class colours
-(`palette`). The report stage itself is `pipeline.stages.report`."""
+"""The report users read, built from the earlier stages' outputs: `tables` (read and checked),
+`panels` (qualitative predictions), `content` (the blocks, in order), `writers` (md, xlsx),
+`html`, `plots`, `palette` (class colours), `recipe` (autoconf's section) and `candidate` (the
+model to register). The stage `pipeline.stages.report` wires them."""

@@ -4,6 +4,7 @@ inside a function counts: it runs too)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 from tests.repo.test_dvc_yaml import PACKAGE, ROOT, docstring_only, imported
@@ -17,7 +18,7 @@ ALLOWED = {
     "config": {"common", "paths", "encoders"},
     "models": {"common", "encoders"},
     "data": {"common", "paths", "config"},
-    "report": {"common"},
+    "report": {"common", "paths", "config", "data", "engine", "inference", "tracking"},
     "tracking": {"common", "paths", "config"},
     "engine": {"common", "config", "data", "models"},
     "inference": {"common", "config", "engine"},
@@ -28,6 +29,19 @@ ALLOWED = {
     "preset": {"common", "paths", "config"},
     "baseline": {"common", "paths", "config", "preset"},
     "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
+    # one training stage's run: built from the engine, scored by inference, logged by tracking
+    "training": {
+        "common",
+        "paths",
+        "config",
+        "data",
+        "models",
+        "engine",
+        "inference",
+        "tracking",
+        "report",
+        "serving",
+    },  # fmt: skip
     # a tool on top: it reads the raw data as the download stage fetches it, and times with plan
     "autoconf": {"common", "paths", "config", "data", "plan", "preset", "stages"},
     "stages": {
@@ -40,6 +54,7 @@ ALLOWED = {
         "inference",
         "report",
         "tracking",
+        "training",
         "export",
         "serving",
     },  # fmt: skip
@@ -127,3 +142,44 @@ def test_the_layering_check_sees_a_wrong_import():
         return imported(path) | ({PACKAGE / "config.py"} if path == unet else set())
 
     assert violations(with_config) == ["pipeline/models/unet.py imports pipeline/config.py"]
+
+
+MAX_FUNCTION = 80  # lines, decorators and docstring included
+MAX_STAGE = 300  # lines of a module in pipeline/stages/: a stage wires, its packages hold logic
+
+
+def long_functions(source: str, name: str, limit: int = MAX_FUNCTION) -> list[str]:
+    """'name:line function (n lines)' for each function of `source` over `limit` lines."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            size = node.end_lineno - first + 1
+            if size > limit:
+                found.append(f"{name}:{first} {node.name} ({size} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [
+        line
+        for path in modules()
+        for line in long_functions(path.read_text(), path.relative_to(ROOT).as_posix())
+    ]
+    assert not long, f"split these (over {MAX_FUNCTION} lines):\n" + "\n".join(long)
+
+
+def test_stage_modules_only_wire():
+    big = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in sorted((PACKAGE / "stages").glob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_STAGE
+    ]
+    assert not big, f"move logic out of (over {MAX_STAGE} lines): " + ", ".join(big)
+
+
+def test_the_size_check_sees_a_long_function():
+    """The checker itself: 80 lines pass, a decorator line makes 81."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(79))
+    assert long_functions(f"def f():\n{body}", "m.py") == []
+    assert long_functions(f"@cache\ndef f():\n{body}", "m.py") == ["m.py:1 f (81 lines)"]

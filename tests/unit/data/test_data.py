@@ -17,6 +17,7 @@ from pipeline.config import IGNORE_INDEX, Params, parse_params
 from pipeline.data import loading as data
 from pipeline.data.crops import crop_origins, pad_to_size
 from pipeline.data.manifest import load_manifest
+from pipeline.data.prepare import save_example
 from pipeline.data.sources import merge_vessel_label, read_image, split_stems
 from pipeline.data.synthetic import generate
 from pipeline.stages import preprocess as pre
@@ -353,7 +354,7 @@ def test_the_served_models_example_is_the_first_raw_test_image(project, tiny):
 
 def test_the_example_is_cut_to_its_central_512_px(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (600, 700, 3), np.uint8)
-    pre.save_example(tmp_path / "example.png", image)
+    save_example(tmp_path / "example.png", image)
     assert np.array_equal(read_image(tmp_path / "example.png", "RGB"), image[44:556, 94:606])
 
 

@@ -173,7 +173,7 @@ def test_the_run_numerics_hold_the_compile_decision(cpu):
 
 
 def test_the_report_names_each_models_numerics_when_they_differ():
-    from pipeline.stages.report import numerics_text
+    from pipeline.report.tables import numerics_text
 
     same = {
         "UNet": {"numerics": "fp32 (CPU: no native bf16)"},

@@ -16,9 +16,11 @@ import pipeline.stages.train as tr
 from pipeline import paths
 from pipeline.common import PipelineError, sha256_file
 from pipeline.config import parse_params
+from pipeline.engine.loop import Engine
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess
 from pipeline.tracking.registry import CHECKPOINT_TAG
+from pipeline.training.progress import Progress, out_of_time, pace
 from tests.fakes import tiny_params
 
 TINY = tiny_params(
@@ -146,7 +148,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(dat
     tr.train("unet", _params())
     before = {f: (paths.arch_reports("unet") / f).read_bytes() for f in ("metrics.json",)}
     checkpoint = paths.checkpoint("unet").read_bytes()
-    real = tr.Engine.step
+    real = Engine.step
 
     def step(self, images, labels, weight=None):
         loss = real(self, images, labels, weight)
@@ -160,7 +162,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(dat
         engine.epoch_hint = calls["n"]
         return real_epoch(engine, loader, desc)
 
-    monkeypatch.setattr(tr.Engine, "step", step)
+    monkeypatch.setattr(Engine, "step", step)
     monkeypatch.setattr(loop, "train_epoch", counting)
     with pytest.raises(PipelineError) as err:
         tr.train("unet", _params(lr=0.002))
@@ -197,13 +199,13 @@ def test_border_weight_maps_reach_training(project, monkeypatch):
     download(p)
     preprocess(p)
     seen = []
-    real = tr.Engine.step
+    real = Engine.step
 
     def step(self, images, labels, weight=None):
         seen.append(weight)
         return real(self, images, labels, weight)
 
-    monkeypatch.setattr(tr.Engine, "step", step)
+    monkeypatch.setattr(Engine, "step", step)
     tr.train("unet", p)
     crop = p.preprocess.crop_size
     assert seen and all(w is not None and w.shape[1:] == (crop, crop) for w in seen)
@@ -362,7 +364,7 @@ def test_a_stage_past_its_time_limit_stops_and_keeps_the_best_epoch_so_far(data,
     """budget.train_<arch>_s: no epoch starts that would end past the limit (at the last
     epoch's pace; the first epoch only once the limit is passed); the best epoch so far is
     scored, and metrics.json says why it stopped."""
-    caplog.set_level(logging.INFO, logger="pipeline.stages.train")
+    caplog.set_level(logging.INFO, logger="pipeline.training")
     limited = _params(epochs=5, budget={"train_unet_s": 1e-3, "train_unetpp_s": 0.0})
     metrics = tr.train("unet", limited)
     assert "stopped after epoch 1 of 5" in metrics["stopped_early"]
@@ -379,14 +381,14 @@ def test_the_pace_counts_from_the_second_epoch_and_says_late():
     """The epoch line's note: the limit, and LATE when the remaining epochs at the last one's
     pace end past it; the first epoch (warm-up, compiling) sets no pace, and stops training
     only when the limit is already passed."""
-    progress = tr.Progress()
+    progress = Progress()
     progress.rows = [{"epoch": 1, "seconds": 50.0}]
     progress.train_seconds = 50.0
-    assert tr.pace(10, progress, 200.0) == ", limit 3m20s"  # 10 x 50 s > 200 s, yet no pace
-    assert tr.out_of_time("unet", 1, 10, progress, 200.0) == ""
+    assert pace(10, progress, 200.0) == ", limit 3m20s"  # 10 x 50 s > 200 s, yet no pace
+    assert out_of_time("unet", 1, 10, progress, 200.0) == ""
     progress.rows.append({"epoch": 2, "seconds": 30.0})
     progress.train_seconds = 80.0
-    assert "LATE, at this pace the run ends at 5m20s" in tr.pace(10, progress, 200.0)
+    assert "LATE, at this pace the run ends at 5m20s" in pace(10, progress, 200.0)
     progress.best_epoch = 2
-    assert tr.out_of_time("unet", 2, 10, progress, 100.0).startswith("stopped after epoch 2")
-    assert tr.out_of_time("unet", 2, 10, progress, 0.0) == ""  # 0: no limit
+    assert out_of_time("unet", 2, 10, progress, 100.0).startswith("stopped after epoch 2")
+    assert out_of_time("unet", 2, 10, progress, 0.0) == ""  # 0: no limit

@@ -20,6 +20,8 @@ from pipeline.config import parse_params
 from pipeline.data.store import save_array
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
+from pipeline.report import candidate as registry_pick
+from pipeline.report import panels, tables
 from pipeline.stages import report
 from pipeline.tracking.runs import Tracker
 from tests.fakes import fake_manifest, random_image
@@ -67,7 +69,7 @@ def write_manifest(class_names: list[str], observer: dict | None):
 
 def write_checkpoints(num_classes: int) -> None:
     options = {"base_channels": 4, "depth": 2}
-    for arch in report.ARCH_NAMES:
+    for arch in tables.ARCH_NAMES:
         model = build_model(arch, 3, num_classes, **options)
         config = {"in_channels": 3, "num_classes": num_classes, "options": options}
         save_checkpoint(paths.checkpoint(arch), model.eval(), arch=arch, model_config=config)
@@ -75,8 +77,8 @@ def write_checkpoints(num_classes: int) -> None:
 
 def write_metrics(class_names: list[str]) -> None:
     rng = np.random.default_rng(2)
-    quality = report.QUALITY + report.BINARY
-    for i, arch in enumerate(report.ARCH_NAMES):
+    quality = tables.QUALITY + tables.BINARY
+    for i, arch in enumerate(tables.ARCH_NAMES):
         metrics = {
             **{k: float(rng.uniform(0.5, 1)) for k in quality},
             **{f"iou_{c}": 0.1 * (j + 1) + 0.01 * i for j, c in enumerate(class_names)},
@@ -235,11 +237,11 @@ def test_binary_report_has_no_per_class_iou(binary):
 
 
 def test_changed_params_list_value_and_default(binary):
-    assert report.changed_params(parse_params({})).empty
-    table = report.changed_params(parse_params({"epochs": 3, "loss": {"class_weights": None}}))
+    assert tables.changed_params(parse_params({})).empty
+    table = tables.changed_params(parse_params({"epochs": 3, "loss": {"class_weights": None}}))
     assert table.to_dict("records") == [{"key": "epochs", "value": "3", "default": "12"}]
     folder = {"mapping": {0: 0, 1: 1}}  # every class still mapped (config refuses less)
-    mapping = report.changed_params(parse_params({"dataset": {"folder": folder}}))
+    mapping = tables.changed_params(parse_params({"dataset": {"folder": folder}}))
     assert mapping.to_dict("records") == [
         {"key": "dataset.folder.mapping.1", "value": "1", "default": "(not set)"},
         # a key the default has and the params lack
@@ -276,17 +278,17 @@ def test_no_observer_no_reference_row(multiclass):
 
 def test_panels_hold_one_row_per_image_and_colour_the_errors(fake):
     manifest = fake(["road", "car", "sky"])
-    rows, stems = report.panels_figure(manifest, 2, params().inference)
+    rows, stems = panels.panels_figure(manifest, 2, params().inference)
     assert stems == ["t0", "t1"] and len(rows) == 2
     for row in rows:
         assert len(row) == 6  # image, truth, 2 predictions, 2 error maps
         assert all(a.shape == (*SIZE, 3) and a.dtype == np.uint8 for a in row)
-        assert (row[1][:4] == report.IGNORED).all()  # the ignored band, in the truth
-        assert (row[4][:4] == report.IGNORED).all()  # ...and in the error maps
+        assert (row[1][:4] == panels.IGNORED).all()  # the ignored band, in the truth
+        assert (row[4][:4] == panels.IGNORED).all()  # ...and in the error maps
 
-    report.write_panels(rows, stems, manifest.class_names, dpi=50)
+    panels.write_panels(rows, stems, manifest.class_names, dpi=50)
     two = Image.open(paths.PANELS_PNG).size
-    report.write_panels(rows[:1], stems[:1], manifest.class_names, dpi=50)
+    panels.write_panels(rows[:1], stems[:1], manifest.class_names, dpi=50)
     one = Image.open(paths.PANELS_PNG).size
     assert two[0] == one[0] and two[1] > one[1] * 1.4  # a row more, same width
 
@@ -295,13 +297,13 @@ def test_binary_error_map_colours():
     image = np.full((1, 4, 3), 100, np.uint8)
     truth = np.array([[0, 1, 1, 255]], np.uint8)
     pred = np.array([[1, 0, 1, 0]], np.uint8)
-    errors = report.error_map(image, truth, pred, binary=True)[0]
-    assert tuple(errors[0]) == report.FALSE_POSITIVE
-    assert tuple(errors[1]) == report.FALSE_NEGATIVE
+    errors = panels.error_map(image, truth, pred, binary=True)[0]
+    assert tuple(errors[0]) == panels.FALSE_POSITIVE
+    assert tuple(errors[1]) == panels.FALSE_NEGATIVE
     assert tuple(errors[2]) == (120, 120, 120)  # correct: the image in grey
-    assert tuple(errors[3]) == report.IGNORED
-    multi = report.error_map(image, np.array([[2, 1, 0, 255]]), pred, binary=False)[0]
-    assert [tuple(p) for p in multi] == [report.WRONG, report.WRONG, report.WRONG, report.IGNORED]
+    assert tuple(errors[3]) == panels.IGNORED
+    multi = panels.error_map(image, np.array([[2, 1, 0, 255]]), pred, binary=False)[0]
+    assert [tuple(p) for p in multi] == [panels.WRONG, panels.WRONG, panels.WRONG, panels.IGNORED]
 
 
 def test_zero_panels_leaves_a_note_and_no_section(fake):
@@ -347,7 +349,7 @@ def test_missing_checkpoint_names_the_file_before_writing(fake):
 
 def test_the_inference_sentence_follows_the_inference_params():
     from pipeline.config import InferenceParams
-    from pipeline.stages.report import inference_text
+    from pipeline.report.tables import inference_text
 
     whole = inference_text(InferenceParams(tile_size=0))
     assert whole.startswith("whole-image inference") and "tile" not in whole.replace("whole", "")
@@ -400,12 +402,12 @@ def test_the_registry_gets_the_better_architecture_or_a_pruned_depth_within_tole
     from pipeline.common import sha256_file
 
     manifest = fake()
-    t = report.gather(params(), manifest, 0)
+    t = tables.gather(params(), manifest, 0)
     t.test.loc[t.test["model"] == "UNet", "miou"] = unet
     t.test.loc[t.test["model"] == "UNet++", "miou"] = unetpp
     t.pruning.loc[t.pruning["depth"] == 1, "miou"] = l1
     t.best_depth = best_depth
-    got = report.candidate(t, tolerance=0.01)
+    got = registry_pick.candidate(t, tolerance=0.01)
     label, stage, model, arch = chosen
     assert (got.label, got.stage, got.model) == (label, stage, model)
     assert got.checkpoint_sha256 == sha256_file(paths.checkpoint(arch))
@@ -414,14 +416,14 @@ def test_the_registry_gets_the_better_architecture_or_a_pruned_depth_within_tole
 
 def test_the_test_split_hash_follows_the_labels_bytes(fake):
     manifest = fake()
-    first = report.split_hash(manifest)
-    assert report.split_hash(manifest) == first and len(first) == 16
+    first = registry_pick.split_hash(manifest)
+    assert registry_pick.split_hash(manifest) == first and len(first) == 16
     stem = manifest.splits["test"][0]
     label = paths.split_dir("test", "labels")
     pixels = np.load(label / f"{stem}.npy")
     pixels[5, 0] = (pixels[5, 0] + 1) % 2  # row 5: a labelled pixel, 0 or 1 both valid
     save_array(label, stem, pixels)
-    assert report.split_hash(manifest) != first
+    assert registry_pick.split_hash(manifest) != first
 
 
 # --- a smoke test, undefined metrics ---------------------------------------------------------
@@ -477,15 +479,15 @@ def test_a_metric_undefined_for_every_model_is_said_and_registers_nothing(fake, 
     """Both metrics.json hold null for report.metric (undefined, as Dice is on test labels
     without a positive pixel): was pandas' "Encountered all NA values" traceback."""
     manifest = fake()
-    for arch in report.ARCH_NAMES:
+    for arch in tables.ARCH_NAMES:
         path = paths.arch_reports(arch) / "metrics.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "miou": None}))
     stage = params(report={"panels": 0, "dpi": 50})
     report.report(stage)
     md = paths.REPORT_MD.read_text()
     assert "Best test miou: none, it is undefined for every model (–)." in md
-    t = report.gather(stage, manifest, 0)
-    assert report.candidate(t, tolerance=0.01) is None
+    t = tables.gather(stage, manifest, 0)
+    assert registry_pick.candidate(t, tolerance=0.01) is None
     monkeypatch.setattr(report, "register", lambda *a: pytest.fail("nothing to register"))
     report._register(stage, manifest, t, FakeRun())
 
@@ -497,7 +499,7 @@ def test_test_labels_without_foreground_register_nothing(fake, monkeypatch, capl
     manifest = fake()
     write_class_pixels(["background", "vessel"], test=[1000, 0])
     stage = params(report={"panels": 0, "dpi": 50})
-    t = report.gather(stage, manifest, 0)
+    t = tables.gather(stage, manifest, 0)
     monkeypatch.setattr(report, "register", lambda *a: pytest.fail("nothing to register"))
     with caplog.at_level(logging.WARNING):
         report._register(stage, manifest, t, FakeRun())

@@ -14,7 +14,7 @@ from pipeline import plan
 from pipeline.common import PipelineError, clock, write_json
 from pipeline.config import parse_params
 from pipeline.data.store import save_array
-from pipeline.stages.train import Progress, _epoch_summary
+from pipeline.training.progress import Progress, epoch_summary
 from tests.fakes import merged, tiny_params
 
 STAGES = ["download", "preprocess", "train_unet", "train_unetpp", "prune", "report"]
@@ -167,5 +167,5 @@ def test_every_epoch_logs_elapsed_time_and_an_eta(caplog):
     }  # fmt: skip
     progress = Progress(epoch=2, rows=[row, row], train_seconds=60.0)
     with caplog.at_level(logging.INFO):
-        _epoch_summary("unet", row, 10, progress)
+        epoch_summary("unet", row, 10, progress)
     assert "unet epoch 2/10 (elapsed 1m00s, ETA 4m00s)" in caplog.text
