@@ -57,7 +57,7 @@ def uv_for(clone: Path) -> str:
 
 def pick_device(choice: str) -> torch.device:
     """The pipeline's device rule (pipeline.engine.distributed.pick_device) for a --device flag."""
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
     from pipeline.engine import distributed
 
     try:

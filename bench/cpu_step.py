@@ -76,8 +76,8 @@ def recipe(params_path: str | None):
     manifest, or without one the synthetic dataset's RGB images and two classes."""
     from types import SimpleNamespace
 
-    from pipeline import paths
-    from pipeline.config import load_params
+    from pipeline.core import paths
+    from pipeline.core.config import load_params
     from pipeline.data.manifest import IGNORE_INDEX, load_manifest
 
     params = load_params(None if params_path is None else Path(params_path), complete=False)

@@ -30,7 +30,7 @@ def commit() -> str:
 def profile(arch: str) -> dict[str, float] | None:
     import pandas as pd
 
-    from pipeline import paths
+    from pipeline.core import paths
 
     path = paths.arch_reports(arch) / "epochs.csv"
     if not path.exists():
@@ -54,7 +54,7 @@ def bare_loader(epochs: int, workers: int) -> float:
     """Images/s of the training DataLoader alone (patches cut from the memory-mapped images)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
     from pipeline.data.loading import EpochSampler, train_dataset
     from pipeline.data.manifest import load_manifest
 

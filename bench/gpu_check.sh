@@ -143,8 +143,8 @@ step "params" 60 $py - "$dataset-gpu" "$src" $sets <<'EOF'
 import sys
 import yaml
 from bench.benchlib import parse_sets
-from pipeline import paths
-from pipeline.config import load_params, load_yaml
+from pipeline.core import paths
+from pipeline.core.config import load_params, load_yaml
 from pipeline.preset import check_keys, load_overlay, merge
 
 # pipeline.preset's checks and merge; written with PyYAML, as DVC (its -S code) does not travel

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipeline.common import PipelineError
-    from pipeline.config import load_params
+    from pipeline.core.common import PipelineError
+    from pipeline.core.config import load_params
     from pipeline.data.manifest import load_manifest
 
     try:

@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from pipeline import paths
-from pipeline.common import PipelineError, clock, run_cli, write_json
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, clock, run_cli, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +221,7 @@ def budgeted(params, locked: dict[str, str]) -> dict[str, Any]:
 
 
 def collect(name: str, log_path: Path | None, plan_path: Path | None) -> dict[str, Any]:
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     params = load_params(complete=False)
     locked = locked_outputs()

@@ -76,8 +76,8 @@ def in_process_ms(model: str, tracking_uri: str, image: bytes, runs: int) -> flo
 
 
 def default_model() -> str:
-    from pipeline.common import PipelineError
-    from pipeline.config import load_params
+    from pipeline.core.common import PipelineError
+    from pipeline.core.config import load_params
     from pipeline.data.manifest import load_manifest
     from pipeline.tracking.registry import registered_name
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model = args.model or default_model()
     if args.tracking_uri is None:
-        from pipeline.config import load_params
+        from pipeline.core.config import load_params
         from pipeline.tracking.runs import tracking_uri
 
         args.tracking_uri = tracking_uri(load_params())

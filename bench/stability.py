@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from bench.benchlib import environment, out_stem, parse_sets, write_outputs
-from pipeline.common import read_json
+from pipeline.core.common import read_json
 from pipeline.preset import merge
 
 ROOT = Path(__file__).resolve().parent.parent

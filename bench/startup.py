@@ -8,7 +8,7 @@ Clones the committed HEAD into a temporary folder, sets it up with the README's 
 (timed apart, excluded from the figures), then runs the README's `dvc repro` `--runs` times,
 each from a fresh state (`git clean -fdx` but the venv: no data, outputs, DVC cache or
 mlflow.db). Every stage ends with a line `<stage> done in T: start-up a, tracking b, work c`
-(pipeline.common.run_cli): start-up is the interpreter and the imports before the stage's
+(pipeline.core.common.run_cli): start-up is the interpreter and the imports before the stage's
 code runs, tracking the MLflow calls, work the rest. What DVC spends around the stages
 (starting, hashing outputs, writing dvc.lock) is the run's wall time minus the stages'.
 Then a no-op `dvc repro` three times. The per-stage medians, each run's total and the
@@ -87,7 +87,7 @@ def override(params: Path, sets: list[str]) -> None:
     """The committed params.yaml with `key=value` overrides, written as `dvc exp run -S` would
     (pipeline.preset.apply: DVC's own code, checked by the stages' loader): a bad key or value
     stops here, in one line, before any run."""
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
     from pipeline.preset import apply
 
     subprocess.run(["git", "checkout", "-q", "--", params.name], cwd=params.parent, check=True)

@@ -35,9 +35,9 @@ from typing import Any
 
 import yaml
 
-from pipeline import paths, preset
-from pipeline.common import PipelineError, run_cli
-from pipeline.config import flatten, parse_yaml
+from pipeline.core import paths, preset
+from pipeline.core.common import PipelineError, run_cli
+from pipeline.core.config import flatten, parse_yaml
 
 log = logging.getLogger(__name__)
 

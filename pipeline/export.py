@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError, atomic_path, check_output_file, run_cli
+from pipeline.core.common import PipelineError, atomic_path, check_output_file, run_cli
 from pipeline.engine.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import paths
-from pipeline.common import (
+from pipeline.core import paths
+from pipeline.core.common import (
     PipelineError,
     check_output_file,
     clock,
@@ -55,7 +55,7 @@ from pipeline.common import (
     seed_everything,
     write_json,
 )
-from pipeline.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
+from pipeline.core.config import DRIVE_TRAIN_IMAGES, IGNORE_INDEX, Params, load_params
 from pipeline.data.crops import crop_origins
 from pipeline.data.manifest import Manifest
 from pipeline.data.store import array_path, array_shape

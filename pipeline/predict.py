@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.common import PipelineError, atomic_path, check_writable, clock, run_cli
+from pipeline.core.common import PipelineError, atomic_path, check_writable, clock, run_cli
 from pipeline.inference.tiling import TTA_FLIPS
 from pipeline.report.palette import label_image, overlay
-from pipeline.segmenter import Segmenter
+from pipeline.serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A preset is a partial params.yaml in pipeline/presets/<NAME>.yaml (an overlay): every key in it
 must already exist in params.yaml, and params.yaml with the overlay merged in must be valid
-(pipeline.config), both checked before anything runs. Then, by default,
+(pipeline.core.config), both checked before anything runs. Then, by default,
 
     dvc exp run -n NAME -S key=value -S ...        (one -S per leaf of the overlay)
 
@@ -37,9 +37,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipeline import paths
-from pipeline.common import PipelineError, run_cli
-from pipeline.config import flatten, load_params, load_yaml, parse_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, run_cli
+from pipeline.core.config import flatten, load_params, load_yaml, parse_params
 
 log = logging.getLogger(__name__)
 

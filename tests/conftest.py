@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import paths
+from pipeline.core import paths
 
 
 @pytest.fixture

@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
 from pipeline.autoconf import budget, rules
 from pipeline.autoconf.data import fingerprint
-from pipeline.common import PipelineError, check_output_file, clock, run_cli, write_json
-from pipeline.config import load_params, load_yaml
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, check_output_file, clock, run_cli, write_json
+from pipeline.core.config import Params, load_params, load_yaml, parse_params
 from pipeline.plan import format_plan
-from pipeline.preset import apply, check_keys
+from pipeline.preset import apply, check_keys, merge
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,15 @@ def report(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_dataset(params: Params, source: str | None, name: str | None) -> dict[str, Any]:
+    """--source / --dataset: the dataset params they set (a source alone is a folder of
+    images/ and labels/); {} when neither is given."""
+    if not (source or name):
+        return {}
+    chosen = {"name": name or ("folder" if source else params.dataset.name)}
+    return chosen | ({"source": source} if source else {})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", required=True, help="wall time of dvc repro: 20m, 1h30m")
@@ -127,12 +136,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seconds", type=float, default=2.0, help="time spent timing steps, per candidate"
     )
+    parser.add_argument(
+        "--source",
+        help="dataset.source to plan for (a folder or archive of images/ and labels/; sets "
+        "dataset.name folder unless --dataset says otherwise); --apply writes it too",
+    )
+    parser.add_argument("--dataset", help="dataset.name to plan for (drive, camvid, folder)")
     args = parser.parse_args(argv)
     budget_s = parse_budget(args.budget)
     if args.json:
         check_output_file(args.json, "--json")  # before minutes of measuring
     params = load_params()
+    dataset = with_dataset(params, args.source, args.dataset)
+    if dataset:  # checked as params.yaml would be
+        params = parse_params(merge(params.model_dump(), {"dataset": dataset}))
     out = autoconf(params, budget_s, args.seconds)
+    if dataset:  # --apply writes them with the recipe (a proposed mapping among them)
+        out["overlay"].setdefault("dataset", {}).update(dataset)
     sys.stdout.write(report(out) + "\n")  # the recipe and the plan are this command's output
     if args.json:
         write_json(args.json, out)

@@ -28,8 +28,8 @@ from typing import Any
 from pipeline.autoconf import rules
 from pipeline.autoconf.fingerprint import Fingerprint
 from pipeline.autoconf.rules import EVAL_SHARE, MIN_PASSES, WIDTHS, Recipe, passes
-from pipeline.common import PipelineError, clock
-from pipeline.config import Params, parse_params
+from pipeline.core.common import PipelineError, clock
+from pipeline.core.config import Params, parse_params
 from pipeline.preset import merge
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def with_recipe(params: Params, overlay: dict[str, Any]) -> Params:
 
 def data_plan(fp: Fingerprint, params: Params, counts: dict[str, int]):
     """The plan's DataPlan from the fingerprint: the data as preprocess will write it."""
-    from pipeline.common import scaled_size
+    from pipeline.core.common import scaled_size
     from pipeline.plan import DataPlan
 
     scale = params.preprocess.scale

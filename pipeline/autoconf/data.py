@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import paths
 from pipeline.autoconf.fingerprint import MAX_IMAGES, Fingerprint, measure
 from pipeline.autoconf.labels import MappingCheck, check_mapping
-from pipeline.common import PipelineError
-from pipeline.config import Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import Params
 from pipeline.data.sources import OPENERS, SIXTEEN_BIT, RawDataset, read_label
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.config import IGNORE_INDEX
+from pipeline.core.config import IGNORE_INDEX
 
 MAX_IMAGES = 80  # enough for the statistics; reading all of a large dataset is not needed
 RIDGE_SAMPLES = 4000  # pixels per class and image: the width's median needs no more

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import IGNORE_INDEX
+from pipeline.core.config import IGNORE_INDEX
 
 MAX_CLASSES = 32
 LOSSY = 0.99  # share of pixels within EDGE of 0 or 255 for a lossy binary mask

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, sha256_file
+from pipeline.core.common import PipelineError, sha256_file
 
 log = logging.getLogger(__name__)
 

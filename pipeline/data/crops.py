@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.common import scaled_size
+from pipeline.core.common import scaled_size
 
 
 def crop_origins(length: int, size: int, stride: int) -> list[int]:

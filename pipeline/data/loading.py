@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from pipeline import paths
-from pipeline.common import PipelineError
-from pipeline.config import IGNORE_INDEX, Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import IGNORE_INDEX, Params
 from pipeline.data.crops import crop_origins, pad_to_size
 from pipeline.data.manifest import Manifest
 from pipeline.data.store import array_path, array_shape, open_array

@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline import paths
-from pipeline.common import PipelineError, read_json, write_json
-from pipeline.config import IGNORE_INDEX
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, read_json, write_json
+from pipeline.core.config import IGNORE_INDEX
 
 
 class _Frozen(BaseModel):

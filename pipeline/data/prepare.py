@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import paths
-from pipeline.common import PipelineError, setup_logging
-from pipeline.config import IGNORE_INDEX, Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, setup_logging
+from pipeline.core.config import IGNORE_INDEX, Params
 from pipeline.data.crops import resize
 from pipeline.data.sources import RawDataset, equalize, open_dataset
 from pipeline.data.store import class_locations, save_array

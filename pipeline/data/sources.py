@@ -25,9 +25,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import paths
-from pipeline.common import PipelineError
-from pipeline.config import IGNORE_INDEX, Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import IGNORE_INDEX, Params
 
 log = logging.getLogger(__name__)
 

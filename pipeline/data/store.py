@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
-from pipeline.common import PipelineError
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
 
 LOCATIONS = 256  # pixels kept per class and image: enough to vary the centre of forced patches
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError, atomic_path
+from pipeline.core.common import PipelineError, atomic_path
 from pipeline.models import build_model
 
 log = logging.getLogger(__name__)

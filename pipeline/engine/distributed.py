@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 from pipeline.engine import distributed
 from pipeline.engine.distributed import Dist
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.config import LossParams
+    from pipeline.core.config import LossParams
     from pipeline.data.manifest import Manifest
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 
 
 def make_optimizer(params: Params, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:

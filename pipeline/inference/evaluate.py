@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import InferenceParams
+from pipeline.core.config import InferenceParams
 from pipeline.engine.distributed import SINGLE, Dist, sum_array
 from pipeline.inference.forward import predict, probabilities
 from pipeline.inference.metrics import ConfusionMatrix, ScoreHistogram, split_metrics

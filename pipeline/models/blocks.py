@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.common import PipelineError
-from pipeline.encoders import check_encoder
+from pipeline.core.common import PipelineError
+from pipeline.core.encoders import check_encoder
 
 
 def level_channels(base_channels: int, depth: int) -> tuple[int, ...]:

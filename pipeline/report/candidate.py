@@ -7,8 +7,8 @@ import hashlib
 
 import pandas as pd
 
-from pipeline import paths
-from pipeline.common import sha256_file
+from pipeline.core import paths
+from pipeline.core.common import sha256_file
 from pipeline.data.manifest import Manifest
 from pipeline.data.store import array_path
 from pipeline.report.tables import ARCH_NAMES, Tables, winner

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.report.html import Alert, Block, Figure, Heading, Table, Text
 from pipeline.report.tables import Tables, winner
 
@@ -28,7 +28,7 @@ def report_blocks(t: Tables) -> list[Block]:
         blocks.append(Text("Parameters that differ from the built-in defaults: none."))
     else:
         blocks += [
-            Text("Parameters that differ from the built-in defaults (`pipeline/config.py`):"),
+            Text("Parameters that differ from the built-in defaults (`pipeline/core/config.py`):"),
             Table(t.changed),
         ]
     blocks += t.recipe

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import paths
-from pipeline.config import IGNORE_INDEX, InferenceParams
+from pipeline.core import paths
+from pipeline.core.config import IGNORE_INDEX, InferenceParams
 from pipeline.data.loading import SplitDataset, split_dataset
 from pipeline.data.manifest import Manifest
 from pipeline.engine.checkpoint import load_checkpoint

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline.common import atomic_path  # noqa: E402
+from pipeline.core.common import atomic_path  # noqa: E402
 
 
 def _save(fig, path: Path, dpi: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.common import clock
+from pipeline.core.common import clock
 from pipeline.report.html import Block, Heading, Table, Text
 
 # `ac` below: params.autoconf (budget_s, planned_s, fingerprint, reasons); this package knows

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
-from pipeline.common import PipelineError, read_json
-from pipeline.config import InferenceParams, Params, flatten, parse_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, read_json
+from pipeline.core.config import InferenceParams, Params, flatten, parse_params
 from pipeline.data.manifest import Manifest
 from pipeline.report.html import Block
 from pipeline.report.recipe import budget_text, recipe_blocks, recipe_sheets, stopped_text
@@ -86,7 +86,7 @@ def param_text(value: Any) -> str:
 
 
 def changed_params(params: Params) -> pd.DataFrame:
-    """key, value, default for every param that differs from pipeline/config.py's default."""
+    """key, value, default for every param that differs from pipeline/core/config.py's default."""
     now, default = flatten(params), flatten(parse_params({}))
     keys = list(now) + [k for k in default if k not in now]  # e.g. a folder.mapping key
     rows = [

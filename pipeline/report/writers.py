@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import paths
-from pipeline.common import atomic_path
+from pipeline.core import paths
+from pipeline.core.common import atomic_path
 from pipeline.report.content import report_blocks
 from pipeline.report.html import Alert, Block, Heading, Table, Text
 from pipeline.report.tables import Tables

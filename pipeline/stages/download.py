@@ -23,9 +23,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, timed, write_json
-from pipeline.config import Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, atomic_path, timed, write_json
+from pipeline.core.config import Params
 from pipeline.data.archives import (
     copy_folder,
     fetch_url,

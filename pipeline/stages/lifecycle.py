@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline import paths
-from pipeline.common import PipelineError, run_cli, sweep_stale_temporaries
-from pipeline.config import Params, load_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, run_cli, sweep_stale_temporaries
+from pipeline.core.config import Params, load_params
 from pipeline.tracking.runs import failures_recorded
 
 

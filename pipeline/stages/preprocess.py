@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, preprocess_workers, timed
-from pipeline.config import IGNORE_INDEX, Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, atomic_path, preprocess_workers, timed
+from pipeline.core.config import IGNORE_INDEX, Params
 from pipeline.data.archives import is_url
 from pipeline.data.manifest import BorderWeights, Manifest, write_manifest
 from pipeline.data.prepare import (

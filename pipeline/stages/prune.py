@@ -13,9 +13,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline import paths
-from pipeline.common import PipelineError, atomic_path, sha256_file, timed, write_json
-from pipeline.config import Params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, atomic_path, sha256_file, timed, write_json
+from pipeline.core.config import Params
 from pipeline.data.loading import split_dataset
 from pipeline.data.manifest import load_manifest
 from pipeline.engine.checkpoint import load_checkpoint
@@ -140,7 +140,7 @@ def prune(params: Params) -> pd.DataFrame:
 def _log_segmenters(run, depths: list[int]) -> None:
     """The pruned UNet++ as segmentation pyfunc models `segmenter_L<k>`: the best depth, and
     every depth when they are exported (pruning.onnx); tagged with the checkpoint they cut."""
-    from pipeline.serving import log_segmenter  # mlflow.pyfunc: only when tracking
+    from pipeline.serving.pyfunc import log_segmenter  # mlflow.pyfunc: only when tracking
 
     checkpoint = paths.checkpoint("unetpp")
     run.set_tags({CHECKPOINT_TAG: sha256_file(checkpoint)})

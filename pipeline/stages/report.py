@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import paths
-from pipeline.common import atomic_path, timed
-from pipeline.config import Params
+from pipeline.core import paths
+from pipeline.core.common import atomic_path, timed
+from pipeline.core.config import Params
 from pipeline.data.manifest import Manifest, empty_classes, load_manifest
 from pipeline.report import plots
 from pipeline.report.candidate import candidate, split_hash

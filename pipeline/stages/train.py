@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from pipeline import paths
-from pipeline.common import PipelineError, check_writable, seed_everything
-from pipeline.config import Params, load_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, check_writable, seed_everything
+from pipeline.core.config import Params, load_params
 from pipeline.data.loading import train_dataset
 from pipeline.data.manifest import load_manifest
 from pipeline.engine import distributed

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.common import run_cli
-from pipeline.config import load_params
+from pipeline.core.common import run_cli
+from pipeline.core.config import load_params
 from pipeline.tracking.runs import init_store, tracking_uri
 
 log = logging.getLogger("pipeline.tracking")

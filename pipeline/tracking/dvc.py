@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.config import Params
+from pipeline.core import paths
+from pipeline.core.config import Params
 
 
 def git_commit() -> str | None:

@@ -1,6 +1,6 @@
 """The MLflow Model Registry: the report stage registers the pipeline's chosen model.
 
-The chosen model is a segmentation pyfunc (`pipeline.serving`) that a training run (or the
+The chosen model is a segmentation pyfunc (`pipeline.serving.pyfunc`) that a training run (or the
 prune stage, for a pruned UNet++) logged; it is found by the sha256 of its checkpoint, which
 those runs carry as a tag, so a stage DVC did not re-run still points at the run that made
 the checkpoint. A new version is tagged with the model, its checkpoint, the dataset, the test
@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 from pipeline.tracking.runs import init_store, retry_busy, run_tags
 
 log = logging.getLogger(__name__)

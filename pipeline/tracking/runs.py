@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import paths
-from pipeline.common import PipelineError, timed
-from pipeline.config import Params, flatten
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, timed
+from pipeline.core.config import Params, flatten
 from pipeline.tracking.dvc import data_hash, execution, git_commit
 
 T = TypeVar("T")

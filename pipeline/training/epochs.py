@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from pipeline import paths
-from pipeline.common import (
+from pipeline.core import paths
+from pipeline.core.common import (
     PipelineError,
 )
-from pipeline.config import Params
+from pipeline.core.config import Params
 from pipeline.data.loading import split_dataset
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (

@@ -9,8 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
-from pipeline.common import (
+from pipeline.core import paths
+from pipeline.core.common import (
     atomic_path,
     sha256_file,
     timed,
@@ -80,7 +80,7 @@ def _log_outputs(arch, model, metrics, run, example) -> None:
     # the registry finds this run's models by the checkpoint they were made from
     run.set_tags({CHECKPOINT_TAG: sha256_file(paths.checkpoint(arch))})
     log.info("%s logged to MLflow as %s", arch, log_torch_model(model, example))
-    from pipeline.serving import log_segmenter  # mlflow.pyfunc: only when tracking
+    from pipeline.serving.pyfunc import log_segmenter  # mlflow.pyfunc: only when tracking
 
     segmenter = log_segmenter(paths.checkpoint(arch), paths.EXAMPLE_IMAGE)
     log.info("%s segmenter (images in, masks out) logged as %s", arch, segmenter)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common import (
+from pipeline.core.common import (
     clock,
 )
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 from pipeline.data.loading import EpochSampler
 from pipeline.engine.distributed import Dist
 from pipeline.engine.loop import Engine

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import parse_params
+from pipeline.core.config import parse_params
 from pipeline.data.archives import sha256_file
 from pipeline.data.sources import CAMVID_CLASSES
 from pipeline.stages.download import download

@@ -14,8 +14,8 @@ from torch import nn
 
 from bench import cpu_step, inference_latency, loader_throughput, train_throughput
 from bench.benchlib import markdown_table, out_stem, train_step_flops
-from pipeline import paths
-from pipeline.config import load_params
+from pipeline.core import paths
+from pipeline.core.config import load_params
 from pipeline.engine.numerics import cpu_bf16, numerics
 from tests.unit.engine.test_training import TINY
 from tests.unit.engine.test_training import data as data  # the tiny preprocessed project fixture

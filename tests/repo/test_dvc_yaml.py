@@ -112,7 +112,7 @@ def test_the_import_walk_sees_lazy_and_package_imports(tmp_path):
     """The checker itself: a function-level import and `from pipeline import x` both count."""
     prune = imported(PACKAGE / "stages" / "prune.py")
     assert PACKAGE / "export.py" in prune  # imported inside export_all only
-    assert PACKAGE / "paths.py" in prune  # `from pipeline import paths`
+    assert PACKAGE / "paths.py" in prune  # `from pipeline.core import paths`
     assert PACKAGE / "engine" / "__init__.py" in prune  # an imported module's package runs too
     assert (PACKAGE / "models" / "__init__.py") in closure(PACKAGE / "engine" / "checkpoint.py")
 
@@ -171,7 +171,7 @@ def uncovered(stage: str, seen: set[str]) -> list[str]:
 def test_a_stages_params_cover_every_key_it_reads(project):
     """Run each stage in-process on tiny synthetic data with params that record what is read:
     a key missing from a stage's `params:` would not re-run it when changed."""
-    from pipeline.config import parse_params
+    from pipeline.core.config import parse_params
     from pipeline.stages.download import download
     from pipeline.stages.preprocess import preprocess
     from pipeline.stages.prune import prune
@@ -207,7 +207,7 @@ def test_a_stages_params_cover_every_key_it_reads(project):
 
 
 def test_the_params_check_reads_sections_and_leaves():
-    from pipeline.config import parse_params
+    from pipeline.core.config import parse_params
 
     seen: set[str] = set()
     p = Reads(parse_params({}), "", seen)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import results
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 
 METRICS = {
     "miou": 0.83, "f1": 0.81, "auc_roc": 0.978, "global_accuracy": 0.96, "dice": 0.81,

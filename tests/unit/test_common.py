@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.common import atomic_path
+from pipeline.core.common import atomic_path
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def killed_while_writing(target: Path) -> None:
         f"""
         import os, signal
         from pathlib import Path
-        from pipeline.common import atomic_path
+        from pipeline.core.common import atomic_path
         with atomic_path(Path({str(target)!r})) as tmp:
             tmp.mkdir()
             (tmp / "half.bin").write_bytes(b"x" * 1000)
@@ -77,7 +77,7 @@ def test_a_folder_swap_cut_short_puts_the_previous_output_back(tmp_path):
 def test_timed_blocks_add_up_and_nested_ones_count_once(monkeypatch):
     import time
 
-    from pipeline import common
+    from pipeline.core import common
 
     monkeypatch.setattr(common, "_spent", {})
     monkeypatch.setattr(common, "_open", {})
@@ -93,7 +93,7 @@ def test_timed_blocks_add_up_and_nested_ones_count_once(monkeypatch):
 
 def test_the_time_split_names_the_stage_and_its_parts_add_up(monkeypatch):
     from bench.startup import stage_splits
-    from pipeline import common
+    from pipeline.core import common
 
     monkeypatch.setenv("DVC_STAGE", "train_unet")
     monkeypatch.setattr(common, "_spent", {"tracking": 6.0})
@@ -105,7 +105,7 @@ def test_the_time_split_names_the_stage_and_its_parts_add_up(monkeypatch):
 
 
 def test_a_stage_run_from_the_command_line_ends_with_its_time_split(tmp_path):
-    code = "from pipeline.common import run_cli; run_cli(lambda argv: None)"
+    code = "from pipeline.core.common import run_cli; run_cli(lambda argv: None)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=PROJECT,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline import paths
-from pipeline.common import PipelineError
-from pipeline.config import Params, flatten, load_params, parse_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import Params, flatten, load_params, parse_params
 
 
 def _error(data) -> str:
@@ -438,7 +438,7 @@ def test_encoder_weights_are_none_or_imagenet():
 
 def test_small_numbers_as_dvc_writes_them_are_floats(tmp_path):
     """`dvc exp run -S lr=0.00001` writes `lr: 1e-05`: YAML 1.1 would read a string."""
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     path = tmp_path / "params.yaml"
     path.write_text("lr: 1e-05\ntrain:\n  min_lr: 5E-7\n  weight_decay: 1.0e-4\n")

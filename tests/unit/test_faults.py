@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import paths
-from pipeline.common import atomic_path, disk_full, sweep_stale_temporaries
-from pipeline.config import parse_params
+from pipeline.core import paths
+from pipeline.core.common import atomic_path, disk_full, sweep_stale_temporaries
+from pipeline.core.config import parse_params
 from tests.unit.data.test_archives import error_of
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def cli(body: str) -> subprocess.CompletedProcess:
     code = (
         "import os, signal\n"
         "from pathlib import Path\n"
-        "from pipeline.common import atomic_path, run_cli\n"
+        "from pipeline.core.common import atomic_path, run_cli\n"
         f"def main(argv):\n{body}\n"
         "run_cli(main)\n"
     )
@@ -169,7 +169,7 @@ def test_a_class_name_no_mapped_value_produces_is_refused():
 STAGE = """
 import sys, time
 from pathlib import Path
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.stages import lifecycle
 
 def main(argv):
@@ -330,14 +330,14 @@ def test_a_resume_state_that_is_not_one_starts_afresh_with_a_warning(tmp_path, c
 
 @pytest.mark.parametrize(("value", "limit"), [("", 178_956_970), ("0", 0), ("5000", 5000)])
 def test_pipeline_max_image_pixels_sets_predicts_limit(monkeypatch, value, limit):
-    from pipeline.segmenter import max_pixels
+    from pipeline.serving.segmenter import max_pixels
 
     monkeypatch.setenv("PIPELINE_MAX_IMAGE_PIXELS", value)
     assert max_pixels() == limit
 
 
 def test_a_pipeline_max_image_pixels_that_is_no_number_is_one_line(monkeypatch):
-    from pipeline.segmenter import max_pixels
+    from pipeline.serving.segmenter import max_pixels
 
     monkeypatch.setenv("PIPELINE_MAX_IMAGE_PIXELS", "abc")
     assert (

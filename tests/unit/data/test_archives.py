@@ -25,8 +25,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.common import PipelineError, run_cli
-from pipeline.config import Params, parse_params
+from pipeline.core.common import PipelineError, run_cli
+from pipeline.core.config import Params, parse_params
 from pipeline.data import archives
 from pipeline.data.archives import (
     archive_kind,

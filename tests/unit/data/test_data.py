@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.common import PipelineError
-from pipeline.config import IGNORE_INDEX, Params, parse_params
+from pipeline.core.common import PipelineError
+from pipeline.core.config import IGNORE_INDEX, Params, parse_params
 from pipeline.data import loading as data
 from pipeline.data.crops import crop_origins, pad_to_size
 from pipeline.data.manifest import load_manifest

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.common import PipelineError
-from pipeline.config import parse_params
+from pipeline.core.common import PipelineError
+from pipeline.core.config import parse_params
 from pipeline.data import loading as data
 from pipeline.data.manifest import load_manifest
 from pipeline.data.sources import CAMVID_CLASSES, map_labels, read_image, read_label
@@ -563,7 +563,7 @@ def test_scaled_splits_are_scored_on_their_full_size_labels(project, tmp_path):
     counts, as scoring by hand at full size does."""
     import torch.nn.functional as F
 
-    from pipeline.config import InferenceParams
+    from pipeline.core.config import InferenceParams
     from pipeline.inference.evaluate import evaluate
     from pipeline.inference.forward import predict as to_classes
     from pipeline.inference.metrics import ConfusionMatrix

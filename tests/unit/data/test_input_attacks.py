@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.common import PipelineError
-from pipeline.config import parse_params
+from pipeline.core.common import PipelineError
+from pipeline.core.config import parse_params
 from pipeline.data.archives import safe_extract
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.common import PipelineError
-from pipeline.config import TrainParams
+from pipeline.core.common import PipelineError
+from pipeline.core.config import TrainParams
 from pipeline.data.loading import transforms
 from tests.fakes import fake_manifest
 

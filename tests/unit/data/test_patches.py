@@ -8,9 +8,9 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from pipeline import paths
-from pipeline.common import PipelineError
-from pipeline.config import IGNORE_INDEX
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import IGNORE_INDEX
 from pipeline.data.loading import EpochSampler, PatchDataset
 from pipeline.data.store import array_path, class_locations, open_array, save_array
 

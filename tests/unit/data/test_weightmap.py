@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pipeline.config import parse_params
+from pipeline.core.config import parse_params
 from pipeline.data.weightmap import (
     EPS_REL,
     balanced_class_weights,

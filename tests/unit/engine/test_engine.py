@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.common import PipelineError
-from pipeline.config import parse_params
+from pipeline.core.common import PipelineError
+from pipeline.core.config import parse_params
 from pipeline.data.loading import EpochSampler
 from pipeline.engine.distributed import pick_device
 from pipeline.engine.loop import Engine, NonFiniteLoss, is_better, train_epoch

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
-from pipeline.common import PipelineError
-from pipeline.config import LossParams
+from pipeline.core.common import PipelineError
+from pipeline.core.config import LossParams
 from pipeline.engine.losses import (
     DeepSupervisionLoss,
     SegmentationLoss,

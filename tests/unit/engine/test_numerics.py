@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import parse_params
+from pipeline.core.config import parse_params
 from pipeline.engine import numerics as num
 from pipeline.engine.optim import make_optimizer
 from pipeline.inference.tiling import predict_tiled
@@ -140,7 +140,7 @@ def test_compile_auto_compiles_where_the_run_repays_it(choice, arch, steps, pixe
 
 
 def test_train_compile_takes_auto_or_a_boolean():
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
 
     assert parse_params({"train": {"compile": "auto"}}).train.compile == "auto"
     assert parse_params({"train": {"compile": True}}).train.compile is True

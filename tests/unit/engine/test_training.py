@@ -13,9 +13,9 @@ import torch
 
 import pipeline.engine.loop as loop
 import pipeline.stages.train as tr
-from pipeline import paths
-from pipeline.common import PipelineError, sha256_file
-from pipeline.config import parse_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError, sha256_file
+from pipeline.core.config import parse_params
 from pipeline.engine.loop import Engine
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess

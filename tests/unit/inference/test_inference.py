@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from pipeline.config import InferenceParams
+from pipeline.core.config import InferenceParams
 from pipeline.engine.losses import SegmentationLoss
 from pipeline.inference.evaluate import evaluate
 from pipeline.inference.forward import pad_to_multiple, predict_logits

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.inference.stats import count_params
 from pipeline.models import REGISTRY, build_model, out_channels
@@ -463,7 +463,7 @@ def test_params_and_the_model_config_share_one_set_of_defaults():
     """params.yaml's unet:/unetpp: sections and ModelConfig default alike, field by field."""
     from dataclasses import fields
 
-    from pipeline.config import ModelParams, UNetPPParams
+    from pipeline.core.config import ModelParams, UNetPPParams
 
     config = {f.name: f.default for f in fields(ModelConfig)}
     for section in (ModelParams, UNetPPParams):

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import paths
-from pipeline.common import PipelineError
-from pipeline.config import parse_params
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
+from pipeline.core.config import parse_params
 from pipeline.data.store import save_array
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.models import build_model
@@ -348,7 +348,7 @@ def test_missing_checkpoint_names_the_file_before_writing(fake):
 
 
 def test_the_inference_sentence_follows_the_inference_params():
-    from pipeline.config import InferenceParams
+    from pipeline.core.config import InferenceParams
     from pipeline.report.tables import inference_text
 
     whole = inference_text(InferenceParams(tile_size=0))
@@ -366,7 +366,7 @@ def test_the_inference_sentence_follows_the_inference_params():
 def test_an_undefined_metric_is_null_in_strict_json_and_a_dash_in_the_report(fake):
     """metrics.json holds null, never a bare NaN (strict parsers reject it); the report reads
     it back as a metric the model lacks."""
-    from pipeline.common import write_json
+    from pipeline.core.common import write_json
 
     fake()
     path = paths.arch_reports("unet") / "metrics.json"
@@ -399,7 +399,7 @@ def test_an_undefined_metric_is_null_in_strict_json_and_a_dash_in_the_report(fak
 def test_the_registry_gets_the_better_architecture_or_a_pruned_depth_within_tolerance(
     fake, unet, unetpp, l1, best_depth, chosen
 ):
-    from pipeline.common import sha256_file
+    from pipeline.core.common import sha256_file
 
     manifest = fake()
     t = tables.gather(params(), manifest, 0)

@@ -33,7 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_params, parse_params
+from pipeline.core.config import load_params, parse_params
 from pipeline.data.sources import read_image, read_label
 from pipeline.engine.distributed import SINGLE
 from pipeline.inference.evaluate import eval_shard

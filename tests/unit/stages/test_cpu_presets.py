@@ -10,8 +10,8 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline import paths, preset
-from pipeline.config import parse_params
+from pipeline.core import paths, preset
+from pipeline.core.config import parse_params
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.prune import prune

@@ -13,8 +13,8 @@ from pipeline.autoconf import budget, rules
 from pipeline.autoconf.__main__ import main, parse_budget
 from pipeline.autoconf.fingerprint import measure
 from pipeline.autoconf.labels import check_mapping
-from pipeline.common import PipelineError
-from pipeline.config import load_params
+from pipeline.core.common import PipelineError
+from pipeline.core.config import load_params
 from tests.fakes import save_image
 from tests.project import PROJECT
 
@@ -235,7 +235,7 @@ def plan_for(fp, budget_s, **kw):
 
 
 def default_params():
-    from pipeline.config import parse_params
+    from pipeline.core.config import parse_params
 
     return parse_params({"mlflow": {"enabled": False}})
 
@@ -351,6 +351,25 @@ def test_apply_writes_the_recipe_the_mapping_and_the_reasons(folder_project, tmp
     # a second run replaces the fingerprint and keeps params.yaml loadable
     main(["--budget", "4m", "--apply", *FAST])
     assert load_params().autoconf.budget_s == 240
+
+
+def test_source_on_the_command_line_plans_that_folder_and_apply_writes_it(project, tmp_path):
+    """`--source DIR` alone: a folder of images/ and labels/ planned from the default params,
+    and written with the recipe (the README's "your own data" in two commands)."""
+    (project / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    source = folder_dataset(tmp_path / "mine")
+    main(["--budget", "5m", "--source", str(source), "--apply", *FAST])
+    p = load_params()
+    assert (p.dataset.name, p.dataset.source) == ("folder", str(source))
+    assert p.dataset.folder.mapping == {0: 0, 1: 1} and p.autoconf.budget_s == 300
+
+
+def test_a_source_that_is_not_there_is_one_line_and_writes_nothing(project, tmp_path):
+    (project / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    before = (project / "params.yaml").read_text()
+    with pytest.raises(PipelineError, match="nowhere"):
+        main(["--budget", "5m", "--source", str(tmp_path / "nowhere"), "--apply", *FAST])
+    assert (project / "params.yaml").read_text() == before
 
 
 def test_without_apply_nothing_is_written(folder_project):

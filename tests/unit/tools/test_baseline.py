@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import baseline, paths, preset
-from pipeline.common import PipelineError
+from pipeline import baseline, preset
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
 from tests.project import env
 
 DVC_YAML = {

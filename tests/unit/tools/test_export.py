@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError, run_cli
+from pipeline.core.common import PipelineError, run_cli
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.export import check_onnx, export_onnx, main
 from tests.fakes import tiny_model

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline import plan
-from pipeline.common import PipelineError, clock, write_json
-from pipeline.config import parse_params
+from pipeline.core.common import PipelineError, clock, write_json
+from pipeline.core.config import parse_params
 from pipeline.data.store import save_array
 from pipeline.training.progress import Progress, epoch_summary
 from tests.fakes import merged, tiny_params

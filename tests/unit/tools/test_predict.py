@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.common import PipelineError, run_cli
+from pipeline.core.common import PipelineError, run_cli
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.inference.forward import predict
 from pipeline.inference.tiling import predict_tiled

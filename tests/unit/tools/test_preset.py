@@ -15,9 +15,9 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
-from pipeline import paths, preset
-from pipeline.common import PipelineError, run_cli
-from pipeline.config import Params, flatten, load_params, parse_params
+from pipeline.core import paths, preset
+from pipeline.core.common import PipelineError, run_cli
+from pipeline.core.config import Params, flatten, load_params, parse_params
 
 PROJECT_PARAMS = paths.PARAMS  # the real params.yaml (the `project` fixture repoints paths)
 KINDS = "a local .zip/.tar(.gz) archive or folder, or an http(s) URL"

@@ -1,4 +1,4 @@
-"""pipeline.serving: the MLflow pyfunc model takes image files and answers exactly as
+"""pipeline.serving.pyfunc: the MLflow pyfunc model takes image files and answers exactly as
 `pipeline.predict` does, bit for bit on CPU; its signature, input example and errors."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 from pipeline.predict import predict_files
-from pipeline.serving import CHECKPOINT, SegmentationModel, log_segmenter
+from pipeline.serving.pyfunc import CHECKPOINT, SegmentationModel, log_segmenter
 from tests.unit.tools.test_predict import INFERENCE, save_image, save_model
 
 

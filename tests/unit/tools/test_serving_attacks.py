@@ -1,6 +1,6 @@
-"""pipeline.serving under hostile requests, as `mlflow models serve` answers them: every request
-goes through MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, the FastAPI app the
-server runs) in-process, over ASGI: no server process, no port.
+"""pipeline.serving.pyfunc under hostile requests, as `mlflow models serve` answers them: every
+request goes through MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, the FastAPI
+app the server runs) in-process, over ASGI: no server process, no port.
 
 A bad image or param is an HTTP 400 whose JSON `message` is one line naming the row, with no
 stack trace; what MLflow refuses before the model runs keeps MLflow's own answer."""
@@ -30,7 +30,7 @@ def served(tmp_path_factory):
     from mlflow.pyfunc import scoring_server
     from mlflow.tracking._tracking_service import utils
 
-    from pipeline.serving import log_segmenter
+    from pipeline.serving.pyfunc import log_segmenter
 
     tmp = tmp_path_factory.mktemp("served")
     env, uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri

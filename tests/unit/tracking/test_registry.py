@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from pipeline.config import parse_params
+from pipeline.core.config import parse_params
 from pipeline.tracking.registry import CHECKPOINT_TAG, Candidate, register
 from pipeline.tracking.runs import init_store
 
@@ -89,7 +89,7 @@ def test_a_version_carries_the_dataset_split_metrics_and_source_run(params):
     assert tags["test_split"] == "split1"
     assert float(tags["test_miou"]) == pytest.approx(0.7)
     assert float(tags["test_dice"]) == pytest.approx(0.75)
-    # what the README tells users to load
+    # what docs/serving.md tells users to load
     loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     assert loaded.metadata.run_id == run_id
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import paths
-from pipeline.config import parse_params
+from pipeline.core import paths
+from pipeline.core.config import parse_params
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.dvc import dvc_args
 
@@ -129,7 +129,7 @@ def test_mlflow_run_records_tags_and_metrics(clean_env, tmp_path: Path):
 
 def test_a_corrupt_store_is_one_line_naming_it_and_the_ways_out(clean_env, tmp_path: Path):
     """Not sqlalchemy's 90-line traceback: which file, and how to go on."""
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
 
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"this is not a sqlite database" * 100)
@@ -256,7 +256,7 @@ def test_a_stage_whose_work_fails_shows_as_failed_in_mlflow(clean_env, store, pr
 
     import yaml
 
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
 
     module = importlib.import_module(f"pipeline.stages.{stage}")
     full = parse_params({"dataset": {"name": "drive", "source": str(project / "none.zip")}})
@@ -317,7 +317,7 @@ def test_processes_racing_on_a_fresh_store_all_land(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = (
         "import sys\n"
-        "from pipeline.config import parse_params\n"
+        "from pipeline.core.config import parse_params\n"
         "from pipeline.tracking.runs import mlflow_run\n"
         "import mlflow\n"
         "p = parse_params({'mlflow': {'experiment': 'race'}})\n"
@@ -353,10 +353,12 @@ def test_processes_racing_on_a_fresh_store_all_land(tmp_path: Path):
 
 def test_the_readmes_server_examples_are_local_or_behind_a_login():
     """`mlflow server` has no login by default: the plain example listens on this machine
-    only; the one on the network turns MLflow's basic auth on."""
+    only; the one on the network turns MLflow's basic auth on (README.md and docs/, where
+    docs/tracking.md holds them)."""
     import re
 
-    readme = (paths.ROOT / "README.md").read_text()
+    pages = [paths.ROOT / "README.md", *sorted((paths.ROOT / "docs").glob("*.md"))]
+    readme = "\n".join(page.read_text() for page in pages)
     servers = re.findall(r"^uv run[^\n]*mlflow server(?:[^\n]*\\\n)*[^\n]*", readme, re.M)
     assert len(servers) >= 2
     for command in servers:
@@ -397,7 +399,7 @@ def test_a_smoke_tests_runs_say_so_on_the_parent_and_each_stage(clean_env, store
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_store_that_refuses_writes_is_one_line_naming_it(clean_env, store, tmp_path):
     """A read-only sqlite store (or a server refusing this user) was MLflow's traceback."""
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
 
     params = _params(experiment="pipeline")
     clean_env.setenv("PIPELINE_EXECUTION", "first")
@@ -420,7 +422,7 @@ def test_a_store_that_refuses_writes_is_one_line_naming_it(clean_env, store, tmp
 def test_the_parent_run_holds_autoconfs_fingerprint_and_reasons(clean_env, store):
     """pipeline.autoconf writes them into params.yaml; the parent run logs every param, and a
     value past MLflow's limit is cut rather than failing the stage."""
-    from pipeline.config import parse_params
+    from pipeline.core.config import parse_params
 
     base = _params(experiment="pipeline").model_dump()
     base["autoconf"] = {

@@ -1,4 +1,4 @@
-"""smp encoder names, checked when params load (pipeline.config) and when a model is built
+"""smp encoder names, checked when params load (pipeline.core.config) and when a model is built
 (pipeline.models): one message, with close matches, for both."""
 
 from __future__ import annotations

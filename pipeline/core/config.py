@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline import paths
-from pipeline.common import PipelineError
+from pipeline.core import paths
+from pipeline.core.common import PipelineError
 
 PositiveInt = Annotated[int, Field(ge=1)]
 IGNORE_INDEX = 255  # label value ignored by losses and metrics
@@ -237,7 +237,7 @@ class ModelParams(Section):
         """An unknown name fails when params load, not as a traceback when a stage builds the
         model (smp is imported only when an smp encoder is asked for)."""
         if name != "none":
-            from pipeline.encoders import check_encoder
+            from pipeline.core.encoders import check_encoder
 
             check_encoder(name)
         return name

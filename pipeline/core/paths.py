@@ -86,7 +86,7 @@ class Paths:
         return self.reports / arch
 
 
-_current = Paths(Path(__file__).resolve().parent.parent)
+_current = Paths(Path(__file__).resolve().parents[2])
 
 
 def current() -> Paths:

@@ -1,12 +1,11 @@
 """A trained checkpoint ready to segment images exactly as training saw them.
 
-One place for what `pipeline.predict` and the MLflow pyfunc model (`pipeline.serving`) both do
-to an image: read it as training did (greyscale or RGB, 16-bit scaled by the data's bit depth),
-equalise it (CLAHE, if preprocess did), normalise it with the training split's mean and std,
-resize it by `preprocess.scale`, predict it full-size by overlap-tile (with the checkpoint's
-`inference` params: tiles, overlap, blend, test-time flips), bring the logits back to the
-image's size and read them: sigmoid for one channel, softmax for several.
-"""
+One place for what `pipeline.predict` and the MLflow pyfunc model (`pipeline.serving.pyfunc`)
+both do to an image: read it as training did (greyscale or RGB, 16-bit scaled by the data's bit
+depth), equalise it (CLAHE, if preprocess did), normalise it with the training split's mean and
+std, resize it by `preprocess.scale`, predict it full-size by overlap-tile (with the
+checkpoint's `inference` params: tiles, overlap, blend, test-time flips), bring the logits back
+to the image's size and read them: sigmoid for one channel, softmax for several."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.common import PipelineError, scaled_size
+from pipeline.core.common import PipelineError, scaled_size
 from pipeline.data.sources import DEFAULT_MAX_IMAGE_PIXELS, equalize, read_image
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import pick_device

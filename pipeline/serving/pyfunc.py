@@ -44,9 +44,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
 from pipeline.report.palette import label_image
-from pipeline.segmenter import Segmenter
+from pipeline.serving.segmenter import Segmenter
 
 CHECKPOINT = "checkpoint"  # the artifact key of the .pt file
 # what loading the pipeline's code and predicting imports (opencv: CLAHE)
@@ -242,6 +242,6 @@ def log_segmenter(
         signature=signature(),
         input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
         pip_requirements=requirements,
-        code_paths=[str(Path(__file__).resolve().parent)],  # the pipeline package
+        code_paths=[str(Path(__file__).resolve().parents[1])],  # the pipeline package
     )
     return info.model_uri
