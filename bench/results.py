@@ -3,6 +3,8 @@ each stage, and write what it scored to reports/results/.
 
     # apply a preset, run `dvc repro` timed stage by stage, then collect
     uv run python bench/results.py run --preset drive-cpu --source ../shared/datasets/DRIVE.zip
+    # a recipe picked by hand: a YAML overlay of params.yaml (kept as runs/<name>.overlay.yaml)
+    uv run python bench/results.py run --overlay my-recipe.yaml --name cvc-hand-20m
     # collect a finished run (reports/, data/processed/manifest.json, dvc.lock, the timing log)
     uv run python bench/results.py collect --name drive-cpu --log reports/results/runs/drive-cpu.log
     # rewrite reports/results/README.md from the JSON files there
@@ -416,6 +418,27 @@ def run_autoconf(name: str, budget: str, dataset: str, source: str, plan_path: P
     write_json(plan_path, json.loads(found.read_text())["plan"])
 
 
+def run_overlay(name: str, overlay: Path) -> None:
+    """A hand-picked recipe: params.yaml with the YAML `overlay` applied (checked, as a preset
+    is), a copy kept next to the run's log, and the data prepared so that pipeline.plan can
+    time it (a folder dataset has no plan before preprocess has run; `run` re-runs it timed)."""
+    from pipeline.preset import apply
+
+    try:
+        text = overlay.read_text()
+    except OSError as exc:
+        raise PipelineError(f"--overlay {overlay}: {exc.strerror}") from None
+    recipe = yaml.safe_load(text)
+    if not isinstance(recipe, dict):
+        raise PipelineError(f"--overlay {overlay}: expected a YAML mapping of params")
+    apply(recipe)
+    kept = out_dir() / "runs" / f"{name}.overlay.yaml"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if kept.resolve() != overlay.resolve():
+        kept.write_text(text)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "preprocess"], cwd=ROOT, check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -431,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
         "BUDGET --apply (e.g. 20m)",
     )
     run.add_argument("--dataset", help="dataset.name for --autoconf (drive, camvid, folder)")
+    run.add_argument(
+        "--overlay", type=Path, help="instead of a preset: a YAML of params to apply (by hand)"
+    )
     col = sub.add_parser("collect", help="collect a finished run")
     col.add_argument("--name", required=True)
     col.add_argument("--log", type=Path, help="the timed dvc repro log (wall time per stage)")
@@ -447,9 +473,13 @@ def main(argv: list[str] | None = None) -> None:
         name = args.name or args.preset or "default"
         py = sys.executable
         plan_path = out_dir() / "runs" / f"{name}.plan.json"
+        if sum(map(bool, (args.autoconf, args.preset, args.overlay))) > 1:
+            raise PipelineError("give one of --preset, --autoconf, --overlay: each sets the recipe")
+        if args.overlay:
+            if not args.name:
+                raise PipelineError("--overlay needs --name")
+            run_overlay(name, args.overlay)
         if args.autoconf:
-            if args.preset:
-                raise PipelineError("--autoconf chooses the recipe: give it or --preset")
             run_autoconf(name, args.autoconf, args.dataset, args.source, plan_path)
         elif args.preset:
             cmd = [py, "-m", "pipeline.preset", args.preset, "--apply"]  # params.yaml only
@@ -467,6 +497,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.preset:
             result["preset"] = args.preset
             result["command"] = f"python -m pipeline.preset {args.preset} --apply; dvc repro"
+        if args.overlay:
+            result["command"] = (
+                f"reports/results/runs/{name}.overlay.yaml applied (pipeline.preset.apply); "
+                "dvc repro"
+            )
         if args.autoconf:
             result["command"] = (
                 f"dataset.name {args.dataset}, dataset.source {args.source}; python -m "

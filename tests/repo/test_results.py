@@ -137,3 +137,31 @@ def test_an_autoconf_run_records_its_budget_plan_and_actual_time(finished_run):
     assert out["stopped_early"] == {"unetpp": "stopped after epoch 6 of 7"}
     readme = (finished_run / "reports/results/README.md").read_text()
     assert "for a 10m00s budget, planned at 9m30s, ran in 9m40s (97% of the budget)" in readme
+
+
+def test_a_hand_recipe_is_applied_and_kept_beside_the_run(finished_run, tmp_path, monkeypatch):
+    """`run --overlay my.yaml --name N`: params.yaml gets the recipe (as a preset is applied),
+    runs/N.overlay.yaml keeps it, and the data is prepared so that the plan can time it."""
+    calls = []
+    monkeypatch.setattr(results.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("epochs: 3\npreprocess: {crop_size: 128}\n")
+    results.run_overlay("hand", recipe)
+    params = yaml.safe_load((finished_run / "params.yaml").read_text())
+    assert params["epochs"] == 3 and params["preprocess"]["crop_size"] == 128
+    kept = finished_run / "reports/results/runs/hand.overlay.yaml"
+    assert kept.read_text() == recipe.read_text()
+    assert calls[-1][-3:] == ["dvc", "repro", "preprocess"]
+
+
+def test_a_run_takes_one_recipe_and_a_readable_overlay(finished_run, tmp_path):
+    with pytest.raises(PipelineError, match="one of --preset, --autoconf, --overlay"):
+        results.main(["run", "--preset", "drive-cpu", "--overlay", "x.yaml", "--name", "n"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n")
+    with pytest.raises(PipelineError, match="bad.yaml: expected a YAML mapping"):
+        results.main(["run", "--overlay", str(bad), "--name", "n"])
+    with pytest.raises(PipelineError, match="missing.yaml: No such file"):
+        results.main(["run", "--overlay", str(tmp_path / "missing.yaml"), "--name", "n"])
+    before = (finished_run / "params.yaml").read_text()
+    assert before == "epochs: 7\n"  # nothing applied
