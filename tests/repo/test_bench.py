@@ -5,6 +5,7 @@ classic UNet has the paper's 31.0M parameters. Seconds, not minutes: no timing i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 from bench import cpu_step, inference_latency, loader_throughput, train_throughput
 from bench.benchlib import markdown_table, out_stem, train_step_flops
 from pipeline.core import paths
+from pipeline.core.common import PipelineError
 from pipeline.core.config import load_params
 from pipeline.engine.numerics import cpu_bf16, numerics
 from tests.unit.engine.test_training import TINY
@@ -266,3 +268,30 @@ def test_scale_runs_the_data_stages_on_n_synthetic_images(tmp_path):
     assert len(list((project / "data/processed/train/images").glob("*.npy"))) == len(
         manifest["splits"]["train"]
     )
+
+
+def test_the_readme_picture_keeps_the_title_and_starts_at_a_heading():
+    """bench/report_picture.py: the README's picture leaves the long setup tables out."""
+    from bench.report_picture import from_heading
+
+    html = "<h1>UNet vs UNet++</h1><h2>Setup</h2><table/><h2>Test metrics</h2><p>x</p>"
+    assert (
+        from_heading(html, "Test metrics") == "<h1>UNet vs UNet++</h1><h2>Test metrics</h2><p>x</p>"
+    )
+    with pytest.raises(PipelineError, match="no such heading in the report .it has: Setup, Test"):
+        from_heading(html, "Results")
+
+
+def test_the_readme_picture_is_cut_below_its_content(tmp_path):
+    from PIL import Image
+
+    from bench.report_picture import screenshot, trimmed
+
+    page = Image.new("RGB", (40, 400), "white")
+    page.putpixel((5, 100), (0, 0, 0))
+    assert trimmed(page, margin=10).size == (40, 111)
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no chromium: the screenshot itself is not taken")
+    out = tmp_path / "report.png"
+    screenshot("<h1>UNet vs UNet++</h1><p>text</p>", out, 320, 1000)
+    assert Image.open(out).width == 320 and Image.open(out).height < 1000
