@@ -37,7 +37,7 @@ def trimmed(image: Image.Image, margin: int = 24) -> Image.Image:
     """The image cut below its last row that is not plain background."""
     pixels = np.asarray(image.convert("L"))
     rows = np.flatnonzero((pixels < 250).any(axis=1))
-    bottom = min(pixels.shape[0], (rows[-1] + margin) if len(rows) else pixels.shape[0])
+    bottom = min(pixels.shape[0], (rows[-1] + 1 + margin) if len(rows) else pixels.shape[0])
     return image.crop((0, 0, image.width, bottom))
 
 

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import paths, preset
+from pipeline import preset
+from pipeline.core import paths
 from pipeline.core.common import PipelineError, run_cli
 from pipeline.core.config import flatten, parse_yaml
 

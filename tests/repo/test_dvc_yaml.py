@@ -112,7 +112,7 @@ def test_the_import_walk_sees_lazy_and_package_imports(tmp_path):
     """The checker itself: a function-level import and `from pipeline import x` both count."""
     prune = imported(PACKAGE / "stages" / "prune.py")
     assert PACKAGE / "export.py" in prune  # imported inside export_all only
-    assert PACKAGE / "paths.py" in prune  # `from pipeline.core import paths`
+    assert PACKAGE / "core" / "paths.py" in prune  # `from pipeline.core import paths`
     assert PACKAGE / "engine" / "__init__.py" in prune  # an imported module's package runs too
     assert (PACKAGE / "models" / "__init__.py") in closure(PACKAGE / "engine" / "checkpoint.py")
 

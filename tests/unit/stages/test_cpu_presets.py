@@ -10,7 +10,8 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.core import paths, preset
+from pipeline import preset
+from pipeline.core import paths
 from pipeline.core.config import parse_params
 from pipeline.stages.download import download
 from pipeline.stages.preprocess import preprocess

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
-from pipeline.core import paths, preset
+from pipeline import preset
+from pipeline.core import paths
 from pipeline.core.common import PipelineError, run_cli
 from pipeline.core.config import Params, flatten, load_params, parse_params
 

@@ -114,7 +114,8 @@ def test_the_model_carries_its_signature_example_checkpoint_and_code(tmp_path, s
     assert {"mask", "height", "width", "probabilities"} == set(meta.signature.outputs.input_names())
     example = meta.load_input_example(local)
     assert example["image"][0] == image.read_bytes()
-    assert (local / "code" / "pipeline" / "segmenter.py").is_file()  # loads without a checkout
+    code = local / "code" / "pipeline"
+    assert (code / "serving" / "segmenter.py").is_file()  # loads without a checkout
     assert any(p.suffix == ".pt" for p in (local / "artifacts").rglob("*"))
     requirements = (local / "requirements.txt").read_text()
     assert "torch==" in requirements and "segmentation-models-pytorch==" in requirements
