@@ -285,12 +285,12 @@ def test_the_readme_picture_keeps_the_title_and_starts_at_a_heading():
 def test_the_readme_picture_is_cut_below_its_content(tmp_path):
     from PIL import Image
 
-    from bench.report_picture import screenshot, trimmed
+    from bench.report_picture import BROWSERS, screenshot, trimmed
 
     page = Image.new("RGB", (40, 400), "white")
     page.putpixel((5, 100), (0, 0, 0))
     assert trimmed(page, margin=10).size == (40, 111)
-    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+    if not any(shutil.which(b) for b in BROWSERS):
         pytest.skip("no chromium: the screenshot itself is not taken")
     out = tmp_path / "report.png"
     screenshot("<h1>UNet vs UNet++</h1><p>text</p>", out, 320, 1000)

@@ -11,6 +11,10 @@ from tests.repo.test_dvc_yaml import PACKAGE, ROOT, docstring_only, imported
 
 # a unit (sub-package, or top-level module) -> the units it may import. Tools (predict, export,
 # plan, preset, baseline) sit on top with the stages; the models know nothing of params or data.
+# what running a stage (and a training stage's run) stands on
+RUN = {"common", "paths", "config", "data", "models", "engine", "inference", "tracking", "report",
+       "pyfunc"}  # fmt: skip
+
 ALLOWED = {
     "common": set(),
     "paths": set(),
@@ -30,34 +34,10 @@ ALLOWED = {
     "baseline": {"common", "paths", "config", "preset"},
     "plan": {"common", "paths", "config", "data", "engine", "inference", "models"},
     # one training stage's run: built from the engine, scored by inference, logged by tracking
-    "training": {
-        "common",
-        "paths",
-        "config",
-        "data",
-        "models",
-        "engine",
-        "inference",
-        "tracking",
-        "report",
-        "pyfunc",
-    },  # fmt: skip
+    "training": RUN,
     # a tool on top: it reads the raw data as the download stage fetches it, and times with plan
     "autoconf": {"common", "paths", "config", "data", "plan", "preset", "stages"},
-    "stages": {
-        "common",
-        "paths",
-        "config",
-        "data",
-        "models",
-        "engine",
-        "inference",
-        "report",
-        "tracking",
-        "training",
-        "export",
-        "pyfunc",
-    },  # fmt: skip
+    "stages": RUN | {"training", "export"},
 }
 
 
