@@ -1,9 +1,11 @@
-"""Local servers for the tests and the benchmarks: a real `mlflow server` on a store, and
-`mlflow models serve` of a registered model, each on a free 127.0.0.1 port in its own process
-group, yielded once it answers and always terminated (the whole group) afterwards.
+"""Local servers for the tests and the benchmarks: a real `mlflow server` on a store,
+`mlflow models serve` of a registered model, and an S3 API server (moto's server mode), each on
+a free 127.0.0.1 port in its own process group, yielded once it answers and always terminated
+(the whole group) afterwards.
 
     with mlflow_server(f"sqlite:///{db}", tmp_path / "mlartifacts") as base_url: ...
     with model_server("models:/unet-family-synthetic@champion", tracking_uri) as base_url: ...
+    with s3_server(["bucket"]) as endpoint: ...  # http://127.0.0.1:<port>; keys in S3_ENV
 
 Failures raise with the server's command and the tail of its output. Used by tests/browser.py
 (the UI and REST tests) and bench/serve_latency.py.
@@ -88,21 +90,25 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def mlflow_server(
     store_uri: str,
-    artifacts_dir: Path,
+    artifacts: Path | str,
     timeout: float = 90.0,
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run `mlflow server` on `store_uri` (e.g. sqlite:////abs/mlflow.db); yield its base URL.
 
-    New experiments created through the server store their artifacts under `artifacts_dir`
-    (a file URI, like the pipeline's own experiments); proxied `mlflow-artifacts:/` URIs
-    resolve there too. The server binds 127.0.0.1 on a free port with one worker;
+    New experiments created through the server store their artifacts under `artifacts`: a
+    folder (a file URI, like the pipeline's own experiments), or a URI such as s3://bucket/path
+    that clients reach only through the server (`mlflow-artifacts:/`; the server alone needs
+    the bucket's credentials, in `env`). The server binds 127.0.0.1 on a free port with one worker;
     `extra_args` go to `mlflow server` as they are, `env` into its environment. Raises with
     the server's output if it exits or does not answer GET /health within `timeout` seconds.
     """
-    artifacts_dir = Path(artifacts_dir).resolve()
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    root: list[str] = []
+    if isinstance(artifacts, Path):
+        artifacts.mkdir(parents=True, exist_ok=True)
+        artifacts = artifacts.resolve().as_uri()
+        root = ["--default-artifact-root", artifacts]
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -110,10 +116,9 @@ def mlflow_server(
         "server",
         "--backend-store-uri",
         store_uri,
-        "--default-artifact-root",
-        artifacts_dir.as_uri(),
+        *root,
         "--artifacts-destination",
-        artifacts_dir.as_uri(),
+        artifacts,
         *_local(port),
         *extra_args,
     ]
@@ -122,9 +127,12 @@ def mlflow_server(
 
 
 @contextlib.contextmanager
-def model_server(model_uri: str, tracking_uri: str, timeout: float = 180.0) -> Iterator[str]:
+def model_server(
+    model_uri: str, tracking_uri: str, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Run `mlflow models serve -m <model_uri> --env-manager local` against the store at
-    `tracking_uri` on a free 127.0.0.1 port; yield its base URL once GET /ping answers."""
+    `tracking_uri` on a free 127.0.0.1 port; yield its base URL once GET /ping answers.
+    `env` goes into its environment (e.g. a server's MLFLOW_TRACKING_USERNAME/PASSWORD)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -137,8 +145,57 @@ def model_server(model_uri: str, tracking_uri: str, timeout: float = 180.0) -> I
         "local",
         *_local(port),
     ]
-    with _serving(cmd, f"{base_url}/ping", timeout, MLFLOW_TRACKING_URI=tracking_uri):
+    extra = {**(env or {}), "MLFLOW_TRACKING_URI": tracking_uri}
+    with _serving(cmd, f"{base_url}/ping", timeout, **extra):
         yield base_url
+
+
+# moto accepts any key; boto3, DVC's s3fs and MLflow's artifact store read these
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def s3_server(
+    buckets: Sequence[str] = (), port: int | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """An S3 API server (moto's `moto_server`, all in memory) on 127.0.0.1:`port` (a free one
+    by default) with `buckets` created; yields its endpoint URL. Clients need S3_ENV's keys."""
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.is_file():
+        raise RuntimeError(f"no moto_server next to {sys.executable}: install moto[server]")
+    port = port or free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+    with _serving(cmd, f"{endpoint}/moto-api/data.json", timeout, **S3_ENV):
+        for bucket in buckets:
+            _s3_client(endpoint).create_bucket(Bucket=bucket)
+        yield endpoint
+
+
+def _s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key in `bucket` under `prefix` on the server at `endpoint`."""
+    pages = _s3_client(endpoint).get_paginator("list_objects_v2")
+    return [
+        obj["Key"]
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    ]
 
 
 def _local(port: int) -> list[str]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -82,9 +83,13 @@ def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | Non
     """Queue one `dvc exp run -S lr=<lr> -n <name>` per item of `names`, run them all at once
     (`dvc queue start -j <n>`), wait until none is queued or running (15 min at most) and
     check that each succeeded; returns the last `dvc queue status`."""
-    import re
-    import time
+    start_queue(repo, names, extra_env)
+    return wait_queue(repo, names)
 
+
+def start_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | None = None) -> None:
+    """Queue one `dvc exp run -S lr=<lr> -n <name>` per item of `names` and start as many
+    workers; returns at once (see wait_queue)."""
     for name, lr in names.items():
         dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name, extra_env=extra_env)
     # the workers it starts inherit its output: captured, `dvc queue start` would only return
@@ -98,6 +103,14 @@ def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | Non
         timeout=300,
     )
     assert start.returncode == 0, "dvc queue start failed"
+
+
+def wait_queue(repo: Path, names: Iterable[str]) -> str:
+    """Wait until `repo`'s queue has nothing queued or running (15 min at most), stop its
+    workers and check that each of `names` succeeded; returns the last `dvc queue status`."""
+    import re
+    import time
+
     deadline = time.monotonic() + 900
     while True:
         status = dvc(repo, "queue", "status")
@@ -115,5 +128,9 @@ def run_queue(repo: Path, names: dict[str, str], extra_env: dict[str, str] | Non
         timeout=120,
     )
     for name in names:
-        assert re.search(rf"{name}\s.*Success", status), status
+        if not re.search(rf"{name}\s.*Success", status):
+            logs = subprocess.run(
+                ["dvc", "queue", "logs", name], cwd=repo, env=env(), capture_output=True, text=True
+            )
+            raise AssertionError(f"{name} did not succeed:\n{status}\n{logs.stdout[-3000:]}")
     return status

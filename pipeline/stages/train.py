@@ -45,10 +45,14 @@ def train(arch: str, params: Params, ctx: Dist = SINGLE) -> dict[str, Any]:
     its checkpoint, epoch log, curves and metrics (rank 0); returns the test metrics."""
     check_request(arch, params, ctx)
     manifest = load_manifest()
-    # where the results land must take them before the training they would hold runs
-    check_writable(
-        paths.checkpoint(arch).parent, paths.arch_reports(arch), paths.resume_state(arch).parent
-    )
+    # where the results land must take them before the training they would hold runs; only
+    # rank 0 writes (on another node, the other ranks' disks may hold nothing of it)
+    if ctx.main:
+        check_writable(
+            paths.checkpoint(arch).parent,
+            paths.arch_reports(arch),
+            paths.resume_state(arch).parent,
+        )
     device = pick_device(params.train.device, ctx)
     seed_everything(params.seed)
     if device.type == "cuda":

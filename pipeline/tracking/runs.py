@@ -147,7 +147,7 @@ def init_store(params: Params) -> str:
 
     with _store_lock(uri):
         try:
-            return retry_busy(get_or_create)
+            exp_id = retry_busy(get_or_create)
         except Exception as exc:  # sqlalchemy, MlflowException, connection errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             if uri.startswith("sqlite:///"):
@@ -160,6 +160,37 @@ def init_store(params: Params) -> str:
                 f"MLflow tracking store {uri} cannot be reached ({first}); check the server "
                 "or MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
             ) from None
+    check_artifact_store(uri, exp_id)
+    return exp_id
+
+
+def check_artifact_store(uri: str, exp_id: str) -> None:
+    """A server that cannot reach its artifact store (a bucket: `--artifacts-destination
+    s3://...`) is one line before the stage works: each upload would fail only after MLflow's
+    client retried it for about four minutes. One listing, not retried."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    location = mlflow.get_experiment(exp_id).artifact_location
+    if not location.startswith("mlflow-artifacts:"):
+        return  # the client writes there itself (a local folder, or a bucket with its keys)
+    before = os.environ.get(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
+    try:
+        mlflow.artifacts.list_artifacts(artifact_uri=location)
+    except Exception as exc:
+        raise PipelineError(
+            f"MLflow tracking server {uri}: its artifact store does not answer ({_reason(exc)}); "
+            "check the server's --artifacts-destination (a bucket: its endpoint and keys), or "
+            "set mlflow.enabled: false"
+        ) from None
+    finally:
+        if before is None:
+            os.environ.pop(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, None)
+        else:
+            os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = before
 
 
 MAX_PARAM = 6000  # characters MLflow 3 keeps in a param's value
@@ -265,14 +296,17 @@ def mlflow_run(
     with timed("tracking"):
         try:
             started, parent = _start_run(params, stage, run_name, run_id, used, consumes)
-        except PipelineError:
+        except PipelineError as exc:
+            exc.mlflow_store_failed = True  # recording it there would fail alike
             raise
         except Exception as exc:  # a read-only or full store, a server refusing this user, ...
-            raise PipelineError(
+            error = PipelineError(
                 f"MLflow store {tracking_uri(params)}: cannot start the {stage} run "
                 f"({_reason(exc)}); make it writable for this user (a server: its permissions), "
                 "or set mlflow.enabled: false"
-            ) from None
+            )
+            error.mlflow_store_failed = True
+            raise error from None
     status = "FAILED"
     try:
         yield Tracker(started)
@@ -284,7 +318,11 @@ def mlflow_run(
                 import mlflow
 
                 mlflow.set_tag("error", (str(exc) or type(exc).__name__)[:5000])
-        raise
+        one_line = _logging_failed(exc, tracking_uri(params), stage)
+        if one_line is None:
+            raise
+        one_line.mlflow_run_failed = True
+        raise one_line from None
     finally:
         with timed("tracking"):
             import mlflow
@@ -294,6 +332,21 @@ def mlflow_run(
                 mlflow.end_run(status)
             if parent:
                 retry_busy(lambda: mlflow.MlflowClient().set_terminated(parent, status))
+
+
+def _logging_failed(exc: BaseException, uri: str, stage: str) -> PipelineError | None:
+    """MLflow's own error while the stage logged (after its client's retries: a server or its
+    bucket gone mid-stage) as one line; None for anything else. What the stage wrote before
+    logging stays on disk."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, PipelineError) or not isinstance(exc, MlflowException):
+        return None
+    return PipelineError(
+        f"MLflow tracking server {uri}: the {stage} run could not log ({_reason(exc)}); its "
+        "outputs are on disk: run the stage again once the server and its artifact store "
+        "answer, or set mlflow.enabled: false"
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -362,8 +415,10 @@ def failures_recorded(params: Params, stage: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        # a stage whose own run was open when it failed (training) has recorded it there
-        if params.mlflow.enabled and not getattr(exc, "mlflow_run_failed", False):
+        # a stage whose own run was open when it failed (training) has recorded it there; a
+        # store that could not start a run would not record it either
+        skip = getattr(exc, "mlflow_run_failed", False) or getattr(exc, "mlflow_store_failed", 0)
+        if params.mlflow.enabled and not skip:
             run_id = None
             try:
                 with (

@@ -127,34 +127,84 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(prepared, re
     assert sorted(set(steps)) == list(range(1, TINY["epochs"] + 1))
 
 
+DDP_PARAMS = {
+    "epochs": 4,
+    "batch_size": 16,
+    "unet": {"norm": "none"},
+    "loss": {"dice_weight": 0.0},
+    "train": {"scheduler": "none", "warmup_epochs": 0.0, "amp": "none"},
+    "mlflow": {"enabled": False},
+}
+
+
+def check_matches(single: Path, double: Path) -> None:
+    """Two DDP ranks trained like one process, within float reduction order."""
+    one, two = epoch_log(single), epoch_log(double)
+    assert len(two) == DDP_PARAMS["epochs"]
+    for col in ("train_loss", "val_loss"):
+        assert two[col].to_numpy() == pytest.approx(one[col].to_numpy(), rel=0.03), col
+    a, b = json.loads(results(single)), json.loads(results(double))
+    for key in ("miou", "global_accuracy", "auc_roc"):
+        assert b[key] == pytest.approx(a[key], abs=0.03), key
+
+
 def test_two_ddp_processes_match_one_process(prepared, repo):
     # no BatchNorm (per-rank statistics on CPU) and CE only (Dice does not split over ranks),
     # so the two runs differ only by float reduction order and per-rank loss normalisation;
     # 8 crops per rank and a constant lr keep that difference small; fp32 (amp none, the
     # reference path): bf16's rounding would amplify it on a CPU where amp auto picks bf16
     for copy in (prepared, repo):
-        set_params(
-            copy,
-            epochs=4,
-            batch_size=16,
-            unet={"norm": "none"},
-            loss={"dice_weight": 0.0},
-            train={"scheduler": "none", "warmup_epochs": 0.0, "amp": "none"},
-            mlflow={"enabled": False},
-        )
+        set_params(copy, **DDP_PARAMS)
     run(prepared, "pipeline.stages.train", "unet")
     set_params(repo, train={"processes": 2})
     ddp = run(repo, "pipeline.stages.train", "unet")
     assert "launching 2 DDP processes" in ddp.stderr
     assert ddp.stderr.count("unet test: miou") == 1  # rank 0 alone logs and writes
-    single, double = epoch_log(prepared), epoch_log(repo)
-    assert len(double) == 4
-    for col in ("train_loss", "val_loss"):
-        assert double[col].to_numpy() == pytest.approx(single[col].to_numpy(), rel=0.03), col
-    a = json.loads(results(prepared))
-    b = json.loads(results(repo))
-    for key in ("miou", "global_accuracy", "auc_roc"):
-        assert b[key] == pytest.approx(a[key], abs=0.03), key
+    check_matches(prepared, repo)
+
+
+def test_two_nodes_through_a_c10d_rendezvous_match_one_process(prepared, repo, tmp_path):
+    """Two "nodes" (torchrun --nnodes 2, a c10d rendezvous on 127.0.0.1, gloo), each with its
+    own copy of the project as on separate disks: global rank 0 alone logs and writes."""
+    from bench.servers import free_port
+
+    shutil.rmtree(repo / "reports" / "unet", ignore_errors=True)  # an earlier test's
+    shutil.rmtree(repo / "models", ignore_errors=True)
+    other = tmp_path / "node1"
+    shutil.copytree(repo, other, symlinks=True)
+    for copy in (prepared, repo, other):
+        set_params(copy, **DDP_PARAMS)
+    run(prepared, "pipeline.stages.train", "unet")  # the single-process reference
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-id=test-two-nodes",
+        "--local-addr=127.0.0.1",  # what the other node dials for the process group
+        "-m",
+        "pipeline.stages.train",
+        "unet",
+    ]
+    nodes = [
+        subprocess.Popen(
+            launch, cwd=where, env=env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True
+        )
+        for where in (repo, other)
+    ]
+    logs = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(t[-3000:] for t in logs)
+    # the rendezvous ranks the nodes in any order: global rank 0 is whichever wrote
+    written = [where for where in (repo, other) if (where / "models" / "unet.pt").exists()]
+    assert len(written) == 1, "exactly one node (global rank 0) writes"
+    main = written[0]
+    assert sum(log.count("unet test: miou") for log in logs) == 1  # and logs
+    quiet = other if main == repo else repo
+    assert not (quiet / "models").exists() and not (quiet / "reports" / "unet").exists()
+    check_matches(prepared, main)
 
 
 def test_processes_must_divide_the_batch(repo):

@@ -442,3 +442,31 @@ def test_the_parent_run_holds_autoconfs_fingerprint_and_reasons(clean_env, store
     assert json.loads(logged["autoconf.fingerprint"])["thickness_px"] == 2.0
     assert "structures 2 px wide" in logged["autoconf.reasons"]
     assert len(logged["autoconf.reasons"]) == tracking.MAX_PARAM
+
+
+# --- a server or its bucket gone mid-stage --------------------------------------------------
+
+
+def test_mlflow_failing_mid_stage_is_one_line_and_the_run_failed(clean_env, store):
+    """MLflow's own error while a stage logs (its client already retried) becomes one line
+    that says the outputs are on disk; the stage's run is FAILED, with the error as a tag."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.core.common import PipelineError
+
+    params = _params(experiment="pipeline")
+    run_id = None
+    with (
+        pytest.raises(PipelineError) as raised,
+        tracking.mlflow_run(params, "prune", "prune") as run,
+    ):
+        run_id = run.info.run_id
+        raise MlflowException("API request to http://h/x failed: too many 500 error responses")
+    message = str(raised.value)
+    assert "\n" not in message and "the prune run could not log (API request" in message
+    assert "its outputs are on disk" in message
+    recorded = store.get_run(run_id)
+    assert recorded.info.status == "FAILED" and "500" in recorded.data.tags["error"]
+    # a mistake of the stage's own is not rewritten
+    with pytest.raises(ZeroDivisionError), tracking.mlflow_run(params, "prune", "prune"):
+        _ = 1 / 0
