@@ -1,7 +1,7 @@
 """Servers a team runs, for the end-to-end tests: a private PostgreSQL cluster, an MLflow
-tracking server (with basic auth if asked), and an S3 API server (moto). Each skips the calling test,
-saying why, where it cannot start (`.ci/run` installs Debian's PostgreSQL when it can; moto
-comes with the dev dependencies)."""
+tracking server (with basic auth if asked), and an S3 API server (moto). PostgreSQL and moto
+skip the calling test, saying why, where they cannot start (`.ci/run` installs Debian's
+PostgreSQL when it can; moto comes with the dev dependencies)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A team beyond one machine, for real on 127.0.0.1 (docs/team.md): an S3 bucket (moto's
-server), a tracking server on PostgreSQL with basic auth whose artifacts go to the bucket, a
-bare git remote, and three clones of it.
+server), a tracking server on PostgreSQL whose artifacts go to the bucket, a bare git remote,
+and three clones of it.
 
 Alice and Bob each run a queued experiment at once (`dvc exp run --queue`, `dvc queue start`)
 against the server and `dvc exp push` it (git refs to the remote, outputs to the s3:// DVC
@@ -9,8 +9,11 @@ bit-identical data and models, finds `dvc repro` up to date, `dvc exp pull`s bot
 and sees them in `dvc exp show`. The server holds both executions with their stages' runs, the
 artifacts are in the bucket, and `mlflow models serve` answers with the champion.
 
+And when the bucket is unreachable: `dvc push` fails and finishes later, a stage against the
+server (with basic auth: no login, no answer) stops in one line with its outputs on disk.
+
 Skips, saying why, where PostgreSQL or the S3 server cannot start. Slow: two small pipelines
-at once, about five minutes.
+at once and the rest, about three and a half minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import base64
 import io
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -94,25 +98,15 @@ def test_a_team_shares_data_models_and_experiments_through_git_a_bucket_and_one_
 
     with (
         s3([BUCKET]) as endpoint,
-        postgres(["mlflow", "mlflow_auth"]) as pg,
+        postgres(["mlflow"]) as pg,
         tracking_server(
             f"{pg}mlflow",
-            f"{pg}mlflow_auth",
             f"s3://{BUCKET}/mlflow",
-            tmp_path,
             # only the server holds the bucket's keys for MLflow: clients go through it
             env={**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint},
-            workers=2,  # one per pipeline: basic auth's hash check is the bottleneck here
         ) as url,
     ):
-        with pytest.raises(urllib.error.HTTPError) as refused:  # basic auth: no name, no answer
-            OPENER.open(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
-        assert refused.value.code == 401
-        credentials = {
-            "MLFLOW_TRACKING_URI": url,
-            "MLFLOW_TRACKING_USERNAME": ADMIN,
-            "MLFLOW_TRACKING_PASSWORD": PASSWORD,
-        }
+        credentials = {"MLFLOW_TRACKING_URI": url}
         # DVC's remote needs the bucket's keys; one core per "machine": two torch processes
         # with a thread per core each would oversubscribe this one tenfold
         member = {**credentials, **S3_ENV, "OMP_NUM_THREADS": "1"}
@@ -257,3 +251,75 @@ def check_serving(url: str, credentials: dict[str, str], tmp_path: Path) -> None
             (row,) = json.loads(response.read())["predictions"]
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["mask"]))))
     assert mask.shape == (40, 56) and mask.dtype == np.uint8
+
+
+def stage(repo: Path, name: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["python", "-m", f"pipeline.stages.{name}"],
+        cwd=repo,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if " ERROR " in line or "ERROR:" in line]
+
+
+def test_an_unreachable_bucket_is_one_line_and_loses_nothing(tmp_path: Path, monkeypatch):
+    """The bucket down, then back on the same address: DVC's push fails, then finishes; a
+    stage against the tracking server (basic auth) stops in one line, its outputs on disk."""
+    import mlflow
+
+    from bench.servers import free_port
+
+    port = free_port()  # where the bucket will be: nothing answers there yet
+    bucket = f"http://127.0.0.1:{port}"
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    dvc(repo, "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc")
+    dvc(repo, "remote", "modify", "storage", "endpointurl", bucket)
+    (repo / "data" / "notes.bin").write_bytes(b"kept\n" * 1000)
+    dvc(repo, "add", "data/notes.bin")
+    push = subprocess.run(
+        ["dvc", "push"], cwd=repo, env=env(**S3_ENV), capture_output=True, text=True, timeout=600
+    )
+    assert push.returncode != 0 and errors(push), push.stderr
+    assert (repo / "data" / "notes.bin").read_bytes() == b"kept\n" * 1000
+    assert [f for f in (repo / ".dvc" / "cache").rglob("*") if f.is_file()]  # the local cache
+
+    store, users = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'auth.db'}"
+    server_env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": bucket}
+    with tracking_server(store, f"s3://{BUCKET}/mlflow", auth_db=users, env=server_env) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # basic auth: no login, no answer
+            OPENER.open(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+        assert refused.value.code == 401
+        anonymous = stage(repo, "download", MLFLOW_TRACKING_URI=url)
+        assert anonymous.returncode == 1 and len(errors(anonymous)) == 1, anonymous.stderr
+        assert "401" in errors(anonymous)[0] or "nauthorized" in errors(anonymous)[0]
+
+        login = {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        }
+        started = time.monotonic()
+        down = stage(repo, "download", **login)
+        assert down.returncode == 1 and len(errors(down)) == 1, down.stderr
+        assert "its artifact store does not answer" in errors(down)[0]
+        assert time.monotonic() - started < 120  # not MLflow's four minutes of retries per file
+        assert (repo / "data" / "raw" / "synthetic" / "source.json").is_file()  # on disk
+
+        with s3([BUCKET], port=port):  # the bucket is back
+            dvc(repo, "push", extra_env=S3_ENV)
+            assert s3_keys(bucket, BUCKET, "dvc/files/md5/")
+            up = stage(repo, "download", **login)
+            assert up.returncode == 0, up.stderr
+            keys = s3_keys(bucket, BUCKET, "mlflow/")
+        for key, value in login.items():
+            monkeypatch.setenv(key, value)
+        client = mlflow.MlflowClient(url)
+        runs = client.search_runs([client.get_experiment_by_name("unet-pipeline").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the failed tries opened no run
+    assert any(k.endswith(f"{runs[0].info.run_id}/artifacts/source.json") for k in keys)
