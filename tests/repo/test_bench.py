@@ -88,6 +88,20 @@ def test_inference_latency_main(tmp_path):
     assert "| UNet++ L1 |" in md
 
 
+@pytest.mark.slow
+def test_tracking_requests_main_times_a_plain_and_a_basic_auth_server(tmp_path):
+    from bench import tracking_requests
+
+    stem = tmp_path / "tr"
+    result = tracking_requests.main(["--no-pipeline", "--runs", "2", "--out", str(stem)])
+    report, md = _outputs(stem, "Tracking server requests")
+    assert report["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = report["rows"]
+    assert [r["what"] for r in rows] == ["one request, plain server", "one request, basic auth"]
+    assert all(r["count"] == 1 and r["ms"] > 0 for r in rows)
+    assert "| one request, basic auth | 1 |" in md
+
+
 def test_loader_throughput_main(data, tmp_path):
     paths.PARAMS.write_text(yaml.safe_dump(TINY))
     stem = tmp_path / "lt"
