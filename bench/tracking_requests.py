@@ -108,7 +108,8 @@ def pipeline_requests(url: str, scratch: Path) -> collections.Counter:
         text = f.read().decode(errors="replace")
     paths = re.findall(r'"(?:GET|POST|PUT|PATCH|DELETE) (/api/[^ ?]*)', text)
     ids = re.compile(r"(m-)?[0-9a-f]{32}")
-    return collections.Counter(ids.sub("<id>", p) for p in paths)
+    files = re.compile(r"(/mlflow-artifacts/artifacts)/.*")  # one upload or download per file
+    return collections.Counter(files.sub(r"\1/<file>", ids.sub("<id>", p)) for p in paths)
 
 
 def main(argv: list[str] | None = None) -> dict:
