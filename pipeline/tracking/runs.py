@@ -166,8 +166,9 @@ def init_store(params: Params) -> str:
 
 def check_artifact_store(uri: str, exp_id: str) -> None:
     """A server that cannot reach its artifact store (a bucket: `--artifacts-destination
-    s3://...`) is one line before the stage works: each upload would fail only after MLflow's
-    client retried it for about four minutes. One listing, not retried."""
+    s3://...`) is one line when the stage opens its run, before it logs anything: each upload
+    would fail only after MLflow's client retried it for about four minutes. One listing, not
+    retried (MLflow reads its retry count from the environment on each request)."""
     if not uri.startswith(("http://", "https://")):
         return
     import mlflow
@@ -343,7 +344,7 @@ def _logging_failed(exc: BaseException, uri: str, stage: str) -> PipelineError |
     if isinstance(exc, PipelineError) or not isinstance(exc, MlflowException):
         return None
     return PipelineError(
-        f"MLflow tracking server {uri}: the {stage} run could not log ({_reason(exc)}); its "
+        f"MLflow store {uri}: the {stage} run could not log ({_reason(exc)}); its "
         "outputs are on disk: run the stage again once the server and its artifact store "
         "answer, or set mlflow.enabled: false"
     )
@@ -417,8 +418,9 @@ def failures_recorded(params: Params, stage: str) -> Iterator[None]:
     except Exception as exc:
         # a stage whose own run was open when it failed (training) has recorded it there; a
         # store that could not start a run would not record it either
-        skip = getattr(exc, "mlflow_run_failed", False) or getattr(exc, "mlflow_store_failed", 0)
-        if params.mlflow.enabled and not skip:
+        recorded = getattr(exc, "mlflow_run_failed", False)
+        unreachable = getattr(exc, "mlflow_store_failed", False)
+        if params.mlflow.enabled and not (recorded or unreachable):
             run_id = None
             try:
                 with (

@@ -106,17 +106,17 @@ def test_a_team_shares_data_models_and_experiments_through_git_a_bucket_and_one_
             env={**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint},
         ) as url,
     ):
-        credentials = {"MLFLOW_TRACKING_URI": url}
+        tracking = {"MLFLOW_TRACKING_URI": url}
         # DVC's remote needs the bucket's keys; one core per "machine": two torch processes
         # with a thread per core each would oversubscribe this one tenfold
-        member = {**credentials, **S3_ENV, "OMP_NUM_THREADS": "1"}
+        member = {**tracking, **S3_ENV, "OMP_NUM_THREADS": "1"}
 
         bare = origin(tmp_path, endpoint)
         alice, bob = clone(bare, tmp_path / "alice"), clone(bare, tmp_path / "bob")
         init = subprocess.run(
             ["python", "-m", "pipeline.tracking", "init"],
             cwd=alice,
-            env=env(**credentials),
+            env=env(**tracking),
             capture_output=True,
             text=True,
         )
@@ -148,12 +148,12 @@ def test_a_team_shares_data_models_and_experiments_through_git_a_bucket_and_one_
             dvc(carol, "exp", "pull", "origin", who, extra_env=member)
         check_experiments(carol)
 
-        for key, value in credentials.items():
+        for key, value in tracking.items():
             monkeypatch.setenv(key, value)
         mlflow.set_tracking_uri(url)  # put back after the test by conftest
         check_the_server(url)
         check_the_bucket(endpoint, url, [alice, bob, carol])
-        check_serving(url, credentials, tmp_path)
+        check_serving(url, tmp_path)
 
 
 def check_experiments(repo: Path) -> None:
@@ -230,7 +230,7 @@ def check_the_bucket(endpoint: str, url: str, clones: list[Path]) -> None:
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
 
 
-def check_serving(url: str, credentials: dict[str, str], tmp_path: Path) -> None:
+def check_serving(url: str, tmp_path: Path) -> None:
     """`mlflow models serve -m models:/<name>@champion` loads it from the bucket (through the
     server) and answers a REST request with a mask of the image's size."""
     image = tmp_path / "image.png"
@@ -241,7 +241,7 @@ def check_serving(url: str, credentials: dict[str, str], tmp_path: Path) -> None
             "data": [[base64.b64encode(image.read_bytes()).decode()]],
         }
     }
-    with model_server(f"models:/{REGISTERED}@champion", url, env=credentials) as served:
+    with model_server(f"models:/{REGISTERED}@champion", url) as served:
         req = urllib.request.Request(
             f"{served}/invocations",
             data=json.dumps(request).encode(),
