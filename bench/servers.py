@@ -87,22 +87,27 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+ADMIN, PASSWORD = "admin", "pipeline-admin-1234"  # basic auth's first admin (auth.ini)
+
+
 @contextlib.contextmanager
 def mlflow_server(
     store_uri: str,
     artifacts: Path | str,
     timeout: float = 90.0,
-    extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    auth_db: str | None = None,
 ) -> Iterator[str]:
     """Run `mlflow server` on `store_uri` (e.g. sqlite:////abs/mlflow.db); yield its base URL.
 
     New experiments created through the server store their artifacts under `artifacts`: a
     folder (a file URI, like the pipeline's own experiments), or a URI such as s3://bucket/path
     that clients reach only through the server (`mlflow-artifacts:/`; the server alone needs
-    the bucket's credentials, in `env`). The server binds 127.0.0.1 on a free port with one worker;
-    `extra_args` go to `mlflow server` as they are, `env` into its environment. Raises with
-    the server's output if it exits or does not answer GET /health within `timeout` seconds.
+    the bucket's credentials, in `env`). With `auth_db` (a database URI for the users) the
+    server runs MLflow's basic auth (`--app-name basic-auth`), ADMIN / PASSWORD its first
+    admin. The server binds 127.0.0.1 on a free port with one worker; `env` goes into its
+    environment. Raises with the server's output if it exits or does not answer GET /health
+    within `timeout` seconds.
     """
     root: list[str] = []
     if isinstance(artifacts, Path):
@@ -120,10 +125,25 @@ def mlflow_server(
         "--artifacts-destination",
         artifacts,
         *_local(port),
-        *extra_args,
     ]
-    with _serving(cmd, f"{base_url}/health", timeout, **(env or {})):
-        yield base_url
+    env = dict(env or {})
+    with tempfile.TemporaryDirectory(prefix="mlflow-auth-") as config_dir:
+        if auth_db is not None:
+            config = Path(config_dir) / "auth.ini"
+            config.write_text(
+                "[mlflow]\n"
+                "default_permission = READ\n"
+                f"database_uri = {auth_db}\n"
+                f"admin_username = {ADMIN}\n"
+                f"admin_password = {PASSWORD}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            )
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only"
+            )
+            cmd += ["--app-name", "basic-auth"]
+        with _serving(cmd, f"{base_url}/health", timeout, **env):
+            yield base_url
 
 
 @contextlib.contextmanager

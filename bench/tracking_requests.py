@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from bench.benchlib import environment, out_stem, write_outputs
-from bench.servers import OPENER, mlflow_server
+from bench.benchlib import environment, out_stem, parse_sets, write_outputs
+from bench.servers import ADMIN, OPENER, PASSWORD, mlflow_server
 
 NAME = "tracking_requests"
 ROOT = Path(__file__).resolve().parents[1]
-ADMIN, PASSWORD = "admin", "bench-admin-password-1234"
 COLUMNS = {"what": "what", "count": "requests", "ms": "ms per request (median)"}
 TINY = [  # `dvc exp run -S`-style overrides: the default pipeline in seconds
     "epochs=2",
@@ -65,37 +64,15 @@ def request_ms(url: str, runs: int, login: bool) -> float:
     return statistics.median(times[1:])
 
 
-def auth_server(store: str, scratch: Path):
-    config = scratch / "auth.ini"
-    config.write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{scratch / 'auth.db'}\n"
-        f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "bench"}
-    return mlflow_server(
-        store, scratch / "art-auth", extra_args=["--app-name", "basic-auth"], env=env
-    )
-
-
 def pipeline_requests(url: str, scratch: Path) -> collections.Counter:
     """The REST requests of one tiny `dvc repro` (in a clone of this repository) against
     `url`, by endpoint."""
-    import yaml
+    from pipeline.preset import apply  # as `dvc exp run -S` writes them, checked
 
     repo = scratch / "project"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for item in TINY:
-        key, value = item.split("=")
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = int(value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    apply(parse_sets(TINY), repo / "params.yaml")
     log = max(Path(tempfile.gettempdir()).glob("mlflow-server-*/server.log"), key=os.path.getmtime)
     before = log.stat().st_size
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -121,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         scratch = Path(tmp)
-        with auth_server(f"sqlite:///{scratch / 'auth-store.db'}", scratch) as url:
+        store, users = f"sqlite:///{scratch / 'auth-store.db'}", f"sqlite:///{scratch / 'auth.db'}"
+        with mlflow_server(store, scratch / "art-auth", auth_db=users) as url:
             auth_ms = request_ms(url, args.runs, login=True)
         # artifacts through the server (mlflow-artifacts:/), as with a bucket behind it
         artifacts = (scratch / "art").as_uri()

@@ -1,6 +1,6 @@
-"""Servers a team runs, for the end-to-end tests: a private PostgreSQL cluster, an MLflow
-tracking server (with basic auth if asked), and an S3 API server (moto). PostgreSQL and moto
-skip the calling test, saying why, where they cannot start (`.ci/run` installs Debian's
+"""Servers a team runs, for the end-to-end tests: a private PostgreSQL cluster and an S3 API
+server (moto; bench.servers starts it, as it starts `mlflow server`). Both skip the calling
+test, saying why, where they cannot start (`.ci/run` installs Debian's
 PostgreSQL when it can; moto comes with the dev dependencies)."""
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.servers import free_port, mlflow_server, s3_server
-
-ADMIN, PASSWORD = "admin", "pipeline-admin-1234"  # basic auth's first admin (auth.ini)
+from bench.servers import free_port, s3_server
 
 
 def postgres_bin() -> Path | None:
@@ -73,41 +71,11 @@ def postgres(databases: list[str]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def tracking_server(
-    store: str, artifacts: Path | str, auth_db: str | None = None, env: dict | None = None
-) -> Iterator[str]:
-    """`mlflow server` on `store` with artifacts proxied into `artifacts` (a folder or
-    s3://...); yields its URL. With `auth_db`, basic auth (`--app-name basic-auth`, users in
-    `auth_db`, ADMIN the first admin). `env` goes to the server (e.g. the bucket's keys and
-    MLFLOW_S3_ENDPOINT_URL)."""
-    env, extra_args = dict(env or {}), []
-    with tempfile.TemporaryDirectory(prefix="mlflow-auth-") as config_dir:
-        if auth_db is not None:
-            config = Path(config_dir) / "auth.ini"
-            config.write_text(
-                "[mlflow]\n"
-                "default_permission = READ\n"
-                f"database_uri = {auth_db}\n"
-                f"admin_username = {ADMIN}\n"
-                f"admin_password = {PASSWORD}\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            )
-            env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
-            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "test-only"
-            extra_args = ["--app-name", "basic-auth"]
-        with mlflow_server(store, artifacts, 180, extra_args=extra_args, env=env) as url:
-            yield url
-
-
-@contextlib.contextmanager
 def s3(buckets: Sequence[str], port: int | None = None) -> Iterator[str]:
     """bench.servers.s3_server, skipping the test (with moto's reason) where it cannot start."""
-    try:
-        server = s3_server(buckets, port)
-        endpoint = server.__enter__()
-    except (RuntimeError, TimeoutError, OSError, ImportError) as exc:  # no moto, no boto3
-        pytest.skip(f"the S3 API server (moto) could not start: {str(exc).splitlines()[0]}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            endpoint = stack.enter_context(s3_server(buckets, port))
+        except (RuntimeError, TimeoutError, OSError, ImportError) as exc:  # no moto, no boto3
+            pytest.skip(f"the S3 API server (moto) could not start: {str(exc).splitlines()[0]}")
         yield endpoint
-    finally:
-        server.__exit__(None, None, None)

@@ -141,13 +141,13 @@ def init_store(params: Params) -> str:
     mlflow.set_tracking_uri(uri)
     name, location = params.mlflow.experiment, artifact_location(params)
 
-    def get_or_create() -> str:
+    def get_or_create() -> Any:
         exp = mlflow.get_experiment_by_name(name)
-        return exp.experiment_id if exp else mlflow.create_experiment(name, location)
+        return exp or mlflow.get_experiment(mlflow.create_experiment(name, location))
 
     with _store_lock(uri):
         try:
-            exp_id = retry_busy(get_or_create)
+            exp = retry_busy(get_or_create)
         except Exception as exc:  # sqlalchemy, MlflowException, connection errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             if uri.startswith("sqlite:///"):
@@ -160,38 +160,31 @@ def init_store(params: Params) -> str:
                 f"MLflow tracking store {uri} cannot be reached ({first}); check the server "
                 "or MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
             ) from None
-    check_artifact_store(uri, exp_id)
-    return exp_id
+    check_artifact_store(uri, exp.artifact_location)
+    return exp.experiment_id
 
 
-def check_artifact_store(uri: str, exp_id: str) -> None:
+def check_artifact_store(uri: str, location: str) -> None:
     """A server that cannot reach its artifact store (a bucket: `--artifacts-destination
     s3://...`) is one line when the stage opens its run, before it logs anything: each upload
     would fail only after MLflow's client retried it for about four minutes. One listing, not
     retried (MLflow reads its retry count from the environment on each request)."""
-    if not uri.startswith(("http://", "https://")):
-        return
+    if not uri.startswith(("http://", "https://")) or not location.startswith("mlflow-artifacts:"):
+        return  # no server, or the client writes there itself (a folder, a bucket with keys)
+    from unittest import mock
+
     import mlflow
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
-    location = mlflow.get_experiment(exp_id).artifact_location
-    if not location.startswith("mlflow-artifacts:"):
-        return  # the client writes there itself (a local folder, or a bucket with its keys)
-    before = os.environ.get(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
-    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
     try:
-        mlflow.artifacts.list_artifacts(artifact_uri=location)
+        with mock.patch.dict(os.environ, {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"}):
+            mlflow.artifacts.list_artifacts(artifact_uri=location)
     except Exception as exc:
         raise PipelineError(
             f"MLflow tracking server {uri}: its artifact store does not answer ({_reason(exc)}); "
             "check the server's --artifacts-destination (a bucket: its endpoint and keys), or "
             "set mlflow.enabled: false"
         ) from None
-    finally:
-        if before is None:
-            os.environ.pop(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, None)
-        else:
-            os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = before
 
 
 MAX_PARAM = 6000  # characters MLflow 3 keeps in a param's value

@@ -32,9 +32,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from bench.servers import OPENER, S3_ENV, model_server, s3_keys
+from bench.servers import ADMIN, OPENER, PASSWORD, S3_ENV, mlflow_server, model_server, s3_keys
 from tests.project import dvc, env, make_repo, start_queue, wait_queue
-from tests.servers import ADMIN, PASSWORD, postgres, s3, tracking_server
+from tests.servers import postgres, s3
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +99,10 @@ def test_a_team_shares_data_models_and_experiments_through_git_a_bucket_and_one_
     with (
         s3([BUCKET]) as endpoint,
         postgres(["mlflow"]) as pg,
-        tracking_server(
+        mlflow_server(
             f"{pg}mlflow",
             f"s3://{BUCKET}/mlflow",
+            180,
             # only the server holds the bucket's keys for MLflow: clients go through it
             env={**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint},
         ) as url,
@@ -291,7 +292,7 @@ def test_an_unreachable_bucket_is_one_line_and_loses_nothing(tmp_path: Path, mon
 
     store, users = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'auth.db'}"
     server_env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": bucket}
-    with tracking_server(store, f"s3://{BUCKET}/mlflow", auth_db=users, env=server_env) as url:
+    with mlflow_server(store, f"s3://{BUCKET}/mlflow", 180, server_env, auth_db=users) as url:
         with pytest.raises(urllib.error.HTTPError) as refused:  # basic auth: no login, no answer
             OPENER.open(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
         assert refused.value.code == 401
